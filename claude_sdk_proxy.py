@@ -1,0 +1,1872 @@
+#!/usr/bin/env python3
+# /// script
+# requires-python = ">=3.10"
+# dependencies = ["claude-agent-sdk>=0.2.188"]
+# ///
+"""claude-sdk-proxy: the Anthropic Messages API, served from a Claude subscription.
+
+The proxy answers `POST /v1/messages` (streaming and not), `count_tokens` and the
+models routes through the Claude Agent SDK, which drives the Claude Code CLI on the
+operator's login. The client's conversation reaches the upstream as the same
+structured messages it sent (a transcript resumed through the SDK's session store),
+its parameters ride along in the CLI's extra request body, and upstream errors come
+back as the real statuses (429 with `retry-after`, 529, 400, 401), fast.
+
+Usage:  python claude_sdk_proxy.py [-p PORT] [-H HOST] [-d]      (manual: README.md)
+
+Map (numbered sections, in the order data flows):
+  1. Config and limits      -- flags and environment into one frozen Config
+  2. Errors                 -- ProxyError and its subclasses: status + API error type
+  3. HTTP/1.1 wire format   -- request heads, bodies (length, chunked), response heads
+  4. SSE                    -- server-sent event frames
+  5. Auth and models        -- API key check, model mapping, the models list
+  6. Anthropic translation  -- request validation, transcripts, events -> Message, token estimate
+  7. SDK adapter            -- ClaudeAgentOptions, CLI environment, one CLI process per task
+  8. Conversation engine    -- concurrency cap, turns, teardown
+  9. Routes and handlers    -- the route table and one coroutine per route
+ 10. Server                 -- connections, keep-alive, streaming, errors into responses
+ 11. Command line           -- argument parsing and main(argv) -> int
+
+Rules:
+  - Sections 1-6 are pure: no await, no sockets, no environment reads, no SDK.
+    They take dicts and return dicts (or raise ProxyError).
+  - Only section 7 imports claude_agent_sdk; SDK exceptions become ProxyErrors there.
+  - Only section 10 touches asyncio streams; handlers (9) write through a Responder.
+  - Errors become responses in one place (`Responder.fail`), in the caller's dialect.
+  - The CLI's identity and attribution lines and its user agent stay as it sends
+    them: no prompt camouflage, no body override of `system` or `messages`.
+  - Secrets and message content are logged only with --debug.
+
+Known limits (what the CLI cannot be made to do): an assistant message as the last
+turn (prefill) is refused with a 400; the CLI adds its own system lines, an
+environment reminder (~1.3 KB) to the first user turn, and its own cache_control
+marks; system-block cache_control is not carried. README.md lists every parameter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import binascii
+import contextlib
+import dataclasses
+import datetime as dt
+import hmac
+import json
+import logging
+import math
+import os
+import re
+import signal
+import struct
+import sys
+import tempfile
+import time
+import uuid
+from typing import Any, AsyncIterator, Callable, Iterable
+
+__version__ = "0.1.0"
+
+log = logging.getLogger("claude_sdk_proxy")
+
+
+# =============================================================================
+# 1. Config and limits -- flags and environment into one frozen Config
+# =============================================================================
+# Every knob is read once, in `config_from`, and passed down; nothing below reads
+# os.environ. Limits carry the reason for their value.
+
+DEFAULT_PORT = 3456
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_MAX_CONCURRENT = 5
+DEFAULT_TIMEOUT_MS = 1_800_000          # 30 min: long agentic answers stream for a while
+DEFAULT_MAX_BODY_MB = 32                # the Messages API's own request cap is 32 MB
+DEFAULT_QUEUE_TIMEOUT_S = 60.0          # then 529 + retry-after, as an overloaded API does
+MAX_REQUEST_LINE = 8 * 1024             # Apache and nginx default to 8 KiB
+MAX_HEAD_BYTES = 64 * 1024              # nginx allows 4 x 8 KiB, node 16 KiB: a little more
+MAX_HEADER_COUNT = 100                  # Apache's LimitRequestFields default
+HEAD_HOLD_S = 3.0                       # a stream's head waits this long for the first event
+PING_INTERVAL_S = 15.0                  # keeps proxies and clients from idling out
+SHUTDOWN_GRACE_S = 30.0                 # in-flight requests get this long after SIGTERM
+RETRY_AFTER_DEFAULT_S = 5               # for a throttle that came without a reset time
+CLI_CLOSE_TIMEOUT_S = 10.0              # the SDK's own close can wait up to ~20 s
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything the running proxy needs to know, fixed at start."""
+
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    debug: bool = False
+    api_key: str | None = None
+    max_concurrent: int = DEFAULT_MAX_CONCURRENT
+    timeout_s: float = DEFAULT_TIMEOUT_MS / 1000
+    max_body_bytes: int = DEFAULT_MAX_BODY_MB * 1024 * 1024
+    queue_timeout_s: float = DEFAULT_QUEUE_TIMEOUT_S
+    default_model: str = "sonnet"
+    workdir: str = ""                   # the CLI's private empty working directory
+    cli_path: str | None = None
+    head_hold_s: float = HEAD_HOLD_S
+    ping_interval_s: float = PING_INTERVAL_S
+    shutdown_grace_s: float = SHUTDOWN_GRACE_S
+
+
+def _env_number(environ: dict, name: str, default: float, kind: type, minimum: float) -> Any:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise SystemExit(f"{name} must be a number, got {raw!r}") from None
+    if value < minimum:
+        raise SystemExit(f"{name} must be at least {minimum}, got {raw!r}")
+    return value
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    """The command line: `serve` is implied; every flag has an environment twin."""
+    parser = argparse.ArgumentParser(
+        prog="claude_sdk_proxy.py",
+        description="Anthropic Messages API proxy backed by the Claude Agent SDK.",
+        epilog="Environment: CLAUDE_PROXY_PORT, CLAUDE_PROXY_HOST, CLAUDE_PROXY_DEBUG, "
+        "CLAUDE_PROXY_API_KEY, CLAUDE_PROXY_MAX_CONCURRENT, CLAUDE_PROXY_TIMEOUT_MS, "
+        "CLAUDE_PROXY_MAX_BODY_MB, CLAUDE_PROXY_QUEUE_TIMEOUT_S, CLAUDE_PROXY_DEFAULT_MODEL. "
+        "See README.md.",
+    )
+    parser.add_argument("-p", "--port", type=int, help=f"listen port (default {DEFAULT_PORT})")
+    parser.add_argument("-H", "--host", help=f"bind address (default {DEFAULT_HOST})")
+    parser.add_argument("-d", "--debug", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--version", action="store_true",
+                        help="print proxy, SDK and CLI versions")
+    return parser
+
+
+def config_from(args: argparse.Namespace, environ: dict) -> Config:
+    """Flags win over environment, environment over defaults."""
+    port = args.port if args.port is not None else _env_number(
+        environ, "CLAUDE_PROXY_PORT", DEFAULT_PORT, int, 0)
+    if not 0 <= port <= 65535:
+        raise SystemExit(f"port must be 0-65535, got {port}")
+    debug = args.debug or environ.get("CLAUDE_PROXY_DEBUG", "").lower() in ("1", "true", "yes")
+    default_model = environ.get("CLAUDE_PROXY_DEFAULT_MODEL", "sonnet").strip() or "sonnet"
+    return Config(
+        host=args.host or environ.get("CLAUDE_PROXY_HOST") or DEFAULT_HOST,
+        port=port,
+        debug=debug,
+        api_key=environ.get("CLAUDE_PROXY_API_KEY") or None,
+        max_concurrent=_env_number(environ, "CLAUDE_PROXY_MAX_CONCURRENT",
+                                   DEFAULT_MAX_CONCURRENT, int, 1),
+        timeout_s=_env_number(environ, "CLAUDE_PROXY_TIMEOUT_MS", DEFAULT_TIMEOUT_MS,
+                              int, 1) / 1000,
+        max_body_bytes=int(_env_number(environ, "CLAUDE_PROXY_MAX_BODY_MB",
+                                       DEFAULT_MAX_BODY_MB, float, 0) * 1024 * 1024),
+        queue_timeout_s=_env_number(environ, "CLAUDE_PROXY_QUEUE_TIMEOUT_S",
+                                    DEFAULT_QUEUE_TIMEOUT_S, float, 0),
+        default_model=default_model,
+        cli_path=environ.get("CLAUDE_PROXY_CLI_PATH") or None,
+    )
+
+
+# =============================================================================
+# 2. Errors -- ProxyError and its subclasses: status + API error type
+# =============================================================================
+# Pure code raises these; `Responder.fail` (section 10) is the one place that turns
+# them into a response in the caller's dialect. `headers` carries retry-after and
+# the like. Unknown exceptions never reach a client: they become a generic 500.
+
+class ProxyError(Exception):
+    """An error with the HTTP status and the Anthropic error type it maps to."""
+
+    status = 500
+    error_type = "api_error"
+
+    def __init__(self, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+
+class InvalidRequest(ProxyError):
+    status, error_type = 400, "invalid_request_error"
+
+
+class AuthenticationFailed(ProxyError):
+    status, error_type = 401, "authentication_error"
+
+
+class PermissionDenied(ProxyError):
+    status, error_type = 403, "permission_error"
+
+
+class NotFound(ProxyError):
+    status, error_type = 404, "not_found_error"
+
+
+class MethodNotAllowed(ProxyError):
+    status, error_type = 405, "invalid_request_error"
+
+
+class RequestTooLarge(ProxyError):
+    status, error_type = 413, "request_too_large"
+
+
+class HeadersTooLarge(ProxyError):
+    status, error_type = 431, "invalid_request_error"
+
+
+class RateLimited(ProxyError):
+    status, error_type = 429, "rate_limit_error"
+
+
+class UpstreamError(ProxyError):
+    status, error_type = 500, "api_error"
+
+
+class BadGateway(ProxyError):
+    status, error_type = 502, "api_error"
+
+
+class ServiceUnavailable(ProxyError):
+    status, error_type = 503, "api_error"
+
+
+class GatewayTimeout(ProxyError):
+    status, error_type = 504, "timeout_error"
+
+
+class Overloaded(ProxyError):
+    status, error_type = 529, "overloaded_error"
+
+
+def retry_after_header(seconds: float) -> dict[str, str]:
+    """A `retry-after` header in whole seconds, at least one."""
+    return {"retry-after": str(max(1, math.ceil(seconds)))}
+
+
+def error_for_upstream_status(status: int, message: str,
+                              retry_after_s: float | None = None) -> ProxyError:
+    """The ProxyError a client should see for an upstream HTTP error status."""
+    if status == 429:
+        return RateLimited(message, retry_after_header(retry_after_s or RETRY_AFTER_DEFAULT_S))
+    if status in (529, 503):
+        return Overloaded(message, retry_after_header(retry_after_s or RETRY_AFTER_DEFAULT_S))
+    if status == 401:
+        return AuthenticationFailed(message)
+    if status == 403:
+        return PermissionDenied(message)
+    if status == 404:
+        return NotFound(message)
+    if status == 413:
+        return RequestTooLarge(message)
+    if 400 <= status < 500:
+        return InvalidRequest(message)
+    if status == 504:
+        return GatewayTimeout(message)
+    return UpstreamError(message)
+
+
+def error_to_anthropic(err: ProxyError, request_id: str | None = None) -> dict:
+    """The Anthropic API's error body."""
+    body: dict[str, Any] = {"type": "error",
+                            "error": {"type": err.error_type, "message": err.message}}
+    if request_id:
+        body["request_id"] = request_id
+    return body
+
+
+# =============================================================================
+# 3. HTTP/1.1 wire format -- request heads, bodies (length, chunked), response heads
+# =============================================================================
+# Pure parsing of bytes already read (RFC 9112). `parse_request_head` takes the
+# bytes up to and including the blank line; `body_length` decides the framing;
+# `ChunkedDecoder` is fed bytes and returns body bytes. Reading sockets is
+# section 10's job.
+
+HTTP_REASONS = {
+    100: "Continue", 200: "OK", 204: "No Content", 400: "Bad Request",
+    401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
+    408: "Request Timeout", 413: "Content Too Large", 429: "Too Many Requests",
+    431: "Request Header Fields Too Large", 500: "Internal Server Error",
+    501: "Not Implemented", 502: "Bad Gateway", 503: "Service Unavailable",
+    504: "Gateway Timeout", 505: "HTTP Version Not Supported", 529: "Overloaded",
+}
+_TOKEN_RE = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")      # RFC 9110 5.6.2
+_TARGET_RE = re.compile(rb"^/[\x21-\x7e]*$")                    # origin-form only
+
+
+@dataclasses.dataclass
+class RequestHead:
+    """A parsed request line and header block."""
+
+    method: str
+    target: str
+    version: str
+    headers: list[tuple[str, str]]
+
+    def header(self, name: str, default: str | None = None) -> str | None:
+        """The first value of a header (names are case-insensitive)."""
+        name = name.lower()
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return default
+
+    @property
+    def path(self) -> str:
+        """The target without its query string."""
+        return self.target.split("?", 1)[0]
+
+    @property
+    def keep_alive(self) -> bool:
+        """RFC 9112 9.3: 1.1 persists unless `close`; 1.0 only with `keep-alive`."""
+        tokens = {t.strip().lower() for t in (self.header("connection") or "").split(",")}
+        if self.version == "HTTP/1.0":
+            return "keep-alive" in tokens
+        return "close" not in tokens
+
+
+def parse_request_head(data: bytes) -> RequestHead:
+    """Parse `request-line CRLF *(field-line CRLF) CRLF`; raise 400/431/505-type errors."""
+    lines = data.split(b"\r\n")
+    while lines and lines[0] == b"":        # RFC 9112 2.2: ignore leading empty lines
+        lines.pop(0)
+    if not lines or not lines[0]:
+        raise InvalidRequest("Empty request line.")
+    request_line = lines[0]
+    if len(request_line) > MAX_REQUEST_LINE:
+        raise HeadersTooLarge("Request line too long.")
+    parts = request_line.split(b" ")
+    if len(parts) != 3:
+        raise InvalidRequest("Malformed request line.")
+    method, target, version = parts
+    if not _TOKEN_RE.match(method):
+        raise InvalidRequest("Malformed method.")
+    if version not in (b"HTTP/1.1", b"HTTP/1.0"):
+        raise InvalidRequest("Unsupported HTTP version.")
+    if not _TARGET_RE.match(target):
+        raise InvalidRequest("Malformed request target.")
+    headers: list[tuple[str, str]] = []
+    for line in lines[1:]:
+        if line == b"":
+            continue
+        if line[:1] in (b" ", b"\t"):
+            raise InvalidRequest("Obsolete header line folding is not accepted.")
+        name, sep, value = line.partition(b":")
+        if not sep or not _TOKEN_RE.match(name):
+            raise InvalidRequest("Malformed header line.")
+        if len(headers) >= MAX_HEADER_COUNT:
+            raise HeadersTooLarge(f"More than {MAX_HEADER_COUNT} header fields.")
+        value = value.strip(b" \t")
+        if any(c < 0x20 and c != 0x09 or c == 0x7f for c in value):
+            raise InvalidRequest("Control character in a header value.")
+        headers.append((name.decode("ascii").lower(), value.decode("latin-1")))
+    return RequestHead(method.decode("ascii"), target.decode("ascii"),
+                       version.decode("ascii"), headers)
+
+
+def body_length(head: RequestHead) -> int | None:
+    """Bytes of body to read, or None for chunked (RFC 9112 6.1-6.3)."""
+    encodings = [v for k, v in head.headers if k == "transfer-encoding"]
+    lengths = [v for k, v in head.headers if k == "content-length"]
+    if encodings:
+        if lengths:     # 6.1: both present is a smuggling vector; reject it
+            raise InvalidRequest("Both Transfer-Encoding and Content-Length are present.")
+        codings = [c.strip().lower() for v in encodings for c in v.split(",")]
+        if codings != ["chunked"]:
+            raise InvalidRequest("Only Transfer-Encoding: chunked is supported.")
+        return None
+    if not lengths:
+        return 0
+    values = {v.strip() for v in ",".join(lengths).split(",")}
+    if len(values) != 1 or not next(iter(values)).isdigit():
+        raise InvalidRequest("Invalid Content-Length.")
+    return int(next(iter(values)))
+
+
+class ChunkedDecoder:
+    """Decode a chunked body (RFC 9112 7.1) from bytes fed in any pieces."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.size = 0
+        self.done = False
+        self._buf = bytearray()
+        self._state = "size"        # size -> data -> crlf -> size ... -> trailer
+        self._remaining = 0
+
+    def feed(self, data: bytes) -> bytes:
+        """Consume bytes; return the body bytes they complete; raise on bad framing."""
+        self._buf += data
+        out = bytearray()
+        while not self.done:
+            if self._state == "data":
+                take = min(self._remaining, len(self._buf))
+                if not take:
+                    break
+                out += self._buf[:take]
+                del self._buf[:take]
+                self._remaining -= take
+                if not self._remaining:
+                    self._state = "crlf"
+                continue
+            end = self._buf.find(b"\r\n")
+            if end < 0:
+                if len(self._buf) > MAX_REQUEST_LINE:
+                    raise InvalidRequest("Chunk line too long.")
+                break
+            line = bytes(self._buf[:end])
+            del self._buf[:end + 2]
+            if self._state == "crlf":
+                if line:
+                    raise InvalidRequest("Malformed chunk: data longer than its size.")
+                self._state = "size"
+            elif self._state == "size":         # chunk-size [ chunk-ext ]
+                size_text = line.split(b";", 1)[0].strip()
+                if not re.fullmatch(rb"[0-9A-Fa-f]{1,16}", size_text):
+                    raise InvalidRequest("Malformed chunk size.")
+                self._remaining = int(size_text, 16)
+                self.size += self._remaining
+                if self.size > self.max_bytes:
+                    raise RequestTooLarge(f"Request body exceeds {self.max_bytes} bytes.")
+                self._state = "data" if self._remaining else "trailer"
+            elif line == b"":                   # the blank line that ends the trailers
+                self.done = True
+        return bytes(out)
+
+    @property
+    def leftover(self) -> bytes:
+        """Bytes fed past the end of the body (a pipelined next request)."""
+        return bytes(self._buf)
+
+
+def encode_response_head(status: int, headers: Iterable[tuple[str, str]]) -> bytes:
+    """`HTTP/1.1 status reason` and header lines, ending with the blank line."""
+    lines = [f"HTTP/1.1 {status} {HTTP_REASONS.get(status, 'Status')}"]
+    lines += [f"{name}: {value}" for name, value in headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def encode_chunk(data: bytes) -> bytes:
+    """One chunk of a chunked response; empty data is the last chunk."""
+    return b"%x\r\n%s\r\n" % (len(data), data) if data else b"0\r\n\r\n"
+
+
+# =============================================================================
+# 4. SSE -- server-sent event frames
+# =============================================================================
+# The Anthropic API names every event (`event: message_start`); OpenAI's APIs send
+# bare `data:` lines. Both end a frame with a blank line.
+
+def encode_sse(data: dict | str, event: str | None = None) -> bytes:
+    """One SSE frame: optional `event:` line, one `data:` line, blank line."""
+    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"),
+                                                            ensure_ascii=False)
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {payload}\n\n".encode("utf-8")
+
+
+# =============================================================================
+# 5. Auth and models -- API key check, model mapping, the models list
+# =============================================================================
+
+MODEL_FAMILIES = ("opus", "sonnet", "haiku")
+# Listed by the models routes. Ids are the CLI's aliases resolved (FACTS.md); the
+# response to a request always carries the model the upstream really used.
+MODEL_LIST = (
+    ("claude-opus-5-5", "Claude Opus 5.5", "2026-09-01T00:00:00Z"),
+    ("claude-sonnet-5-5", "Claude Sonnet 5.5", "2026-09-01T00:00:00Z"),
+    ("claude-haiku-5-5", "Claude Haiku 5.5", "2026-09-01T00:00:00Z"),
+)
+_CLAUDE_ID_RE = re.compile(r"^claude-[a-z0-9][a-z0-9.\-]*(\[1m\])?$")
+
+
+def request_api_key(head: RequestHead) -> str | None:
+    """The key a client sent as `x-api-key` or `Authorization: Bearer`."""
+    key = head.header("x-api-key")
+    if key:
+        return key.strip()
+    scheme, _, token = (head.header("authorization") or "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def check_api_key(head: RequestHead, expected: str | None) -> None:
+    """Raise 401 unless no key is configured or the request carries it."""
+    if expected is None:
+        return
+    given = request_api_key(head)
+    if given is None:
+        raise AuthenticationFailed("Missing API key: send it as x-api-key or "
+                                   "Authorization: Bearer.")
+    if not hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8")):
+        raise AuthenticationFailed("Invalid API key.")
+
+
+def resolve_model(requested: str, default: str) -> str:
+    """A real Claude id passes through; otherwise the family named, else the default."""
+    name = requested.strip().lower()
+    if _CLAUDE_ID_RE.match(name) and any(f in name for f in MODEL_FAMILIES):
+        return requested.strip()
+    for family in MODEL_FAMILIES:
+        if family in name:
+            return family
+    return default
+
+
+def model_entry(model_id: str, display_name: str, created_at: str) -> dict:
+    """One model in a shape both the anthropic and the openai SDK accept."""
+    created = int(dt.datetime.fromisoformat(created_at.replace("Z", "+00:00")).timestamp())
+    return {"type": "model", "id": model_id, "display_name": display_name,
+            "created_at": created_at, "object": "model", "created": created,
+            "owned_by": "anthropic"}
+
+
+def models_list() -> dict:
+    """The models list page: Anthropic's fields and OpenAI's `object: list`."""
+    data = [model_entry(*entry) for entry in MODEL_LIST]
+    return {"object": "list", "data": data, "has_more": False,
+            "first_id": data[0]["id"], "last_id": data[-1]["id"]}
+
+
+def model_lookup(model_id: str) -> dict:
+    """One listed model, or a model-like entry for an id the proxy would pass on."""
+    for entry in MODEL_LIST:
+        if entry[0] == model_id:
+            return model_entry(*entry)
+    lowered = model_id.lower()
+    if _CLAUDE_ID_RE.match(lowered) and any(f in lowered for f in MODEL_FAMILIES):
+        return model_entry(model_id, model_id, "1970-01-01T00:00:00Z")
+    raise NotFound(f"model: {model_id}")
+
+
+# =============================================================================
+# 6. Anthropic translation -- request validation, transcripts, events -> Message
+# =============================================================================
+# `messages_request_to_turn` validates a Messages API body and splits it into what
+# the CLI gets through its own channels (model, system prompt, earlier turns as a
+# transcript, the new user turn) and what rides in its extra request body (the
+# parameters). `transcript_entries` writes the earlier turns as the CLI's session
+# lines. `MessageAssembler` folds the upstream's stream events into one Message.
+# `estimate_tokens` serves count_tokens.
+
+# Parameters carried verbatim in CLAUDE_CODE_EXTRA_BODY, merged last into the
+# CLI's upstream body (FACTS.md, "Carrying the client's parameters").
+CARRIED_PARAMS = ("max_tokens", "temperature", "top_p", "top_k", "stop_sequences",
+                  "thinking", "service_tier")
+# Accepted and not carried: the CLI owns them (metadata.user_id is its session).
+IGNORED_PARAMS = ("metadata", "stream", "model", "messages", "system", "container",
+                  "mcp_servers", "context_management")
+KNOWN_BLOCK_TYPES = {
+    "user": {"text", "image", "document", "tool_result", "search_result"},
+    "assistant": {"text", "thinking", "redacted_thinking", "tool_use", "server_tool_use",
+                  "web_search_tool_result"},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Turn:
+    """One request as the engine needs it: the CLI's inputs and the carried params."""
+
+    model: str
+    system: str
+    history: list[dict]             # earlier messages, exactly as the client sent them
+    prompt: dict                    # the new user message {"role": "user", "content": ...}
+    params: dict                    # carried into the upstream body as sent
+    stream: bool = False
+    caller: str = ""
+
+
+def parse_json_body(body: bytes) -> dict:
+    """The request body as a JSON object, or a 400 saying what is wrong."""
+    if not body:
+        raise InvalidRequest("Request body is empty; expected a JSON object.")
+    try:
+        value = json.loads(body)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise InvalidRequest(f"Request body is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise InvalidRequest("Request body must be a JSON object.")
+    return value
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise InvalidRequest(message)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_content(role: str, content: Any, where: str) -> None:
+    """Validate one message's content: a string or a list of known blocks."""
+    if isinstance(content, str):
+        return
+    _require(isinstance(content, list), f"{where}.content: must be a string or a list of "
+                                        "content blocks.")
+    for i, block in enumerate(content):
+        at = f"{where}.content.{i}"
+        _require(isinstance(block, dict) and isinstance(block.get("type"), str),
+                 f"{at}: must be an object with a type.")
+        kind = block["type"]
+        _require(kind in KNOWN_BLOCK_TYPES[role],
+                 f"{at}.type: '{kind}' is not a valid block in a {role} message.")
+        if kind == "text":
+            _require(isinstance(block.get("text"), str), f"{at}.text: must be a string.")
+        elif kind in ("image", "document"):
+            source = block.get("source")
+            _require(isinstance(source, dict) and source.get("type") in
+                     ("base64", "url", "text", "content", "file"),
+                     f"{at}.source: must be a base64, url, text, content or file source.")
+            if source["type"] == "base64":
+                _require(isinstance(source.get("data"), str) and
+                         isinstance(source.get("media_type"), str),
+                         f"{at}.source: base64 sources need media_type and data.")
+            if source["type"] == "url":
+                _require(isinstance(source.get("url"), str), f"{at}.source.url: required.")
+        elif kind == "tool_use":
+            _require(isinstance(block.get("id"), str) and isinstance(block.get("name"), str)
+                     and isinstance(block.get("input"), dict),
+                     f"{at}: tool_use needs id, name and an input object.")
+        elif kind == "tool_result":
+            _require(isinstance(block.get("tool_use_id"), str),
+                     f"{at}.tool_use_id: required.")
+            inner = block.get("content")
+            if inner is not None and not isinstance(inner, str):
+                _require(isinstance(inner, list), f"{at}.content: must be a string or list.")
+                for j, part in enumerate(inner):
+                    _require(isinstance(part, dict) and part.get("type") in
+                             ("text", "image", "document", "search_result"),
+                             f"{at}.content.{j}: must be a text, image or document block.")
+        elif kind == "thinking":
+            _require(isinstance(block.get("thinking"), str), f"{at}.thinking: required.")
+
+
+def system_to_text(system: Any) -> str:
+    """The system prompt as the one string the CLI takes (blocks joined by blank lines)."""
+    if system is None:
+        return ""
+    if isinstance(system, str):
+        return system
+    _require(isinstance(system, list), "system: must be a string or a list of text blocks.")
+    texts = []
+    for i, block in enumerate(system):
+        _require(isinstance(block, dict) and block.get("type") == "text"
+                 and isinstance(block.get("text"), str),
+                 f"system.{i}: must be a text block.")
+        texts.append(block["text"])
+    return "\n\n".join(texts)
+
+
+def check_params(body: dict) -> dict:
+    """Validate the carried parameters and return them as they will be sent."""
+    params = {k: body[k] for k in CARRIED_PARAMS if k in body and body[k] is not None}
+    max_tokens = params.get("max_tokens")
+    _require(_is_int(max_tokens) and max_tokens >= 1,
+             "max_tokens: required, an integer of at least 1.")
+    if "temperature" in params:
+        _require(_is_number(params["temperature"]) and 0 <= params["temperature"] <= 1,
+                 "temperature: must be a number between 0 and 1.")
+    if "top_p" in params:
+        _require(_is_number(params["top_p"]) and 0 <= params["top_p"] <= 1,
+                 "top_p: must be a number between 0 and 1.")
+    if "top_k" in params:
+        _require(_is_int(params["top_k"]) and params["top_k"] >= 0,
+                 "top_k: must be a non-negative integer.")
+    if "stop_sequences" in params:
+        stops = params["stop_sequences"]
+        _require(isinstance(stops, list) and all(isinstance(s, str) and s for s in stops),
+                 "stop_sequences: must be a list of non-empty strings.")
+    if "thinking" in params:
+        thinking = params["thinking"]
+        _require(isinstance(thinking, dict) and thinking.get("type") in
+                 ("enabled", "disabled", "adaptive"),
+                 "thinking.type: must be 'enabled', 'adaptive' or 'disabled'.")
+        if thinking["type"] == "enabled":
+            budget = thinking.get("budget_tokens")
+            _require(_is_int(budget) and budget >= 1024,
+                     "thinking.budget_tokens: an integer of at least 1024.")
+            _require(budget < max_tokens, "max_tokens: must be greater than "
+                                          "thinking.budget_tokens.")
+        if thinking["type"] == "disabled":
+            del params["thinking"]      # absent already means no thinking upstream
+    if "service_tier" in params:
+        _require(params["service_tier"] in ("auto", "standard_only"),
+                 "service_tier: must be 'auto' or 'standard_only'.")
+    return params
+
+
+def messages_request_to_turn(body: dict, default_model: str, caller: str = "") -> Turn:
+    """Validate a Messages API request body and split it into a Turn."""
+    model = body.get("model")
+    _require(isinstance(model, str) and model.strip() != "", "model: required, a string.")
+    messages = body.get("messages")
+    _require(isinstance(messages, list) and messages != [],
+             "messages: required, a non-empty list.")
+    for i, message in enumerate(messages):
+        _require(isinstance(message, dict), f"messages.{i}: must be an object.")
+        role = message.get("role")
+        _require(role in ("user", "assistant"),
+                 f"messages.{i}.role: must be 'user' or 'assistant'.")
+        _require("content" in message, f"messages.{i}.content: required.")
+        check_content(role, message["content"], f"messages.{i}")
+    _require(messages[-1]["role"] == "user",
+             "messages: the last message must have role 'user'; prefilling the "
+             "assistant's answer cannot be carried through the Claude Code CLI.")
+    if "stream" in body:
+        _require(isinstance(body["stream"], bool), "stream: must be a boolean.")
+    if body.get("tools"):
+        raise InvalidRequest("tools: client tools are not supported by this proxy yet.")
+    metadata = body.get("metadata")
+    if metadata is not None:
+        _require(isinstance(metadata, dict), "metadata: must be an object.")
+    return Turn(
+        model=resolve_model(model, default_model),
+        system=system_to_text(body.get("system")),
+        history=[dict(m) for m in messages[:-1]],
+        prompt={"role": "user", "content": messages[-1]["content"]},
+        params=check_params(body),
+        stream=bool(body.get("stream")),
+        caller=caller,
+    )
+
+
+def transcript_entries(history: list[dict], session_id: str, cwd: str,
+                       now: dt.datetime, model: str) -> list[dict]:
+    """The earlier turns as CLI session lines: one entry a message, chained by parentUuid.
+
+    The CLI replays these as the upstream `messages`, block for block, so images,
+    documents, thinking signatures, tool_use and tool_result arrive intact.
+    """
+    stamp = now.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    entries, parent = [], None
+    for index, message in enumerate(history):
+        entry_id = str(uuid.uuid5(uuid.UUID(session_id), str(index)))
+        content = message["content"]
+        if message["role"] == "user":
+            payload: dict[str, Any] = {"role": "user", "content": content}
+        else:
+            payload = {"id": f"msg_{entry_id.replace('-', '')[:24]}", "type": "message",
+                       "role": "assistant", "model": model,
+                       "content": ([{"type": "text", "text": content}]
+                                   if isinstance(content, str) else content),
+                       "stop_reason": "end_turn", "stop_sequence": None,
+                       "usage": {"input_tokens": 0, "output_tokens": 0}}
+        entries.append({"type": message["role"], "uuid": entry_id, "parentUuid": parent,
+                        "sessionId": session_id, "timestamp": stamp, "cwd": cwd,
+                        "isSidechain": False, "userType": "external", "message": payload})
+        parent = entry_id
+    return entries
+
+
+class MessageAssembler:
+    """Fold one upstream message's stream events into the Messages API `Message`."""
+
+    def __init__(self) -> None:
+        self.message: dict | None = None
+        self._json_parts: dict[int, list[str]] = {}
+
+    def feed(self, event: dict) -> None:
+        """Apply one raw stream event (message_start, content_block_*, message_delta)."""
+        kind = event.get("type")
+        if kind == "message_start":
+            self.message = dict(event["message"])
+            self.message["content"] = list(self.message.get("content") or [])
+            self.message["usage"] = dict(self.message.get("usage") or {})
+        elif self.message is None:
+            return
+        elif kind == "content_block_start":
+            block = dict(event["content_block"])
+            if block.get("type") in ("tool_use", "server_tool_use"):
+                self._json_parts[event["index"]] = []
+            self._put(event["index"], block)
+        elif kind == "content_block_delta":
+            self._apply_delta(event["index"], event["delta"])
+        elif kind == "content_block_stop":
+            parts = self._json_parts.pop(event["index"], None)
+            if parts is not None:
+                text = "".join(parts)
+                block = self.message["content"][event["index"]]
+                block["input"] = json.loads(text) if text else block.get("input") or {}
+        elif kind == "message_delta":
+            delta = event.get("delta") or {}
+            for key in ("stop_reason", "stop_sequence"):
+                if key in delta:
+                    self.message[key] = delta[key]
+            usage = {k: v for k, v in (event.get("usage") or {}).items() if v is not None}
+            self.message["usage"].update(usage)
+
+    def _put(self, index: int, block: dict) -> None:
+        content = self.message["content"]
+        while len(content) <= index:
+            content.append({})
+        content[index] = block
+
+    def _apply_delta(self, index: int, delta: dict) -> None:
+        block = self.message["content"][index]
+        kind = delta.get("type")
+        if kind == "text_delta":
+            block["text"] = block.get("text", "") + delta["text"]
+        elif kind == "input_json_delta":
+            self._json_parts.setdefault(index, []).append(delta.get("partial_json", ""))
+        elif kind == "thinking_delta":
+            block["thinking"] = block.get("thinking", "") + delta["thinking"]
+        elif kind == "signature_delta":
+            block["signature"] = block.get("signature", "") + delta["signature"]
+        elif kind == "citations_delta":
+            block.setdefault("citations", []).append(delta["citation"])
+
+
+# Token estimate for count_tokens. The CLI offers no counting call, so the proxy
+# estimates: text by a word-piece rule tuned to Claude's tokenizer on English and
+# code (~3.5-4 characters a token; CJK about one a character), images by the API's
+# documented (width x height) / 750 after its resize to a 1568 px long edge and
+# ~1.15 megapixels, PDFs by pages, tools by their JSON.
+_PIECE_RE = re.compile(r"[A-Za-z]+|[0-9]{1,3}|[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af]"
+                       r"|[^\sA-Za-z0-9]")
+IMAGE_URL_TOKENS = 1600             # an unseen image is costed at the API's maximum
+TOOLS_OVERHEAD_TOKENS = 346         # the tool-use system prompt the API adds (its docs)
+MESSAGE_OVERHEAD_TOKENS = 4
+
+
+def estimate_text_tokens(text: str) -> int:
+    """Tokens for text: long words split every ~6 letters, punctuation one each."""
+    total = 0
+    for piece in _PIECE_RE.findall(text):
+        total += math.ceil(len(piece) / 6) if piece[0].isascii() and piece.isalpha() else 1
+    return total
+
+
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """Width and height from a PNG, GIF, JPEG or WebP header, if recognisable."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
+        return struct.unpack(">II", data[16:24])
+    if data[:6] in (b"GIF87a", b"GIF89a") and len(data) >= 10:
+        return struct.unpack("<HH", data[6:10])
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP" and len(data) >= 30:
+        chunk = data[12:16]
+        if chunk == b"VP8X":
+            return (1 + int.from_bytes(data[24:27], "little"),
+                    1 + int.from_bytes(data[27:30], "little"))
+        if chunk == b"VP8L" and len(data) >= 25:
+            bits = int.from_bytes(data[21:25], "little")
+            return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+        if chunk == b"VP8 " and len(data) >= 30:
+            w, h = struct.unpack("<HH", data[26:30])
+            return w & 0x3FFF, h & 0x3FFF
+    if data[:2] == b"\xff\xd8":
+        i = 2
+        while i + 9 < len(data):
+            if data[i] != 0xFF:
+                return None
+            marker, length = data[i + 1], int.from_bytes(data[i + 2:i + 4], "big")
+            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+                h, w = struct.unpack(">HH", data[i + 5:i + 9])
+                return w, h
+            i += 2 + length
+    return None
+
+
+def image_tokens(width: int, height: int) -> int:
+    """The API's image cost: fit to a 1568 px long edge and ~1.15 MP, then w*h/750."""
+    scale = min(1.0, 1568 / max(width, height, 1), math.sqrt(1_150_000 / max(width * height, 1)))
+    return max(1, math.ceil(width * scale * height * scale / 750))
+
+
+def estimate_block_tokens(block: dict) -> int:
+    """Tokens for one content block of any kind."""
+    kind = block.get("type")
+    if kind == "text":
+        return estimate_text_tokens(block.get("text", ""))
+    if kind in ("image", "document"):
+        source = block.get("source") or {}
+        if source.get("type") == "text":
+            return estimate_text_tokens(source.get("data", ""))
+        if source.get("type") == "content":
+            return sum(estimate_block_tokens(b) for b in source.get("content") or [])
+        if source.get("type") != "base64":
+            return IMAGE_URL_TOKENS
+        try:
+            raw = base64.b64decode(source.get("data", ""), validate=False)
+        except (binascii.Error, ValueError):
+            return IMAGE_URL_TOKENS
+        if kind == "document":   # a PDF page costs its text plus an image of the page
+            pages = max(1, raw.count(b"/Type /Page") - raw.count(b"/Type /Pages")
+                        + raw.count(b"/Type/Page") - raw.count(b"/Type/Pages"))
+            return pages * 1500
+        size = image_size(raw)
+        return image_tokens(*size) if size else IMAGE_URL_TOKENS
+    if kind == "tool_use":
+        return estimate_text_tokens(block.get("name", "") + json.dumps(block.get("input")))
+    if kind == "tool_result":
+        inner = block.get("content")
+        if isinstance(inner, str):
+            return estimate_text_tokens(inner) + 3
+        return sum(estimate_block_tokens(b) for b in inner or []) + 3
+    if kind == "thinking":
+        return estimate_text_tokens(block.get("thinking", ""))
+    return estimate_text_tokens(json.dumps(block))
+
+
+def estimate_tokens(body: dict) -> int:
+    """count_tokens: system, every message's blocks, tools and their overhead."""
+    total = estimate_text_tokens(system_to_text(body.get("system")))
+    for message in body.get("messages") or []:
+        content = message.get("content")
+        blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        total += MESSAGE_OVERHEAD_TOKENS + sum(estimate_block_tokens(b) for b in blocks or [])
+    tools = body.get("tools") or []
+    if tools:
+        total += TOOLS_OVERHEAD_TOKENS + estimate_text_tokens(json.dumps(tools))
+    return max(1, total)
+
+
+def check_count_tokens_request(body: dict) -> None:
+    """count_tokens takes the Messages body without max_tokens."""
+    model = body.get("model")
+    _require(isinstance(model, str) and model.strip() != "", "model: required, a string.")
+    messages = body.get("messages")
+    _require(isinstance(messages, list), "messages: required, a list.")
+    for i, message in enumerate(messages):
+        _require(isinstance(message, dict) and message.get("role") in ("user", "assistant"),
+                 f"messages.{i}.role: must be 'user' or 'assistant'.")
+        check_content(message["role"], message.get("content"), f"messages.{i}")
+    system_to_text(body.get("system"))
+    tools = body.get("tools")
+    _require(tools is None or isinstance(tools, list), "tools: must be a list.")
+
+
+# =============================================================================
+# 7. SDK adapter -- ClaudeAgentOptions, CLI environment, one CLI process per task
+# =============================================================================
+# The only section that imports claude_agent_sdk. `cli_environment` and
+# `cli_options` say how a Turn is carried; `CliProcess` owns one CLI through a
+# ClaudeSDKClient; `turn_items` turns the SDK's messages into the engine's items
+# ("stream", raw event) / ("rate_limit", info) / ("result", data); and
+# `sdk_error` / `result_error` turn SDK failures into ProxyErrors, once, here.
+
+try:
+    import claude_agent_sdk as sdk
+except ImportError:         # main() explains how to install it
+    sdk = None
+
+_CLOSED = object()          # end-of-turn marker in a CliProcess outbox
+ONE_CALL_BUDGET_USD = 1e-9  # spent by any upstream call: the CLI stops after one
+RATE_LIMIT_WINDOWS = {
+    "five_hour": "5-hour", "seven_day": "weekly", "seven_day_opus": "weekly Opus",
+    "seven_day_sonnet": "weekly Sonnet", "overage": "extra-usage",
+}
+LOGIN_HINT = ("The proxy's Claude login is missing or was rejected. On the proxy's host run "
+              "`claude login` (or `claude setup-token` and set CLAUDE_CODE_OAUTH_TOKEN), "
+              "then retry.")
+_API_ERROR_RE = re.compile(r"API Error: (?:(\d{3}) )?(.*?)(?:\.? This is a server-side issue.*)?$",
+                           re.S)
+
+
+def sdk_versions() -> dict:
+    """Versions of the proxy, the SDK and its bundled CLI."""
+    if sdk is None:
+        return {"proxy": __version__, "sdk": None, "cli": None}
+    try:
+        from claude_agent_sdk._cli_version import __cli_version__ as cli_version
+    except ImportError:
+        cli_version = None
+    return {"proxy": __version__, "sdk": sdk.__version__, "cli": cli_version}
+
+
+def cli_environment(turn: Turn) -> dict[str, str]:
+    """What the CLI's environment adds for one Turn (merged over the proxy's own)."""
+    env = {
+        # One client request is one upstream call: no title or telemetry calls.
+        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+        # Fail fast: the client's own SDK retries 429/529 on the real status.
+        "CLAUDE_CODE_MAX_RETRIES": "0",
+        # The exact model the client named, never a newer one.
+        "CLAUDE_CODE_DISABLE_LEGACY_MODEL_REMAP": "1",
+        # Only the betas the CLI needs to talk to the API at all.
+        "CLAUDE_CODE_DISABLE_EXPERIMENTAL_BETAS": "1",
+        # The client's parameters, merged last into every upstream body.
+        "CLAUDE_CODE_EXTRA_BODY": json.dumps(turn.params, separators=(",", ":")),
+    }
+    if "thinking" not in turn.params:
+        # No thinking unless the client asked: this removes `thinking` and
+        # `context_management` (older model ids think by default otherwise).
+        env["CLAUDE_CODE_DISABLE_THINKING"] = "1"
+    return env
+
+
+class TranscriptStore:
+    """A session store that serves one synthesized transcript to the SDK's resume.
+
+    The CLI mirrors its own lines back through `append`; the proxy keeps nothing,
+    since a stateless client sends the whole conversation every time.
+    """
+
+    def __init__(self, session_id: str, entries: list[dict]):
+        self.session_id = session_id
+        self.entries = entries
+
+    async def append(self, key: dict, entries: list[dict]) -> None:
+        """Discard the CLI's mirrored lines."""
+
+    async def load(self, key: dict) -> list[dict] | None:
+        """The synthesized transcript for our session id."""
+        return self.entries if key.get("session_id") == self.session_id else None
+
+
+def cli_options(turn: Turn, config: Config, now: dt.datetime) -> Any:
+    """ClaudeAgentOptions for a CLI that serves exactly this Turn."""
+    store = session_id = None
+    if turn.history:
+        session_id = str(uuid.uuid4())
+        store = TranscriptStore(session_id, transcript_entries(
+            turn.history, session_id, config.workdir, now, turn.model))
+    return sdk.ClaudeAgentOptions(
+        model=turn.model,
+        system_prompt=turn.system,
+        tools=[],                       # no built-in tool is offered or run
+        setting_sources=[],             # no user settings, no CLAUDE.md
+        strict_mcp_config=True,
+        cwd=config.workdir,             # private and empty: reveals nothing of the host
+        include_partial_messages=True,  # the upstream's own stream events
+        verbatim_prompts=True,          # no @file expansion of client text
+        max_turns=1,
+        # The CLI answers a `max_tokens` stop with up to three "recovery" calls and
+        # has no switch for it; a budget below one call's cost ends the CLI's turn
+        # after exactly one upstream call (FACTS.md: one request, one call).
+        max_budget_usd=ONE_CALL_BUDGET_USD,
+        # Thinking the client asked for: the CLI then keeps thinking blocks in the
+        # history; the extra body carries the exact budget.
+        thinking=turn.params.get("thinking"),
+        env=cli_environment(turn),
+        session_store=store,
+        resume=session_id,
+        cli_path=config.cli_path,
+        stderr=(lambda line: log.debug("cli: %s", line.rstrip())) if config.debug else None,
+    )
+
+
+def sdk_error(exc: BaseException) -> ProxyError:
+    """A ProxyError for an SDK exception raised outside a result."""
+    if isinstance(exc, ProxyError):
+        return exc
+    if sdk is not None and isinstance(exc, sdk.CLINotFoundError):
+        return ServiceUnavailable(f"The Claude Code CLI was not found: {exc}")
+    if sdk is not None and isinstance(exc, sdk.ResultError):
+        return result_error(exc.data, None, time.time())
+    if sdk is not None and isinstance(exc, sdk.CLIConnectionError):
+        return ServiceUnavailable(f"Could not start the Claude Code CLI: {exc}")
+    if sdk is not None and isinstance(exc, sdk.ProcessError):
+        return BadGateway("The Claude Code CLI exited unexpectedly"
+                          + (f" (exit code {exc.exit_code})." if exc.exit_code else "."))
+    log.error("unexpected SDK failure", exc_info=exc)
+    return BadGateway("The Claude Code CLI failed.")
+
+
+def rate_limit_message(info: dict, now: float) -> tuple[str, float | None]:
+    """Words and retry-after seconds for a rejected subscription window."""
+    window = info.get("rateLimitType") or ""
+    name = RATE_LIMIT_WINDOWS.get(window, window.replace("_", " ") or "usage")
+    resets_at = info.get("resetsAt")
+    if not isinstance(resets_at, (int, float)):
+        return (f"Claude subscription {name} limit reached.", None)
+    when = dt.datetime.fromtimestamp(resets_at, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return (f"Claude subscription {name} limit reached; it resets at {when}. This is a "
+            f"usage limit of the subscription, not a transient throttle.",
+            max(1.0, resets_at - now))
+
+
+def result_error(data: dict, rate_limit: dict | None, now: float) -> ProxyError:
+    """The ProxyError for a CLI result that reports an error."""
+    text = (data.get("result") or "; ".join(data.get("errors") or [])
+            or data.get("subtype") or "unknown error").strip()
+    status = data.get("api_error_status")
+    found = _API_ERROR_RE.search(text)
+    upstream_message = found.group(2).strip() if found else text
+    if status is None and found and found.group(1):
+        status = int(found.group(1))
+    if status == 401 or "Not logged in" in text or "/login" in text:
+        return AuthenticationFailed(f"{LOGIN_HINT} (upstream: {upstream_message})")
+    if status == 429 and rate_limit and rate_limit.get("resetsAt") and \
+            rate_limit.get("status") == "rejected":
+        message, retry_after = rate_limit_message(rate_limit, now)
+        # A spent subscription window does not come back in seconds: tell the
+        # client's SDK not to retry (the anthropic SDKs honour x-should-retry).
+        return RateLimited(message, {**retry_after_header(retry_after or RETRY_AFTER_DEFAULT_S),
+                                     "x-should-retry": "false"})
+    if status is None:
+        return BadGateway(f"The Claude Code CLI reported an error: {text}")
+    return error_for_upstream_status(status, upstream_message)
+
+
+class CliProcess:
+    """One Claude Code CLI behind a ClaudeSDKClient, owned by one task.
+
+    The SDK's client holds anyio task groups from connect() to disconnect(), and
+    those must be entered and left by the same task; so a dedicated owner task
+    holds the client and turns reach it through a queue.
+    """
+
+    def __init__(self, options: Any):
+        self.options = options
+        self._process: Any = None           # the SDK transport's anyio Process
+        self._jobs: asyncio.Queue = asyncio.Queue()
+        self._outbox: asyncio.Queue | None = None
+        self._owner: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        """Spawn and connect the CLI; raise a ProxyError when it cannot start."""
+        ready = asyncio.get_running_loop().create_future()
+        self._owner = asyncio.create_task(self._own(ready))
+        try:
+            await asyncio.shield(ready)
+        except asyncio.CancelledError:
+            await self.kill()
+            raise
+
+    async def turn(self, message: dict) -> AsyncIterator[Any]:
+        """Send one user message; yield the SDK's messages up to its ResultMessage."""
+        outbox: asyncio.Queue = asyncio.Queue()
+        self._jobs.put_nowait((message, outbox))
+        while True:
+            item = await outbox.get()
+            if item is _CLOSED:
+                return
+            if isinstance(item, BaseException):
+                raise sdk_error(item)
+            yield item
+
+    async def close(self) -> None:
+        """Let the CLI exit (stdin EOF); kill it if that takes too long."""
+        if self._owner is None or self._owner.done():
+            return
+        self._jobs.put_nowait(None)
+        try:
+            await asyncio.wait_for(asyncio.shield(self._owner), CLI_CLOSE_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            await self.kill()
+        except asyncio.CancelledError:
+            await self.kill()
+            raise
+
+    async def kill(self) -> None:
+        """Stop the CLI now: SIGKILL cuts its upstream connection at once."""
+        if self._owner is None or self._owner.done():
+            return
+        if self._process is not None and self._process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._process.kill()
+            self._jobs.put_nowait(None)     # wake an idle owner; a busy one sees EOF
+        else:
+            self._owner.cancel()            # still connecting: nothing to kill yet
+        try:
+            await asyncio.wait_for(asyncio.shield(self._owner), CLI_CLOSE_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            self._owner.cancel()
+
+    async def _own(self, ready: asyncio.Future) -> None:
+        client = sdk.ClaudeSDKClient(self.options)
+        try:
+            await client.connect()
+        except BaseException as exc:       # connect() already tore the CLI down
+            if not ready.done():
+                ready.set_exception(sdk_error(exc))
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        # The SDK keeps the process on its transport; holding it lets kill() cut it.
+        self._process = getattr(getattr(client, "_transport", None), "_process", None)
+        ready.set_result(None)
+        try:
+            while (job := await self._jobs.get()) is not None:
+                message, self._outbox = job
+                await client.query(_single(message))
+                async for item in client.receive_response():
+                    self._outbox.put_nowait(item)
+                self._outbox.put_nowait(_CLOSED)
+                self._outbox = None
+        except Exception as exc:            # a CLI that failed mid-turn is not reused
+            if self._outbox is not None:
+                self._outbox.put_nowait(exc)
+                self._outbox = None
+        finally:
+            if self._outbox is not None:
+                self._outbox.put_nowait(BadGateway("The Claude Code CLI stopped."))
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(client.disconnect(), CLI_CLOSE_TIMEOUT_S)
+
+
+async def _single(message: dict) -> AsyncIterator[dict]:
+    yield {"type": "user", "message": message, "parent_tool_use_id": None}
+
+
+def turn_items(message: Any, state: dict) -> list[tuple[str, Any]]:
+    """The engine's items for one SDK message; raise the ProxyError an error result means.
+
+    `state` carries what one turn has seen so far: the latest rate-limit
+    information and how many upstream messages started and stopped. Only the
+    first upstream message reaches the client; any later one (a CLI recovery
+    call the budget did not stop) is dropped and ends the turn.
+    """
+    if isinstance(message, sdk.StreamEvent):
+        if message.parent_tool_use_id:
+            return []
+        kind = message.event.get("type")
+        if kind == "message_start":
+            state["started"] = state.get("started", 0) + 1
+        if state.get("started", 0) > 1:
+            return [("end", None)]
+        if kind == "message_stop":
+            state["complete"] = True
+        return [("stream", message.event)]
+    if isinstance(message, sdk.RateLimitEvent):
+        info = dict(message.rate_limit_info.raw or {})
+        state["rate_limit"] = info
+        return [("rate_limit", info)]
+    if isinstance(message, sdk.ResultMessage):
+        data = dataclasses.asdict(message)
+        spent = message.subtype == "error_max_budget_usd" and state.get("complete")
+        if message.is_error and not spent:
+            raise result_error(data, state.get("rate_limit"), time.time())
+        return [("result", data)]
+    return []
+
+
+# =============================================================================
+# 8. Conversation engine -- concurrency cap, turns, teardown
+# =============================================================================
+# `Engine.run(turn)` is the one path every API dialect takes: wait for a slot (or
+# 529 after the queue timeout), start a CLI for the Turn, send the new user
+# message, and yield the items of section 7 until the result. Closing the
+# iterator early (client gone, timeout) kills the CLI. Teardown of finished CLIs
+# runs off the request path and is awaited at shutdown.
+
+class Engine:
+    """Runs Turns on CLI processes within the concurrency cap."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self._slots = asyncio.Semaphore(config.max_concurrent)
+        self._waiting = 0
+        self._teardowns: set[asyncio.Task] = set()
+        self.live: set[CliProcess] = set()
+
+    async def _acquire_slot(self) -> None:
+        self._waiting += 1
+        try:
+            await asyncio.wait_for(self._slots.acquire(), self.config.queue_timeout_s)
+        except asyncio.TimeoutError:
+            raise Overloaded(
+                f"All {self.config.max_concurrent} sessions are busy and "
+                f"{self._waiting - 1} more requests are queued; retry shortly.",
+                retry_after_header(RETRY_AFTER_DEFAULT_S)) from None
+        finally:
+            self._waiting -= 1
+
+    async def run(self, turn: Turn) -> AsyncIterator[tuple[str, Any]]:
+        """Yield ("stream" | "rate_limit" | "result", payload) for one Turn."""
+        await self._acquire_slot()
+        process = CliProcess(cli_options(turn, self.config, dt.datetime.now(dt.timezone.utc)))
+        finished = False
+        try:
+            self.live.add(process)
+            await process.start()
+            state: dict = {}
+            async for message in process.turn(turn.prompt):
+                items = turn_items(message, state)
+                if items and items[-1][0] == "end":
+                    return              # the CLI went on past the answer: kill it
+                for item in items:
+                    yield item
+            finished = True
+        finally:
+            self._slots.release()
+            self._retire(process, finished)
+
+    def _retire(self, process: CliProcess, finished: bool) -> None:
+        """Close a CLI in the background: politely after a full turn, else kill it."""
+        task = asyncio.ensure_future(process.close() if finished else process.kill())
+        self._teardowns.add(task)
+
+        def done(t: asyncio.Task) -> None:
+            self._teardowns.discard(t)
+            self.live.discard(process)
+        task.add_done_callback(done)
+
+    async def close(self) -> None:
+        """Stop every CLI; wait for all teardowns."""
+        for process in list(self.live):
+            self._retire(process, False)
+        while self._teardowns:
+            await asyncio.gather(*list(self._teardowns), return_exceptions=True)
+
+
+# =============================================================================
+# 9. Routes and handlers -- the route table and one coroutine per route
+# =============================================================================
+# A handler takes (app, request, out) and answers through `out`, a Responder
+# (section 10). Handlers are compositions: parse -> check -> translate -> engine
+# -> translate -> encode; they raise ProxyError and never format errors.
+
+@dataclasses.dataclass
+class Request:
+    """A request with its body read and its route matched."""
+
+    head: RequestHead
+    body: bytes
+    params: dict[str, str]
+    request_id: str
+
+    @property
+    def caller(self) -> str:
+        """Who is asking: the client's key, hashed so it never sits in memory dumps."""
+        key = request_api_key(self.head) or ""
+        return hmac.new(b"caller", key.encode("utf-8"), "sha256").hexdigest()[:16]
+
+
+async def handle_health(app: App, request: Request, out: Responder) -> None:
+    """GET /: service info for load balancers and operators."""
+    await out.send_json(200, {
+        "status": "ok", "service": "claude-sdk-proxy", "versions": sdk_versions(),
+        "uptime_s": round(time.monotonic() - app.started, 1),
+        "requests": app.requests, "auth": app.config.api_key is not None,
+        "tokens": {"input": app.tokens_in, "output": app.tokens_out},
+        "cli_processes": len(app.engine.live),
+    })
+
+
+async def handle_models(app: App, request: Request, out: Responder) -> None:
+    """GET /v1/models."""
+    await out.send_json(200, models_list())
+
+
+async def handle_model(app: App, request: Request, out: Responder) -> None:
+    """GET /v1/models/{model_id}."""
+    await out.send_json(200, model_lookup(request.params["model_id"]))
+
+
+async def handle_count_tokens(app: App, request: Request, out: Responder) -> None:
+    """POST /v1/messages/count_tokens: an estimate (README, "Token counting")."""
+    body = parse_json_body(request.body)
+    check_count_tokens_request(body)
+    await out.send_json(200, {"input_tokens": estimate_tokens(body)})
+
+
+async def handle_delete_session(app: App, request: Request, out: Responder) -> None:
+    """DELETE /sessions/{id}: end a live session."""
+    raise NotFound(f"No live session {request.params['session_id']!r}.")
+
+
+async def handle_messages(app: App, request: Request, out: Responder) -> None:
+    """POST /v1/messages, streaming or not."""
+    body = parse_json_body(request.body)
+    turn = messages_request_to_turn(body, app.config.default_model, request.caller)
+    out.model = turn.model
+    if app.config.debug:
+        log.debug("%s turn: model=%s history=%d params=%s", request.request_id, turn.model,
+                  len(turn.history), json.dumps(turn.params))
+    async with contextlib.aclosing(app.engine.run(turn)) as items:
+        if turn.stream:
+            await stream_anthropic(items, out, app.config)
+        else:
+            await out.send_json(200, await collect_message(items, out))
+
+
+def note_usage(out: Responder, event: dict) -> None:
+    """Keep the model and token counts of what went out, for the request log."""
+    if event.get("type") == "message_start":
+        message = event.get("message") or {}
+        out.model = message.get("model") or out.model
+        out.usage.update(message.get("usage") or {})
+    elif event.get("type") == "message_delta":
+        out.usage.update({k: v for k, v in (event.get("usage") or {}).items() if v is not None})
+
+
+async def collect_message(items: AsyncIterator[tuple[str, Any]], out: Responder) -> dict:
+    """The non-streaming answer: every stream event folded into one Message."""
+    assembler = MessageAssembler()
+    async for kind, payload in items:
+        if kind == "stream":
+            note_usage(out, payload)
+            assembler.feed(payload)
+    if assembler.message is None:
+        raise BadGateway("The upstream returned no message.")
+    return assembler.message
+
+
+async def paced(items: AsyncIterator[Any], first_wait: float,
+                interval: float) -> AsyncIterator[Any]:
+    """Yield items; yield None after `first_wait`, then every `interval`, of silence."""
+    wait = first_wait
+    pending: asyncio.Future | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(items.__anext__())
+            done, _ = await asyncio.wait({pending}, timeout=wait)
+            if not done:
+                wait = interval
+                yield None
+                continue
+            try:
+                item = pending.result()
+            except StopAsyncIteration:
+                return
+            finally:
+                pending = None
+            yield item
+    finally:
+        if pending is not None:
+            pending.cancel()
+            with contextlib.suppress(BaseException):
+                await pending
+
+
+async def stream_anthropic(items: AsyncIterator[tuple[str, Any]], out: Responder,
+                           config: Config) -> None:
+    """Forward the upstream's events as SSE.
+
+    The head waits for the first event (so an early 429 or 529 is a real status)
+    but never longer than `head_hold_s`; pings fill every silence of `ping_interval_s`.
+    """
+    async for item in paced(items, config.head_hold_s, config.ping_interval_s):
+        if item is None:
+            if not out.head_sent:
+                await out.start_stream()
+            await out.write(encode_sse({"type": "ping"}, "ping"))
+            continue
+        kind, payload = item
+        if kind == "stream":
+            if not out.head_sent:
+                await out.start_stream()
+            note_usage(out, payload)
+            await out.write(encode_sse(payload, payload.get("type")))
+    if not out.head_sent:
+        raise BadGateway("The upstream returned no message.")
+    await out.end_stream()
+
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+    """One entry of the route table."""
+
+    method: str
+    pattern: re.Pattern
+    handler: Callable
+    public: bool = False            # answered without the API key
+
+
+def _route(method: str, path: str, handler: Callable, public: bool = False) -> Route:
+    return Route(method, re.compile("^" + path + "$"), handler, public)
+
+
+ROUTES = (
+    _route("GET", r"/", handle_health, public=True),
+    _route("GET", r"/v1/models", handle_models),
+    _route("GET", r"/v1/models/(?P<model_id>[^/]+)", handle_model),
+    _route("POST", r"/v1/messages", handle_messages),
+    _route("POST", r"/v1/messages/count_tokens", handle_count_tokens),
+    _route("DELETE", r"/sessions/(?P<session_id>[^/]+)", handle_delete_session),
+)
+
+
+def match_route(method: str, path: str) -> tuple[Route, dict[str, str]]:
+    """The route for a method and path (also without `/v1`); raise 404 or 405."""
+    path = path.rstrip("/") or "/"
+    candidates = [path] if path.startswith("/v1/") or path == "/" else [path, "/v1" + path]
+    allowed = []
+    for candidate in candidates:
+        for route in ROUTES:
+            found = route.pattern.match(candidate)
+            if not found:
+                continue
+            if route.method == method or (method == "HEAD" and route.method == "GET"):
+                return route, found.groupdict()
+            allowed.append(route.method)
+    if allowed:
+        raise MethodNotAllowed(f"Method {method} is not allowed here; use "
+                               f"{', '.join(sorted(set(allowed)))}.",
+                               {"allow": ", ".join(sorted(set(allowed)))})
+    raise NotFound(f"Not found: {method} {path}")
+
+
+# =============================================================================
+# 10. Server -- connections, keep-alive, streaming, errors into responses
+# =============================================================================
+# `serve` listens; `serve_connection` reads requests one after another on a
+# keep-alive connection and runs each handler while watching the socket: a
+# client that goes away cancels its handler, which kills its CLI. The Responder
+# is the only writer of a response and `Responder.fail` the one place that turns
+# a ProxyError into bytes, as JSON or, once a stream has begun, as an SSE error.
+
+HEADER_TIMEOUT_S = 30.0             # nginx: client_header_timeout 60 s; half of it
+BODY_TIMEOUT_S = 60.0               # nginx: client_body_timeout 60 s between reads
+KEEPALIVE_IDLE_S = 75.0             # nginx: keepalive_timeout 75 s
+WATCH_BUFFER = 1024 * 1024          # pipelined bytes read ahead while a handler runs
+
+
+class ClientGone(Exception):
+    """The client closed its connection."""
+
+
+class Connection:
+    """One client socket with a read buffer that the server section alone reads."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader = reader
+        self.writer = writer
+        self.buf = bytearray()
+        self.eof = False
+
+    async def fill(self, timeout: float | None) -> bool:
+        """Read more bytes into the buffer; False at EOF; TimeoutError after `timeout`."""
+        if self.eof:
+            return False
+        try:
+            data = await asyncio.wait_for(self.reader.read(65536), timeout)
+        except (ConnectionError, OSError):
+            data = b""
+        if not data:
+            self.eof = True
+            return False
+        self.buf += data
+        return True
+
+    async def read_head(self) -> bytes | None:
+        """The next request head, or None when the client closed or idled out."""
+        timeout = KEEPALIVE_IDLE_S
+        while True:
+            end = self.buf.find(b"\r\n\r\n")
+            if end >= 0:
+                head = bytes(self.buf[:end + 4])
+                del self.buf[:end + 4]
+                return head
+            if len(self.buf) > MAX_HEAD_BYTES:
+                raise HeadersTooLarge(f"Request head exceeds {MAX_HEAD_BYTES} bytes.")
+            if self.buf.strip(b"\r\n"):
+                timeout = HEADER_TIMEOUT_S      # a request has begun: it must finish
+            try:
+                if not await self.fill(timeout):
+                    if self.buf.strip(b"\r\n"):
+                        raise InvalidRequest("Connection closed inside a request head.")
+                    return None
+            except asyncio.TimeoutError:
+                if self.buf.strip(b"\r\n"):
+                    raise InvalidRequest("Timed out reading the request head.") from None
+                return None
+
+    async def read_body(self, length: int | None, max_bytes: int) -> bytes:
+        """A Content-Length body (length) or a chunked one (None)."""
+        if length is not None:
+            while len(self.buf) < length:
+                await self._fill_body()
+            body = bytes(self.buf[:length])
+            del self.buf[:length]
+            return body
+        decoder = ChunkedDecoder(max_bytes)
+        body = bytearray(decoder.feed(bytes(self.buf)))
+        self.buf.clear()
+        while not decoder.done:
+            await self._fill_body()
+            body += decoder.feed(bytes(self.buf))
+            self.buf.clear()
+        self.buf += decoder.leftover
+        return bytes(body)
+
+    async def _fill_body(self) -> None:
+        try:
+            if not await self.fill(BODY_TIMEOUT_S):
+                raise InvalidRequest("Connection closed inside the request body.")
+        except asyncio.TimeoutError:
+            raise InvalidRequest("Timed out reading the request body.") from None
+
+    async def watch_eof(self) -> None:
+        """Return when the client closes; keep pipelined bytes for the next request."""
+        while len(self.buf) < WATCH_BUFFER:
+            if not await self.fill(None):
+                return
+        await asyncio.Event().wait()    # read-ahead is full: stop reading, wait
+
+    async def write(self, data: bytes) -> None:
+        """Send bytes; raise ClientGone if the client has left."""
+        if self.writer.is_closing():
+            raise ClientGone
+        try:
+            self.writer.write(data)
+            await self.writer.drain()
+        except (ConnectionError, OSError) as exc:
+            raise ClientGone from exc
+
+
+class Responder:
+    """Writes one response and knows how far it got."""
+
+    def __init__(self, conn: Connection, request_id: str, method: str = "GET",
+                 dialect: str = "anthropic"):
+        self.conn = conn
+        self.request_id = request_id
+        self.method = method
+        self.dialect = dialect
+        self.keep_alive = True
+        self.status = 0
+        self.head_sent = False
+        self.streaming = False
+        self.model = ""
+        self.usage: dict = {}
+
+    def _head(self, status: int, headers: list[tuple[str, str]]) -> bytes:
+        self.status, self.head_sent = status, True
+        base = [("date", email_date()), ("server", f"claude-sdk-proxy/{__version__}"),
+                ("request-id", self.request_id),
+                ("connection", "keep-alive" if self.keep_alive else "close")]
+        return encode_response_head(status, base + headers)
+
+    async def send(self, status: int, body: bytes, content_type: str,
+                   headers: dict[str, str] | None = None) -> None:
+        """A complete response (HEAD gets the head alone)."""
+        head = self._head(status, [("content-type", content_type),
+                                   ("content-length", str(len(body)))]
+                          + list((headers or {}).items()))
+        await self.conn.write(head if self.method == "HEAD" else head + body)
+
+    async def send_json(self, status: int, value: dict,
+                        headers: dict[str, str] | None = None) -> None:
+        """A JSON response."""
+        body = json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        await self.send(status, body, "application/json", headers)
+
+    async def start_stream(self, headers: dict[str, str] | None = None) -> None:
+        """The head of a 200 SSE response with a chunked body."""
+        self.streaming = True
+        await self.conn.write(self._head(200, [
+            ("content-type", "text/event-stream; charset=utf-8"),
+            ("cache-control", "no-cache"), ("x-accel-buffering", "no"),
+            ("transfer-encoding", "chunked")] + list((headers or {}).items())))
+
+    async def write(self, data: bytes) -> None:
+        """One chunk of the stream, sent at once."""
+        await self.conn.write(encode_chunk(data))
+
+    async def end_stream(self) -> None:
+        """The last chunk."""
+        await self.conn.write(encode_chunk(b""))
+        self.streaming = False
+
+    async def fail(self, err: ProxyError) -> None:
+        """The one place a ProxyError becomes bytes: JSON, or an SSE error mid-stream."""
+        body = error_to_anthropic(err, self.request_id)
+        if not self.head_sent:
+            self.status = err.status
+            await self.send_json(err.status, body, err.headers)
+        elif self.streaming:
+            self.status = err.status      # logged; the client saw 200 and the error event
+            await self.write(encode_sse(body, "error"))
+            await self.end_stream()
+        else:
+            self.keep_alive = False
+
+
+def email_date() -> str:
+    """An HTTP date for the `date` header."""
+    return time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime())
+
+
+class App:
+    """The running proxy: config, engine, counters and open connections."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.engine = Engine(config)
+        self.started = time.monotonic()
+        self.requests = self.tokens_in = self.tokens_out = 0
+        self.idle: set[Connection] = set()      # connections between requests
+        self.busy: set[asyncio.Task] = set()    # connection tasks serving a request
+        self.shutting_down = False
+
+
+async def serve_connection(app: App, reader: asyncio.StreamReader,
+                           writer: asyncio.StreamWriter) -> None:
+    """Serve requests on one connection until it closes."""
+    conn = Connection(reader, writer)
+    task = asyncio.current_task()
+    try:
+        while not app.shutting_down:
+            app.busy.discard(task)
+            app.idle.add(conn)
+            out = Responder(conn, "req_" + uuid.uuid4().hex[:24])
+            try:
+                raw_head = await conn.read_head()
+            except ProxyError as err:
+                out.keep_alive = False
+                await out.fail(err)
+                break
+            if raw_head is None:
+                break
+            app.idle.discard(conn)
+            app.busy.add(task)
+            await serve_request(app, conn, raw_head, out)
+            if not out.keep_alive:
+                break
+    except ClientGone:
+        pass
+    finally:
+        app.idle.discard(conn)
+        app.busy.discard(task)
+        writer.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(writer.wait_closed(), 5)
+
+
+async def serve_request(app: App, conn: Connection, raw_head: bytes, out: Responder) -> None:
+    """Parse, check, read the body, run the handler, log one line."""
+    started = time.monotonic()
+    app.requests += 1
+    method = path = "-"
+    body_read = False
+    try:
+        head = parse_request_head(raw_head)
+        method, path, out.method = head.method, head.path, head.method
+        out.keep_alive = head.keep_alive and not app.shutting_down
+        out.dialect = dialect_for_path(path)
+        route, params = match_route(head.method, head.path)
+        if not route.public:
+            check_api_key(head, app.config.api_key)
+        length = body_length(head)
+        if length is not None and length > app.config.max_body_bytes:
+            raise RequestTooLarge(f"Request body of {length} bytes exceeds the "
+                                  f"{app.config.max_body_bytes}-byte limit.")
+        if length != 0 and (head.header("expect") or "").lower() == "100-continue":
+            await conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        body = await conn.read_body(length, app.config.max_body_bytes)
+        body_read = True
+        request = Request(head, body, params, out.request_id)
+        await run_handler(app, conn, route.handler, request, out)
+    except ClientGone:
+        out.keep_alive = False
+        out.status = out.status or 499
+        raise
+    except ProxyError as err:
+        out.keep_alive = out.keep_alive and body_read     # unread body: close
+        await out.fail(err)
+    except Exception:
+        log.exception("%s unhandled error", out.request_id)
+        out.keep_alive = out.keep_alive and body_read
+        await out.fail(ProxyError("Internal proxy error."))
+    finally:
+        log_request(app, out, method, path, started)
+
+
+async def run_handler(app: App, conn: Connection, handler: Callable, request: Request,
+                      out: Responder) -> None:
+    """Run a handler under the request timeout, cancelling it if the client leaves."""
+    work = asyncio.ensure_future(asyncio.wait_for(handler(app, request, out),
+                                                  app.config.timeout_s))
+    watch = asyncio.ensure_future(conn.watch_eof())
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if not work.done():
+            raise ClientGone
+        try:
+            work.result()
+        except asyncio.TimeoutError:
+            raise GatewayTimeout(f"The request took longer than {app.config.timeout_s:g} s "
+                                 "(CLAUDE_PROXY_TIMEOUT_MS).") from None
+    finally:
+        for task in (work, watch):
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+
+
+def dialect_for_path(path: str) -> str:
+    """Which API's error format a path speaks."""
+    return "openai" if re.search(r"/(chat|completions|responses)(/|$)", path) else "anthropic"
+
+
+def log_request(app: App, out: Responder, method: str, path: str, started: float) -> None:
+    """One line per request: method, path, status, ms, model, tokens."""
+    tokens_in = sum(out.usage.get(k) or 0 for k in (
+        "input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens"))
+    tokens_out = out.usage.get("output_tokens") or 0
+    app.tokens_in += tokens_in
+    app.tokens_out += tokens_out
+    log.info("%s %s %d %dms model=%s in=%d out=%d %s", method, path, out.status,
+             (time.monotonic() - started) * 1000, out.model or "-", tokens_in, tokens_out,
+             out.request_id)
+
+
+async def serve(config: Config, ready: Callable[[int], None] | None = None,
+                stop: asyncio.Event | None = None) -> int:
+    """Listen until SIGINT/SIGTERM (or `stop`), then drain and exit; return the exit code."""
+    app = App(config)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(signum, stop.set)
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await serve_connection(app, reader, writer)
+
+    server = await asyncio.start_server(on_connect, config.host, config.port,
+                                        limit=MAX_HEAD_BYTES)
+    port = server.sockets[0].getsockname()[1]
+    if ready:
+        ready(port)
+    try:
+        await stop.wait()
+    finally:
+        app.shutting_down = True
+        server.close()
+        for conn in list(app.idle):        # EOF ends their wait for a next request
+            conn.writer.close()
+        deadline = time.monotonic() + config.shutdown_grace_s
+        while app.busy and time.monotonic() < deadline:
+            await asyncio.wait(set(app.busy), timeout=deadline - time.monotonic())
+        for task in list(app.busy):
+            task.cancel()
+        await app.engine.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(server.wait_closed(), 5)
+    return 0
+
+
+# =============================================================================
+# 11. Command line -- argument parsing and main(argv) -> int
+# =============================================================================
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the proxy; return the process exit code."""
+    args = build_arg_parser().parse_args(argv)
+    if args.version:
+        versions = sdk_versions()
+        print(f"claude-sdk-proxy {versions['proxy']}\nclaude-agent-sdk {versions['sdk']}\n"
+              f"Claude Code CLI {versions['cli']}")
+        return 0
+    config = config_from(args, dict(os.environ))
+    logging.basicConfig(level=logging.DEBUG if config.debug else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    if not config.debug:
+        logging.getLogger("claude_agent_sdk").setLevel(logging.WARNING)
+    if sdk is None:
+        print("claude-agent-sdk is not installed: `pip install claude-agent-sdk`, or run "
+              "`pipx run claude_sdk_proxy.py`.", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="claude-sdk-proxy-") as workdir:
+        config = dataclasses.replace(config, workdir=workdir)
+
+        def ready(port: int) -> None:
+            log.info("claude-sdk-proxy %s listening on http://%s:%d (%s)", __version__,
+                     config.host, port, "API key required" if config.api_key else "no API key")
+        return asyncio.run(serve(config, ready))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
