@@ -121,6 +121,8 @@ def _env_number(environ: dict, name: str, default: float, kind: type, minimum: f
         value = kind(raw)
     except ValueError:
         raise SystemExit(f"{name} must be a number, got {raw!r}") from None
+    if not math.isfinite(value):
+        raise SystemExit(f"{name} must be a finite number, got {raw!r}")
     if value < minimum:
         raise SystemExit(f"{name} must be at least {minimum}, got {raw!r}")
     return value
@@ -162,7 +164,7 @@ def config_from(args: argparse.Namespace, environ: dict) -> Config:
         timeout_s=_env_number(environ, "CLAUDE_PROXY_TIMEOUT_MS", DEFAULT_TIMEOUT_MS,
                               int, 1) / 1000,
         max_body_bytes=int(_env_number(environ, "CLAUDE_PROXY_MAX_BODY_MB",
-                                       DEFAULT_MAX_BODY_MB, float, 0) * 1024 * 1024),
+                                       DEFAULT_MAX_BODY_MB, float, 0.001) * 1024 * 1024),
         queue_timeout_s=_env_number(environ, "CLAUDE_PROXY_QUEUE_TIMEOUT_S",
                                     DEFAULT_QUEUE_TIMEOUT_S, float, 0),
         default_model=default_model,
@@ -249,10 +251,12 @@ def retry_after_header(seconds: float) -> dict[str, str]:
 def error_for_upstream_status(status: int, message: str,
                               retry_after_s: float | None = None) -> ProxyError:
     """The ProxyError a client should see for an upstream HTTP error status."""
+    if retry_after_s is None:
+        retry_after_s = RETRY_AFTER_DEFAULT_S
     if status == 429:
-        return RateLimited(message, retry_after_header(retry_after_s or RETRY_AFTER_DEFAULT_S))
+        return RateLimited(message, retry_after_header(retry_after_s))
     if status in (529, 503):
-        return Overloaded(message, retry_after_header(retry_after_s or RETRY_AFTER_DEFAULT_S))
+        return Overloaded(message, retry_after_header(retry_after_s))
     if status == 401:
         return AuthenticationFailed(message)
     if status == 403:
@@ -329,7 +333,7 @@ class RequestHead:
 
 
 def parse_request_head(data: bytes) -> RequestHead:
-    """Parse `request-line CRLF *(field-line CRLF) CRLF`; raise 400/431/505-type errors."""
+    """Parse `request-line CRLF *(field-line CRLF) CRLF`; raise 400 or 431 errors."""
     lines = data.split(b"\r\n")
     while lines and lines[0] == b"":        # RFC 9112 2.2: ignore leading empty lines
         lines.pop(0)
@@ -381,7 +385,7 @@ def body_length(head: RequestHead) -> int | None:
     if not lengths:
         return 0
     values = {v.strip() for v in ",".join(lengths).split(",")}
-    if len(values) != 1 or not next(iter(values)).isdigit():
+    if len(values) != 1 or not re.fullmatch(r"[0-9]{1,18}", next(iter(values))):
         raise InvalidRequest("Invalid Content-Length.")
     return int(next(iter(values)))
 
@@ -616,7 +620,7 @@ def check_content(role: str, content: Any, where: str) -> None:
                  f"{at}: must be an object with a type.")
         kind = block["type"]
         _require(kind in KNOWN_BLOCK_TYPES[role],
-                 f"{at}.type: '{kind}' is not a valid block in a {role} message.")
+                 f"{at}.type: '{kind}' is not a valid block in a message with role '{role}'.")
         if kind == "text":
             _require(isinstance(block.get("text"), str), f"{at}.text: must be a string.")
         elif kind in ("image", "document"):
@@ -1543,12 +1547,12 @@ class Connection:
         timeout = KEEPALIVE_IDLE_S
         while True:
             end = self.buf.find(b"\r\n\r\n")
+            if end + 4 > MAX_HEAD_BYTES or (end < 0 and len(self.buf) > MAX_HEAD_BYTES):
+                raise HeadersTooLarge(f"Request head exceeds {MAX_HEAD_BYTES} bytes.")
             if end >= 0:
                 head = bytes(self.buf[:end + 4])
                 del self.buf[:end + 4]
                 return head
-            if len(self.buf) > MAX_HEAD_BYTES:
-                raise HeadersTooLarge(f"Request head exceeds {MAX_HEAD_BYTES} bytes.")
             if self.buf.strip(b"\r\n"):
                 timeout = HEADER_TIMEOUT_S      # a request has begun: it must finish
             try:

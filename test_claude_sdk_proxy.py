@@ -18,6 +18,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import copy
+import datetime as dt
+import io
+import math
+import struct
+import uuid
 import http.server
 import json
 import os
@@ -205,7 +211,10 @@ class ProxyThread:
             async def main():
                 self.stop_event = asyncio.Event()
                 self.exit_code = await proxy.serve(self.config, ready, self.stop_event)
-            self.loop.run_until_complete(main())
+            try:
+                self.loop.run_until_complete(main())
+            finally:
+                self.loop.close()
 
         self.thread = threading.Thread(target=run, daemon=True)
         self.thread.start()
@@ -323,18 +332,7 @@ def conversation(body: dict) -> list[dict]:
     return [m for m in body["messages"] if m["role"] != "system"]
 
 
-def png_bytes(width: int, height: int) -> bytes:
-    """A real, tiny PNG of the given size (all black)."""
-    def chunk(kind, data):
-        return (len(data).to_bytes(4, "big") + kind + data
-                + zlib.crc32(kind + data).to_bytes(4, "big"))
-    raw = b"".join(b"\x00" + b"\x00" * width for _ in range(height))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", width.to_bytes(4, "big")
-            + height.to_bytes(4, "big") + b"\x08\x00\x00\x00\x00")
-            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
-
-
-UPSTREAM: ScriptedUpstream
+UPSTREAM: ScriptedUpstream = None  # type: ignore[assignment]  # set by setUpModule
 HOME_MARKER = "HOME-CLAUDE-MD-MARKER-must-never-reach-upstream"
 
 
@@ -361,6 +359,757 @@ class ApiAssertions:
         self.assertEqual(exc.body["type"], "error")
         self.assertEqual(exc.body["error"]["type"], error_type)
         self.assertTrue(exc.body["error"]["message"])
+
+
+# =============================================================================
+# Helpers for the pure sections: ProxyError assertions, tiny real image files
+# =============================================================================
+
+INV = (proxy.InvalidRequest, 400, "invalid_request_error")
+
+
+class PureAssertions:
+    def assertProxyError(self, expected, fn, *args, message=None, prefix=None):
+        """fn(*args) raises exactly expected = (class, status, error_type)."""
+        with self.assertRaises(proxy.ProxyError) as cm:
+            fn(*args)
+        err = cm.exception
+        self.assertEqual((type(err), err.status, err.error_type), expected, err.message)
+        if message is not None:
+            self.assertEqual(err.message, message)
+        if prefix is not None:
+            self.assertTrue(err.message.startswith(prefix), f"{err.message!r} !^ {prefix!r}")
+        return err
+
+
+def png_bytes(w: int, h: int) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * (3 * w + 1) * h)) + chunk(b"IEND", b""))
+
+
+def gif_bytes(width: int, height: int) -> bytes:
+    return (b"GIF89a" + struct.pack("<HHBBB", width, height, 0x80, 0, 0) + b"\0\0\0\xff\xff\xff"
+            + b",\0\0\0\0" + struct.pack("<HH", width, height) + b"\0\x02\x02D\x01\0;")
+
+
+def jpeg_bytes(width: int, height: int, sof: int = 0xC0) -> bytes:
+    app0 = b"\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00"
+    dht = b"\xff\xc4\x00\x04\x00\x00"          # marker C4 is a table, not a frame header
+    frame = (bytes([0xFF, sof]) + struct.pack(">HBHHB", 17, 8, height, width, 3)
+             + b"\x01\x22\x00\x02\x11\x01\x03\x11\x01")
+    return b"\xff\xd8" + app0 + dht + frame + b"\xff\xd9"
+
+
+def webp_bytes(w: int, h: int, kind: bytes) -> bytes:
+    payload = {b"VP8X": b"\0" * 4 + (w - 1).to_bytes(3, "little") + (h - 1).to_bytes(3, "little"),
+               b"VP8L": b"\x2f" + struct.pack("<I", (w - 1) | (h - 1) << 14) + b"\0" * 8,
+               b"VP8 ": b"\0\0\0\x9d\x01\x2a" + struct.pack("<HH", w, h) + b"\0" * 4}[kind]
+    body = b"WEBP" + kind + struct.pack("<I", len(payload)) + payload
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+def raw_head(*header_lines: bytes, line: bytes = b"POST /v1/messages HTTP/1.1") -> bytes:
+    return b"\r\n".join((line,) + header_lines) + b"\r\n\r\n"
+
+
+def head_with(*fields: str, version: str = "HTTP/1.1") -> proxy.RequestHead:
+    """A parsed head from "Name: value" strings."""
+    line = f"POST /v1/messages {version}".encode()
+    return proxy.parse_request_head(raw_head(*[f.encode("latin-1") for f in fields], line=line))
+
+
+# =============================================================================
+# 1. Config and limits
+# =============================================================================
+
+class ConfigTest(unittest.TestCase):
+    def config(self, argv=(), env=None):
+        return proxy.config_from(proxy.build_arg_parser().parse_args(list(argv)), env or {})
+
+    @staticmethod
+    def knobs(cfg):
+        return (cfg.port, cfg.host, cfg.debug, cfg.api_key, cfg.max_concurrent, cfg.timeout_s,
+                cfg.max_body_bytes, cfg.queue_timeout_s, cfg.default_model, cfg.cli_path)
+
+    def test_defaults_with_no_flags_and_empty_environment(self):
+        self.assertEqual(self.knobs(self.config()),
+                         (3456, "127.0.0.1", False, None, 5, 1800.0, 32 * 1024 * 1024, 60.0,
+                          "sonnet", None))
+
+    def test_environment_sets_every_knob(self):
+        env = {"PORT": "8080", "HOST": "0.0.0.0", "DEBUG": "true", "API_KEY": "sekret",
+               "MAX_CONCURRENT": "10", "TIMEOUT_MS": "5000", "MAX_BODY_MB": "1.5",
+               "QUEUE_TIMEOUT_S": "2.5", "DEFAULT_MODEL": "opus", "CLI_PATH": "/bin/claude"}
+        cfg = self.config(env={"CLAUDE_PROXY_" + k: v for k, v in env.items()})
+        self.assertEqual(self.knobs(cfg), (8080, "0.0.0.0", True, "sekret", 10, 5.0, 1572864,
+                                           2.5, "opus", "/bin/claude"))
+
+    def test_flags_win_over_environment(self):
+        env = {"CLAUDE_PROXY_PORT": "8080", "CLAUDE_PROXY_HOST": "::1", "CLAUDE_PROXY_DEBUG": "no"}
+        cfg = self.config(["-p", "9000", "-H", "0.0.0.0", "-d"], env)
+        self.assertEqual((cfg.port, cfg.host, cfg.debug), (9000, "0.0.0.0", True))
+        cfg = self.config(["--port", "0", "--host", "localhost"], env)
+        self.assertEqual((cfg.port, cfg.host, cfg.debug), (0, "localhost", False))
+
+    def test_debug_values_and_blank_environment_values(self):
+        for value, expected in [("1", True), ("true", True), ("YES", True), ("0", False),
+                                ("no", False), ("", False), ("on", False)]:
+            with self.subTest(value=value):
+                self.assertIs(self.config(env={"CLAUDE_PROXY_DEBUG": value}).debug, expected)
+        blank = {"CLAUDE_PROXY_" + k: v for k, v in [("PORT", " "), ("DEFAULT_MODEL", " "),
+                                                     ("API_KEY", ""), ("HOST", "")]}
+        self.assertEqual(self.knobs(self.config(env=blank)), self.knobs(self.config()))
+
+    def test_bad_numbers_exit(self):
+        cases = [("PORT", "abc"), ("PORT", "-1"), ("PORT", "70000"), ("PORT", "80.5"),
+                 ("MAX_CONCURRENT", "0"), ("MAX_CONCURRENT", "x"), ("TIMEOUT_MS", "0"),
+                 ("TIMEOUT_MS", "1.5"), ("MAX_BODY_MB", "-1"), ("MAX_BODY_MB", "big"),
+                 ("QUEUE_TIMEOUT_S", "-0.1"), ("QUEUE_TIMEOUT_S", "soon")]
+        for name, value in cases:
+            with self.subTest(name=name, value=value), self.assertRaises(SystemExit) as cm:
+                self.config(env={"CLAUDE_PROXY_" + name: value})
+            self.assertIn(value, str(cm.exception.code))
+
+    def test_bad_port_flag_exits(self):
+        for argv in (["-p", "70000"], ["-p", "-1"], ["-p", "abc"]):
+            with self.subTest(argv=argv), self.assertRaises(SystemExit), \
+                    contextlib.redirect_stderr(io.StringIO()):
+                self.config(argv)
+
+    def test_non_finite_float_environment_values_exit(self):
+        for name, value in [("MAX_BODY_MB", "nan"), ("MAX_BODY_MB", "inf"),
+                            ("QUEUE_TIMEOUT_S", "nan")]:
+            with self.subTest(name=name, value=value), self.assertRaises(SystemExit):
+                self.config(env={"CLAUDE_PROXY_" + name: value})
+
+
+# =============================================================================
+# 2. Errors
+# =============================================================================
+
+class ErrorsTest(unittest.TestCase):
+    def test_each_error_class_has_its_status_and_type(self):
+        inv, api = "invalid_request_error", "api_error"
+        table = [("ProxyError", 500, api), ("InvalidRequest", 400, inv),
+                 ("AuthenticationFailed", 401, "authentication_error"),
+                 ("PermissionDenied", 403, "permission_error"),
+                 ("NotFound", 404, "not_found_error"), ("MethodNotAllowed", 405, inv),
+                 ("RequestTooLarge", 413, "request_too_large"), ("HeadersTooLarge", 431, inv),
+                 ("RateLimited", 429, "rate_limit_error"), ("UpstreamError", 500, api),
+                 ("BadGateway", 502, api), ("ServiceUnavailable", 503, api),
+                 ("GatewayTimeout", 504, "timeout_error"), ("Overloaded", 529, "overloaded_error")]
+        for name, status, error_type in table:
+            with self.subTest(cls=name):
+                err = getattr(proxy, name)("boom")
+                self.assertIsInstance(err, proxy.ProxyError)
+                self.assertEqual((err.status, err.error_type, err.message, err.headers, str(err)),
+                                 (status, error_type, "boom", {}, "boom"))
+
+    def test_retry_after_header_rounds_up_with_minimum_one(self):
+        for seconds, expected in [(0, "1"), (-5, "1"), (0.2, "1"), (1, "1"), (2.1, "3"),
+                                  (5, "5"), (59.999, "60")]:
+            with self.subTest(seconds=seconds):
+                self.assertEqual(proxy.retry_after_header(seconds), {"retry-after": expected})
+
+    def test_error_for_upstream_status_mapping(self):
+        p, inv = proxy, (proxy.InvalidRequest, 400, "invalid_request_error", {})
+        table = [  # upstream status, retry_after_s -> class, status, type, headers
+            (429, None, p.RateLimited, 429, "rate_limit_error", {"retry-after": "5"}),
+            (429, 12.2, p.RateLimited, 429, "rate_limit_error", {"retry-after": "13"}),
+            (529, None, p.Overloaded, 529, "overloaded_error", {"retry-after": "5"}),
+            (503, 3, p.Overloaded, 529, "overloaded_error", {"retry-after": "3"}),
+            (401, None, p.AuthenticationFailed, 401, "authentication_error", {}),
+            (403, None, p.PermissionDenied, 403, "permission_error", {}),
+            (404, None, p.NotFound, 404, "not_found_error", {}),
+            (413, None, p.RequestTooLarge, 413, "request_too_large", {}),
+            (400, None, *inv), (409, None, *inv), (422, None, *inv),
+            (504, None, p.GatewayTimeout, 504, "timeout_error", {}),
+            (500, None, p.UpstreamError, 500, "api_error", {}),
+            (502, None, p.UpstreamError, 500, "api_error", {})]
+        for status, retry, cls, out, error_type, headers in table:
+            with self.subTest(status=status, retry_after_s=retry):
+                err = proxy.error_for_upstream_status(status, "no", retry)
+                self.assertEqual((type(err), err.status, err.error_type, err.headers, err.message),
+                                 (cls, out, error_type, headers, "no"))
+
+    def test_error_to_anthropic_shape(self):
+        err = proxy.RateLimited("slow down", {"retry-after": "5"})
+        self.assertEqual(proxy.error_to_anthropic(err), {
+            "type": "error", "error": {"type": "rate_limit_error", "message": "slow down"}})
+        self.assertEqual(proxy.error_to_anthropic(proxy.NotFound("nope"), "req_1"), {
+            "type": "error", "error": {"type": "not_found_error", "message": "nope"},
+            "request_id": "req_1"})
+
+
+# =============================================================================
+# 3. HTTP/1.1 wire format
+# =============================================================================
+
+class HttpWireTest(PureAssertions, unittest.TestCase):
+    def test_valid_head_is_parsed(self):
+        head = proxy.parse_request_head(raw_head(
+            b"Host: localhost:3456", b"Content-Type:application/json", b"X-Api-Key:   k1  \t",
+            b"X-Empty:", b"X-Tab: a\tb", b"X-Latin: caf\xe9", b"x-api-key: second",
+            line=b"POST /v1/messages?beta=true HTTP/1.1"))
+        self.assertEqual((head.method, head.target, head.path, head.version),
+                         ("POST", "/v1/messages?beta=true", "/v1/messages", "HTTP/1.1"))
+        self.assertEqual(head.headers, [
+            ("host", "localhost:3456"), ("content-type", "application/json"), ("x-api-key", "k1"),
+            ("x-empty", ""), ("x-tab", "a\tb"), ("x-latin", "café"), ("x-api-key", "second")])
+        self.assertEqual((head.header("X-API-KEY"), head.header("nope", "dflt")), ("k1", "dflt"))
+
+    def test_leading_empty_lines_are_ignored(self):
+        head = proxy.parse_request_head(b"\r\n\r\nGET /v1/models HTTP/1.0\r\nHost: x\r\n\r\n")
+        self.assertEqual((head.method, head.path, head.version, head.headers),
+                         ("GET", "/v1/models", "HTTP/1.0", [("host", "x")]))
+
+    def test_bad_request_line_version_method_and_target_are_400(self):
+        table = {
+            "Empty request line.": [b"", b"\r\n\r\n"],
+            "Malformed request line.": [b"GET /", b"GET  / HTTP/1.1", b"GET / HTTP/1.1 x"],
+            "Unsupported HTTP version.": [b"GET / HTTP/2.0", b"GET / HTTP/1", b"GET / http/1.1",
+                                          b"GET / HTTP/1.1x", b"GET / HTTP/0.9"],
+            "Malformed method.": [b"G(T / HTTP/1.1", b"GE\x01T / HTTP/1.1", b"G\xc9T / HTTP/1.1"],
+            "Malformed request target.": [b"GET http://h/ HTTP/1.1", b"OPTIONS * HTTP/1.1",
+                                          b"GET /a\x7fb HTTP/1.1"],
+        }
+        for message, lines in table.items():
+            for line in lines:
+                with self.subTest(line=line):
+                    self.assertProxyError(INV, proxy.parse_request_head, line + b"\r\n\r\n",
+                                          message=message)
+
+    def test_folded_malformed_and_control_char_header_lines_are_400(self):
+        table = {
+            "Obsolete header line folding is not accepted.": [
+                (b"X: a", b"  b"), (b"X: a", b"\tb"), (b" X: a",)],
+            "Malformed header line.": [(b"No colon",), (b"X : a",), (b": a",), (b"X(y): a",)],
+            "Control character in a header value.": [
+                (b"X: a\x00b",), (b"X: a\x1bb",), (b"X: a\x7fb",), (b"X: a\nb",)],
+        }
+        for message, cases in table.items():
+            for lines in cases:
+                with self.subTest(lines=lines):
+                    self.assertProxyError(INV, proxy.parse_request_head, raw_head(*lines),
+                                          message=message)
+
+    def test_too_many_headers_is_431(self):
+        limit, too_large = proxy.MAX_HEADER_COUNT, (proxy.HeadersTooLarge, 431,
+                                                    "invalid_request_error")
+        ok = proxy.parse_request_head(raw_head(*[b"X-%d: v" % i for i in range(limit)]))
+        self.assertEqual(len(ok.headers), limit)
+        self.assertProxyError(too_large, proxy.parse_request_head,
+                              raw_head(*[b"X-%d: v" % i for i in range(limit + 1)]),
+                              message=f"More than {limit} header fields.")
+
+    def test_over_long_request_line_is_431(self):
+        at_limit = b"GET /" + b"a" * (proxy.MAX_REQUEST_LINE - 14) + b" HTTP/1.1"
+        self.assertEqual(len(at_limit), proxy.MAX_REQUEST_LINE)
+        self.assertEqual(proxy.parse_request_head(at_limit + b"\r\n\r\n").method, "GET")
+        self.assertProxyError((proxy.HeadersTooLarge, 431, "invalid_request_error"),
+                              proxy.parse_request_head, b"GET /a" + at_limit[5:] + b"\r\n\r\n",
+                              message="Request line too long.")
+
+    def test_keep_alive_by_version_and_connection_header(self):
+        table = [("HTTP/1.1", None, True), ("HTTP/1.1", "close", False),
+                 ("HTTP/1.1", "Keep-Alive, Close", False), ("HTTP/1.1", "keep-alive", True),
+                 ("HTTP/1.1", "upgrade", True), ("HTTP/1.0", None, False),
+                 ("HTTP/1.0", "keep-alive", True), ("HTTP/1.0", "Upgrade, Keep-Alive", True),
+                 ("HTTP/1.0", "close", False)]
+        for version, connection, expected in table:
+            with self.subTest(version=version, connection=connection):
+                fields = [f"Connection: {connection}"] if connection else []
+                self.assertIs(head_with(*fields, version=version).keep_alive, expected)
+
+    def test_body_length_valid_framings(self):
+        table = [((), 0), (("Content-Length: 42",), 42), (("Content-Length: 0",), 0),
+                 (("Content-Length:  7 ",), 7), (("Content-Length: 5", "Content-Length: 5"), 5),
+                 (("Content-Length: 5, 5",), 5), (("Transfer-Encoding: chunked",), None),
+                 (("Transfer-Encoding: Chunked",), None)]
+        for fields, expected in table:
+            with self.subTest(fields=fields):
+                self.assertEqual(proxy.body_length(head_with(*fields)), expected)
+
+    def test_content_length_and_transfer_encoding_together_is_400(self):
+        for fields in (("Transfer-Encoding: chunked", "Content-Length: 5"),
+                       ("Content-Length: 5", "Transfer-Encoding: chunked")):
+            with self.subTest(fields=fields):
+                self.assertProxyError(INV, proxy.body_length, head_with(*fields),
+                                      message="Both Transfer-Encoding and Content-Length "
+                                              "are present.")
+
+    def test_transfer_encoding_other_than_chunked_is_400(self):
+        for fields in (("Transfer-Encoding: gzip",), ("Transfer-Encoding: gzip, chunked",),
+                       ("Transfer-Encoding: identity",),
+                       ("Transfer-Encoding: chunked", "Transfer-Encoding: chunked")):
+            with self.subTest(fields=fields):
+                self.assertProxyError(INV, proxy.body_length, head_with(*fields),
+                                      message="Only Transfer-Encoding: chunked is supported.")
+
+    def test_bad_or_differing_content_lengths_are_400(self):
+        for values in (["5", "6"], ["5, 6"], ["abc"], ["-1"], ["+5"], [""], ["0x10"], ["1e3"],
+                       ["5,"], ["1 2"]):
+            with self.subTest(values=values):
+                head = head_with(*[f"Content-Length: {v}" for v in values])
+                self.assertProxyError(INV, proxy.body_length, head,
+                                      message="Invalid Content-Length.")
+
+    def test_content_length_with_superscript_digit_is_400(self):
+        head = proxy.parse_request_head(raw_head(b"Content-Length: \xb2"))
+        self.assertProxyError(INV, proxy.body_length, head, message="Invalid Content-Length.")
+
+    CHUNKED = (b"5\r\nhello\r\n6;ext=1;q=\"x\"\r\n world\r\nA\r\n0123456789\r\n"
+               b"0\r\nX-Trailer: t\r\n\r\n")
+    NEXT = b"GET /v1/models HTTP/1.1\r\n\r\n"
+
+    def test_chunked_decoder_whole_and_one_byte_at_a_time_keeps_pipelined_leftover(self):
+        data = self.CHUNKED + self.NEXT      # chunk extensions, a trailer, then a next request
+        for step in (len(data), 1):
+            with self.subTest(step=step):
+                dec, out = proxy.ChunkedDecoder(max_bytes=1000), bytearray()
+                for i in range(0, len(data), step):
+                    out += dec.feed(data[i:i + step])
+                    self.assertEqual(dec.done, i + step >= len(self.CHUNKED), i)
+                self.assertEqual((bytes(out), dec.size, dec.leftover),
+                                 (b"hello world0123456789", 21, self.NEXT))
+
+    def test_chunked_decoder_partial_input_is_not_done(self):
+        dec = proxy.ChunkedDecoder(max_bytes=1000)
+        self.assertEqual((dec.feed(b"5\r\nhel"), dec.done), (b"hel", False))
+        self.assertEqual((dec.feed(b"lo\r\n0\r\n"), dec.done), (b"lo", False))   # no blank line
+        self.assertEqual((dec.feed(b"\r\n"), dec.done, dec.leftover), (b"", True, b""))
+
+    def test_chunked_decoder_bad_framing_is_400(self):
+        table = {"Malformed chunk size.": [b"zz\r\n", b"\r\n", b"-1\r\n", b"0x5\r\n",
+                                           b";ext\r\n", b"1" * 17 + b"\r\n"],
+                 "Malformed chunk: data longer than its size.": [b"3\r\nabcd\r\n0\r\n\r\n"],
+                 "Chunk line too long.": [b"1" * (proxy.MAX_REQUEST_LINE + 1)]}
+        for message, cases in table.items():
+            for data in cases:
+                for step in (len(data), 1):          # all at once, then one byte at a time
+                    with self.subTest(data=data[:24], step=step):
+                        dec = proxy.ChunkedDecoder(max_bytes=10 ** 20)
+                        pieces = [data[i:i + step] for i in range(0, len(data), step)]
+                        self.assertProxyError(INV, lambda: [dec.feed(p) for p in pieces],
+                                              message=message)
+
+    def test_chunked_decoder_over_max_bytes_is_413(self):
+        ok = proxy.ChunkedDecoder(max_bytes=10)
+        self.assertEqual(ok.feed(b"6\r\nabcdef\r\n4\r\nghij\r\n0\r\n\r\n"), b"abcdefghij")
+        dec = proxy.ChunkedDecoder(max_bytes=10)
+        self.assertEqual(dec.feed(b"6\r\nabcdef\r\n"), b"abcdef")
+        self.assertProxyError((proxy.RequestTooLarge, 413, "request_too_large"), dec.feed,
+                              b"5\r\n", message="Request body exceeds 10 bytes.")
+
+    def test_encode_response_head(self):
+        table = [(200, [("content-type", "application/json"), ("content-length", "2")],
+                  b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                  b"content-length: 2\r\n\r\n"),
+                 (529, [("retry-after", "5")],
+                  b"HTTP/1.1 529 Overloaded\r\nretry-after: 5\r\n\r\n"),
+                 (431, [], b"HTTP/1.1 431 Request Header Fields Too Large\r\n\r\n"),
+                 (299, [], b"HTTP/1.1 299 Status\r\n\r\n")]
+        for status, headers, expected in table:
+            with self.subTest(status=status):
+                self.assertEqual(proxy.encode_response_head(status, headers), expected)
+
+    def test_encode_chunk(self):
+        for data, expected in [(b"hello", b"5\r\nhello\r\n"), (b"", b"0\r\n\r\n"),
+                               (b"x" * 16, b"10\r\n" + b"x" * 16 + b"\r\n")]:
+            with self.subTest(data=data):
+                self.assertEqual(proxy.encode_chunk(data), expected)
+
+
+# =============================================================================
+# 4. SSE
+# =============================================================================
+
+class SseTest(unittest.TestCase):
+    def test_encode_sse_with_and_without_event_name(self):
+        table = [
+            (({"type": "ping"}, "ping"), b'event: ping\ndata: {"type":"ping"}\n\n'),
+            (({"a": 1, "b": [1, 2]},), b'data: {"a":1,"b":[1,2]}\n\n'),
+            (("[DONE]",), b"data: [DONE]\n\n"),
+            (({"t": "line\nbreak"}, "x"), b'event: x\ndata: {"t":"line\\nbreak"}\n\n'),
+            (({"t": "h\u00e9llo \u65e5\u672c \U0001f600"}, "content_block_delta"),
+             'event: content_block_delta\ndata: {"t":"h\u00e9llo \u65e5\u672c \U0001f600"}\n\n'
+             .encode("utf-8")),            # unicode kept as UTF-8, not \\u escapes
+        ]
+        for args, expected in table:
+            with self.subTest(args=args):
+                self.assertEqual(proxy.encode_sse(*args), expected)
+
+
+# =============================================================================
+# 5. Auth and models
+# =============================================================================
+
+class AuthAndModelsTest(PureAssertions, unittest.TestCase):
+    def test_request_api_key(self):
+        table = [((), None), ((b"X-Api-Key: k1",), "k1"), ((b"Authorization: Bearer k2",), "k2"),
+                 ((b"authorization: bearer  k2 ",), "k2"),
+                 ((b"X-Api-Key: k1", b"Authorization: Bearer k2"), "k1"),
+                 ((b"X-Api-Key:", b"Authorization: Bearer k2"), "k2"),
+                 ((b"Authorization: Bearer",), None), ((b"Authorization: Basic k3",), None)]
+        for lines, expected in table:
+            with self.subTest(lines=lines):
+                head = proxy.parse_request_head(raw_head(*lines))
+                self.assertEqual(proxy.request_api_key(head), expected)
+
+    def test_check_api_key(self):
+        missing = "Missing API key: send it as x-api-key or Authorization: Bearer."
+        table = [  # header lines, configured key, expected 401 message or None
+            ((b"X-Api-Key: sekret",), "sekret", None),
+            ((b"Authorization: Bearer sekret",), "sekret", None),
+            ((b"Authorization: bearer sekret",), "sekret", None),
+            ((b"X-Api-Key: wrong",), "sekret", "Invalid API key."),
+            ((b"X-Api-Key: SEKRET",), "sekret", "Invalid API key."),
+            ((b"Authorization: Bearer wrong",), "sekret", "Invalid API key."),
+            ((), "sekret", missing), ((b"Authorization: Basic sekret",), "sekret", missing),
+            ((), None, None), ((b"X-Api-Key: anything",), None, None)]
+        for lines, expected_key, message in table:
+            with self.subTest(lines=lines, expected=expected_key):
+                head = proxy.parse_request_head(raw_head(*lines))
+                if message is None:
+                    self.assertIsNone(proxy.check_api_key(head, expected_key))
+                else:
+                    self.assertProxyError(
+                        (proxy.AuthenticationFailed, 401, "authentication_error"),
+                        proxy.check_api_key, head, expected_key, message=message)
+
+    def test_resolve_model(self):
+        table = [("claude-opus-4-1-20250805", "sonnet", "claude-opus-4-1-20250805"),
+                 ("claude-sonnet-4-5", "sonnet", "claude-sonnet-4-5"),
+                 ("claude-3-5-haiku-latest", "sonnet", "claude-3-5-haiku-latest"),
+                 ("claude-sonnet-4-5[1m]", "sonnet", "claude-sonnet-4-5[1m]"),
+                 ("  claude-sonnet-4-5 ", "sonnet", "claude-sonnet-4-5"),
+                 ("gpt-4o", "sonnet", "sonnet"), ("gpt-4o", "opus", "opus"),
+                 ("claude-instant-1", "haiku", "haiku"), ("my-opus-thing", "sonnet", "opus"),
+                 ("HAIKU", "sonnet", "haiku"), ("sonnet", "opus", "sonnet")]
+        for requested, default, expected in table:
+            with self.subTest(requested=requested, default=default):
+                self.assertEqual(proxy.resolve_model(requested, default), expected)
+
+    def test_models_list_shape(self):
+        page = proxy.models_list()
+        self.assertEqual(set(page), {"object", "data", "has_more", "first_id", "last_id"})
+        self.assertEqual((page["object"], page["has_more"], page["first_id"], page["last_id"]),
+                         ("list", False, page["data"][0]["id"], page["data"][-1]["id"]))
+        self.assertEqual(len(page["data"]), len(proxy.MODEL_LIST))
+        for entry, (model_id, name, created_at) in zip(page["data"], proxy.MODEL_LIST):
+            with self.subTest(model=model_id):
+                created = int(dt.datetime.fromisoformat(created_at.replace("Z", "+00:00"))
+                              .timestamp())
+                self.assertEqual(entry, {"type": "model", "id": model_id, "display_name": name,
+                                         "created_at": created_at, "object": "model",
+                                         "created": created, "owned_by": "anthropic"})
+
+    def test_model_lookup_listed_and_pass_through_ids(self):
+        listed = proxy.models_list()["data"][-1]
+        self.assertEqual(proxy.model_lookup(listed["id"]), listed)
+        self.assertEqual(proxy.model_lookup("claude-opus-4-1-20250805"), {
+            "type": "model", "id": "claude-opus-4-1-20250805",
+            "display_name": "claude-opus-4-1-20250805", "created_at": "1970-01-01T00:00:00Z",
+            "object": "model", "created": 0, "owned_by": "anthropic"})
+
+    def test_model_lookup_unknown_is_404(self):
+        for model_id in ("gpt-4o", "claude-instant-1", "opus", ""):
+            with self.subTest(model_id=model_id):
+                self.assertProxyError((proxy.NotFound, 404, "not_found_error"),
+                                      proxy.model_lookup, model_id, message=f"model: {model_id}")
+
+
+# =============================================================================
+# 6. Anthropic translation
+# =============================================================================
+
+def valid_body(**changes) -> dict:
+    """A valid Messages request; a change to `...` deletes that key."""
+    body = {"model": "claude-sonnet-4-5", "max_tokens": 4096,
+            "messages": [{"role": "user", "content": "hi"},
+                         {"role": "assistant", "content": [{"type": "text", "text": "hello"}]},
+                         {"role": "user", "content": [{"type": "text", "text": "again"}]}]}
+    return {k: v for k, v in {**body, **changes}.items() if v is not ...}
+
+
+SID = "12345678-1234-5678-1234-567812345678"
+NOW = dt.datetime(2025, 1, 2, 3, 4, 5, 678901, tzinfo=dt.timezone.utc)
+U, A = "user", "assistant"
+
+
+class AnthropicTranslationTest(PureAssertions, unittest.TestCase):
+    def test_valid_request_becomes_a_turn(self):
+        thinking = {"type": "enabled", "budget_tokens": 1024}
+        body = valid_body(system=[{"type": "text", "text": "A"}, {"type": "text", "text": "B"}],
+                          temperature=0.5, top_p=0.9, top_k=40, stop_sequences=["END"],
+                          thinking=thinking, service_tier="auto", stream=True,
+                          metadata={"user_id": "u"}, tools=[], mcp_servers=[])
+        before = copy.deepcopy(body)
+        turn = proxy.messages_request_to_turn(body, "haiku", caller="tester")
+        self.assertEqual(body, before)
+        self.assertEqual((turn.model, turn.system, turn.stream, turn.caller, turn.history),
+                         ("claude-sonnet-4-5", "A\n\nB", True, "tester", body["messages"][:2]))
+        self.assertEqual(turn.prompt, {"role": U, "content": [{"type": "text", "text": "again"}]})
+        self.assertEqual(turn.params, {"max_tokens": 4096, "temperature": 0.5, "top_p": 0.9,
+                                       "top_k": 40, "stop_sequences": ["END"],
+                                       "thinking": thinking, "service_tier": "auto"})
+
+    def test_turn_defaults_model_mapping_and_string_system(self):
+        turn = proxy.messages_request_to_turn(
+            valid_body(model="gpt-4o", system="Be brief.", temperature=None,
+                       messages=[{"role": "user", "content": "only"}]), "opus")
+        self.assertEqual((turn.model, turn.system, turn.history, turn.prompt, turn.params,
+                          turn.stream, turn.caller),
+                         ("opus", "Be brief.", [], {"role": "user", "content": "only"},
+                          {"max_tokens": 4096}, False, ""))
+        self.assertEqual(proxy.messages_request_to_turn(valid_body(), "sonnet").system, "")
+
+    def test_thinking_disabled_is_not_carried(self):
+        body = valid_body(thinking={"type": "disabled"})
+        self.assertEqual(proxy.messages_request_to_turn(body, "s").params, {"max_tokens": 4096})
+        self.assertEqual(body["thinking"], {"type": "disabled"})
+        adaptive = proxy.messages_request_to_turn(valid_body(thinking={"type": "adaptive"}), "s")
+        self.assertEqual(adaptive.params["thinking"], {"type": "adaptive"})
+
+    def test_invalid_requests_are_400_naming_the_field(self):
+        def msgs(*pairs):
+            return {"messages": [{"role": r, "content": c} for r, c in pairs]}
+        tool_use = {"type": "tool_use", "id": "t", "name": "n", "input": {}}
+        table = [
+            ({"model": ...}, "model: required, a string."), ({"model": "  "}, "model: required"),
+            ({"model": 5}, "model: required"),
+            ({"messages": ...}, "messages: required, a non-empty list."),
+            ({"messages": []}, "messages: required"), ({"messages": "hi"}, "messages: required"),
+            ({"messages": ["hi"]}, "messages.0: must be an object."),
+            (msgs(("system", "x")), "messages.0.role: must be 'user' or 'assistant'."),
+            ({"messages": [{"role": U}]}, "messages.0.content: required."),
+            (msgs((U, 5)), "messages.0.content: must be a string or a list of content blocks."),
+            (msgs((U, [tool_use])),
+             "messages.0.content.0.type: 'tool_use' is not a valid block in a message with role 'user'."),
+            (msgs((A, [{"type": "image"}]), (U, "x")), "messages.0.content.0.type: 'image'"),
+            (msgs((U, ["text"])), "messages.0.content.0: must be an object with a type."),
+            (msgs((U, [{"type": "text"}])), "messages.0.content.0.text: must be a string."),
+            (msgs((U, [{"type": "image", "source": {"type": "ftp"}}])),
+             "messages.0.content.0.source:"),
+            (msgs((U, "q"), (A, "The")), "messages: the last message must have role 'user'"),
+            ({"max_tokens": ...}, "max_tokens: required, an integer of at least 1."),
+            ({"max_tokens": 0}, "max_tokens: required"), ({"max_tokens": 1.5}, "max_tokens:"),
+            ({"max_tokens": True}, "max_tokens:"), ({"max_tokens": "10"}, "max_tokens:"),
+            ({"temperature": 2}, "temperature: must be a number between 0 and 1."),
+            ({"temperature": -0.1}, "temperature:"), ({"temperature": "0.5"}, "temperature:"),
+            ({"temperature": True}, "temperature:"), ({"top_p": 1.5}, "top_p:"),
+            ({"top_k": -1}, "top_k:"), ({"top_k": 1.5}, "top_k:"),
+            ({"stop_sequences": "END"}, "stop_sequences:"), ({"stop_sequences": [""]}, "stop_seq"),
+            ({"stream": "true"}, "stream: must be a boolean."), ({"stream": 1}, "stream:"),
+            ({"thinking": {"type": "on"}}, "thinking.type:"), ({"thinking": "on"}, "thinking.typ"),
+            ({"thinking": {"type": "enabled", "budget_tokens": 1023}},
+             "thinking.budget_tokens: an integer of at least 1024."),
+            ({"thinking": {"type": "enabled"}}, "thinking.budget_tokens:"),
+            ({"thinking": {"type": "enabled", "budget_tokens": 4096}},
+             "max_tokens: must be greater than thinking.budget_tokens."),
+            ({"system": [{"type": "image"}]}, "system.0: must be a text block."),
+            ({"system": [{"type": "text", "text": "a"}, {"type": "text"}]}, "system.1: must be"),
+            ({"system": 5}, "system: must be a string or a list of text blocks."),
+            ({"tools": [{"name": "get_weather", "input_schema": {"type": "object"}}]},
+             "tools: client tools are not supported by this proxy yet."),
+            ({"metadata": "x"}, "metadata: must be an object."),
+            ({"service_tier": "priority"}, "service_tier:")]
+        for changes, prefix in table:
+            with self.subTest(changes=changes):
+                self.assertProxyError(INV, proxy.messages_request_to_turn, valid_body(**changes),
+                                      "sonnet", prefix=prefix)
+
+    def test_parse_json_body(self):
+        self.assertEqual(proxy.parse_json_body(b'{"a": [1, "\xc3\xa9"]}'), {"a": [1, "é"]})
+        table = [(b"", "Request body is empty; expected a JSON object."),
+                 (b"{", "Request body is not valid JSON"),
+                 (b"\xff\xfe\xfa", "Request body is not valid JSON"),
+                 (b"[1, 2]", "Request body must be a JSON object."),
+                 (b'"x"', "Request body must be a JSON object."),
+                 (b"null", "Request body must be a JSON object.")]
+        for data, prefix in table:
+            with self.subTest(data=data):
+                self.assertProxyError(INV, proxy.parse_json_body, data, prefix=prefix)
+
+    HISTORY = [
+        {"role": U, "content": [{"type": "image", "source": {
+            "type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}},
+            {"type": "text", "text": "what is this?"}]},
+        {"role": A, "content": [
+            {"type": "thinking", "thinking": "hmm", "signature": "sig=="},
+            {"type": "tool_use", "id": "toolu_1", "name": "look", "input": {"q": 1}}]},
+        {"role": U, "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
+                                 "content": "a cat"}]},
+        {"role": A, "content": "A cat."},
+        {"role": U, "content": "thanks"}]
+
+    def test_transcript_entries(self):
+        entries = proxy.transcript_entries(self.HISTORY, SID, "/tmp/w", NOW, "claude-x")
+        self.assertEqual(len(entries), len(self.HISTORY))
+        ids = [str(uuid.uuid5(uuid.UUID(SID), str(i))) for i in range(len(self.HISTORY))]
+        for i, (entry, message) in enumerate(zip(entries, self.HISTORY)):
+            with self.subTest(index=i):
+                self.assertEqual({k: v for k, v in entry.items() if k != "message"}, {
+                    "type": message["role"], "uuid": ids[i],
+                    "parentUuid": ids[i - 1] if i else None, "sessionId": SID,
+                    "timestamp": "2025-01-02T03:04:05.678Z", "cwd": "/tmp/w",
+                    "isSidechain": False, "userType": "external"})
+                payload = entry["message"]
+                if message["role"] == U:
+                    self.assertEqual(payload, {"role": U, "content": message["content"]})
+                else:
+                    self.assertEqual({k: v for k, v in payload.items() if k != "content"}, {
+                        "id": "msg_" + ids[i].replace("-", "")[:24], "type": "message",
+                        "role": A, "model": "claude-x", "stop_reason": "end_turn",
+                        "stop_sequence": None, "usage": {"input_tokens": 0, "output_tokens": 0}})
+        self.assertEqual(entries[1]["message"]["content"], self.HISTORY[1]["content"])
+        self.assertEqual(entries[3]["message"]["content"], [{"type": "text", "text": "A cat."}])
+
+    def test_transcript_entries_are_deterministic_and_utc(self):
+        def entries(history=self.HISTORY, sid=SID, now=NOW):
+            return proxy.transcript_entries(history, sid, "/w", now, "m")
+        self.assertEqual(entries(), entries())
+        other = entries(sid=str(uuid.uuid4()))
+        self.assertTrue({e["uuid"] for e in entries()}.isdisjoint(e["uuid"] for e in other))
+        later = dt.datetime(2025, 1, 2, 5, 4, 5, tzinfo=dt.timezone(dt.timedelta(hours=2)))
+        self.assertEqual(entries(self.HISTORY[:1], now=later)[0]["timestamp"],
+                         "2025-01-02T03:04:05.000Z")
+        self.assertEqual(entries([]), [])
+
+    @staticmethod
+    def assemble(events):
+        assembler = proxy.MessageAssembler()
+        for event in events:
+            assembler.feed(event)
+        return assembler.message
+
+    def test_message_assembler_folds_a_full_stream(self):
+        def delta(i, **d):
+            return {"type": "content_block_delta", "index": i, "delta": d}
+
+        def block(i, **b):
+            return [{"type": "content_block_start", "index": i, "content_block": b}]
+
+        def stop(i):
+            return [{"type": "content_block_stop", "index": i}]
+        events = [
+            {"type": "ping"}, delta(0, type="text_delta", text="early"),   # before start: ignored
+            {"type": "message_start", "message": {
+                "id": "msg_1", "type": "message", "role": A, "model": "claude-x", "content": [],
+                "stop_reason": None, "stop_sequence": None,
+                "usage": {"input_tokens": 10, "output_tokens": 1}}},
+            *block(0, type="thinking", thinking="", signature=""),
+            delta(0, type="thinking_delta", thinking="Let me "),
+            delta(0, type="thinking_delta", thinking="think."),
+            delta(0, type="signature_delta", signature="sig"),
+            delta(0, type="signature_delta", signature="ABC"), *stop(0),
+            *block(1, type="text", text=""), delta(1, type="text_delta", text="Hel"),
+            delta(1, type="text_delta", text="lo"), *stop(1),
+            *block(2, type="tool_use", id="toolu_1", name="get", input={}),
+            delta(2, type="input_json_delta", partial_json=""),
+            delta(2, type="input_json_delta", partial_json='{"ci'),
+            delta(2, type="input_json_delta", partial_json='ty": "Paris"}'), *stop(2),
+            *block(3, type="tool_use", id="toolu_2", name="now", input={}), *stop(3),
+            {"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": None},
+             "usage": {"output_tokens": 42, "cache_read_input_tokens": None}},
+            {"type": "message_stop"}]
+        self.assertEqual(self.assemble(events), {
+            "id": "msg_1", "type": "message", "role": A, "model": "claude-x",
+            "content": [{"type": "thinking", "thinking": "Let me think.", "signature": "sigABC"},
+                        {"type": "text", "text": "Hello"},
+                        {"type": "tool_use", "id": "toolu_1", "name": "get",
+                         "input": {"city": "Paris"}},
+                        {"type": "tool_use", "id": "toolu_2", "name": "now", "input": {}}],
+            "stop_reason": "tool_use", "stop_sequence": None,
+            "usage": {"input_tokens": 10, "output_tokens": 42}})
+
+    def test_message_assembler_stop_sequence_and_events_before_start(self):
+        early = {"type": "message_delta", "delta": {"stop_reason": "x"}}
+        self.assertIsNone(self.assemble([{"type": "ping"}, early]))
+        start = {"type": "message_start", "message": {"id": "m", "content": [],
+                                                      "usage": {"input_tokens": 3}}}
+        message = self.assemble([start, {
+            "type": "message_delta", "usage": {"output_tokens": 2},
+            "delta": {"stop_reason": "stop_sequence", "stop_sequence": "END"}}])
+        self.assertEqual((message["stop_reason"], message["stop_sequence"], message["usage"]),
+                         ("stop_sequence", "END", {"input_tokens": 3, "output_tokens": 2}))
+        self.assertEqual(start["message"]["usage"], {"input_tokens": 3})    # not mutated
+
+    def test_image_size_of_real_headers(self):
+        table = [(png_bytes(3, 2), (3, 2)), (gif_bytes(5, 7), (5, 7)),
+                 (jpeg_bytes(640, 480), (640, 480)), (jpeg_bytes(33, 17, 0xC2), (33, 17)),
+                 (webp_bytes(1000, 600, b"VP8X"), (1000, 600)),
+                 (webp_bytes(300, 200, b"VP8L"), (300, 200)),
+                 (webp_bytes(123, 45, b"VP8 "), (123, 45)),
+                 (b"not an image at all, no magic", None), (png_bytes(3, 2)[:20], None),
+                 (b"\xff\xd8\x00\x00" + b"\x00" * 20, None), (b"", None)]
+        for data, expected in table:
+            with self.subTest(data=data[:16]):
+                self.assertEqual(proxy.image_size(data), expected)
+
+    def test_image_tokens(self):
+        table = [((1000, 1000), math.ceil(1000 * 1000 / 750)), ((200, 200), 54), ((1, 1), 1),
+                 ((0, 0), 1), ((4000, 4000), 1534),      # scaled down to ~1.15 MP
+                 ((3000, 500), 547), ((1568, 300), 628)]  # long edge fitted to 1568 px
+        for size, expected in table:
+            with self.subTest(size=size):
+                self.assertEqual(proxy.image_tokens(*size), expected)
+        self.assertLessEqual(proxy.image_tokens(10000, 10000), proxy.IMAGE_URL_TOKENS)
+
+    def test_estimate_text_tokens(self):
+        for text, expected in [("", 0), ("hello world", 2), ("internationalization", 4),
+                               ("12345", 2), ("a, b.", 4), ("\u65e5\u672c\u8a9e", 3)]:
+            with self.subTest(text=text):
+                self.assertEqual(proxy.estimate_text_tokens(text), expected)
+
+    def test_estimate_tokens_grows_with_text_images_and_tools(self):
+        def body(content, **extra):
+            return {"model": "m", "messages": [{"role": U, "content": content}], **extra}
+        short = proxy.estimate_tokens(body("hello there"))
+        self.assertEqual(short, proxy.MESSAGE_OVERHEAD_TOKENS + 2)
+        self.assertGreater(proxy.estimate_tokens(body("hello there " * 50)), short)
+        self.assertEqual(proxy.estimate_tokens({}), 1)
+        self.assertEqual(proxy.estimate_tokens(body("hi", system="Be brief.")),
+                         proxy.estimate_tokens(body("hi")) + 3)
+        text = [{"type": "text", "text": "hello there"}]
+        png = base64.b64encode(png_bytes(1000, 1000)).decode()
+        image = {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                             "data": png}}
+        self.assertEqual(proxy.estimate_tokens(body(text + [image])) - short, 1334)
+        url = {"type": "image", "source": {"type": "url", "url": "https://x/y.png"}}
+        self.assertEqual(proxy.estimate_tokens(body(text + [url])) - short, proxy.IMAGE_URL_TOKENS)
+        tools = [{"name": "get_weather", "description": "Weather for a city.",
+                  "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}]
+        self.assertGreater(proxy.estimate_tokens(body("hello there", tools=tools)) - short,
+                           proxy.TOOLS_OVERHEAD_TOKENS)
+
+    def test_check_count_tokens_request(self):
+        ok = {"model": "claude-sonnet-4-5", "messages": [{"role": U, "content": "hi"}],
+              "system": "s", "tools": [{"name": "t"}]}
+        self.assertIsNone(proxy.check_count_tokens_request(ok))     # no max_tokens needed
+        table = [({"model": ...}, "model: required, a string."), ({"model": ""}, "model:"),
+                 ({"messages": ...}, "messages: required, a list."),
+                 ({"messages": "hi"}, "messages: required, a list."),
+                 ({"messages": ["hi"]}, "messages.0.role:"),
+                 ({"messages": [{"role": "system", "content": "x"}]}, "messages.0.role:"),
+                 ({"messages": [{"role": U, "content": 5}]}, "messages.0.content:"),
+                 ({"messages": [{"role": U}]}, "messages.0.content:"),
+                 ({"messages": [{"role": U, "content": [{"type": "bogus"}]}]},
+                  "messages.0.content.0.type:"),
+                 ({"system": 5}, "system: must be a string or a list of text blocks."),
+                 ({"system": [{"type": "image"}]}, "system.0: must be a text block."),
+                 ({"tools": {}}, "tools: must be a list.")]
+        for changes, prefix in table:
+            body = {k: v for k, v in {**ok, **changes}.items() if v is not ...}
+            with self.subTest(changes=changes):
+                self.assertProxyError(INV, proxy.check_count_tokens_request, body, prefix=prefix)
+
+
+if __name__ == "__main__":
+    unittest.main()
 
 
 # =============================================================================
@@ -641,6 +1390,253 @@ class StreamPacingTest(unittest.TestCase):
         self.assertEqual(events[0], "ping", "the head and a ping go out before the first event")
         self.assertIn("message_start", events)
         self.assertEqual(events[-1], "message_stop")
+
+
+
+class AuthTest(ApiAssertions, unittest.TestCase):
+    KEY = "proxy-secret-key-for-tests"
+
+    @classmethod
+    def setUpClass(cls):
+        cls.proxy = ProxyThread(api_key=cls.KEY)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.proxy.stop()
+
+    def test_missing_or_wrong_key_is_401_and_reaches_nothing(self):
+        UPSTREAM.clear()
+        for key in ("wrong-key", "x" + self.KEY):
+            with self.subTest(key=key):
+                with self.assertRaises(anthropic.AuthenticationError) as caught:
+                    self.proxy.client(api_key=key).models.list()
+                self.assertApiError(caught.exception, 401, "authentication_error")
+        raw = raw_exchange(self.proxy.port, b"POST /v1/messages HTTP/1.1\r\nhost: x\r\n"
+                                            b"content-length: 2\r\n\r\n{}")
+        self.assertTrue(raw.startswith(b"HTTP/1.1 401 "), raw[:40])
+        self.assertEqual(UPSTREAM.messages_requests(), [])
+
+    def test_key_as_x_api_key_or_bearer_is_accepted(self):
+        self.assertTrue(list(self.proxy.client(api_key=self.KEY).models.list()))
+        bearer = anthropic.Anthropic(base_url=self.proxy.url, auth_token=self.KEY,
+                                     max_retries=0)
+        self.assertTrue(list(bearer.models.list()))
+
+    def test_health_is_public(self):
+        raw = raw_exchange(self.proxy.port, b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        self.assertTrue(raw.startswith(b"HTTP/1.1 200 "))
+        self.assertNotIn(self.KEY.encode(), raw)
+
+
+class LifecycleTest(ApiAssertions, unittest.TestCase):
+    """The concurrency cap, timeouts, disconnects and shutdown, each on its own proxy."""
+
+    def setUp(self):
+        UPSTREAM.clear()
+        UPSTREAM.release.clear()
+
+    def tearDown(self):
+        UPSTREAM.release.set()
+
+    def test_queue_full_is_529_with_retry_after_and_upstream_never_sees_more(self):
+        server = ProxyThread(max_concurrent=1, queue_timeout_s=0.3)
+        self.addCleanup(server.stop)
+        client = server.client()
+        holder = threading.Thread(target=lambda: client.messages.create(
+            model="claude-sonnet-5-5", max_tokens=10,
+            messages=[{"role": "user", "content": "[[hang]]"}]))
+        holder.start()
+        self.assertTrue(UPSTREAM.hanging.wait(15))
+        with self.assertRaises(anthropic.InternalServerError) as caught:
+            client.messages.create(model="claude-sonnet-5-5", max_tokens=10,
+                                   messages=[{"role": "user", "content": "second"}])
+        self.assertApiError(caught.exception, 529, "overloaded_error")
+        self.assertGreaterEqual(int(caught.exception.response.headers["retry-after"]), 1)
+        UPSTREAM.release.set()
+        holder.join(15)
+        message = client.messages.create(model="claude-sonnet-5-5", max_tokens=10,
+                                         messages=[{"role": "user", "content": "third"}])
+        self.assertEqual(message.content[0].text, UPSTREAM_TEXT, "the slot came back")
+        self.assertEqual(UPSTREAM.max_in_flight, 1)
+
+    def test_request_timeout_is_504_and_stops_the_cli(self):
+        server = ProxyThread(timeout_s=1.0)
+        self.addCleanup(server.stop)
+        with self.assertRaises(anthropic.APIStatusError) as caught:
+            server.client().messages.create(
+                model="claude-sonnet-5-5", max_tokens=10,
+                messages=[{"role": "user", "content": "[[hang]]"}])
+        self.assertApiError(caught.exception, 504, "timeout_error")
+        self.assertTrue(UPSTREAM.cut.wait(15), "the upstream call was cut")
+        self.assertTrue(wait_until(lambda: not cli_children()), cli_children())
+
+    def test_client_disconnect_cuts_the_upstream_and_stops_the_cli(self):
+        server = ProxyThread()
+        self.addCleanup(server.stop)
+        body = json.dumps({"model": "claude-sonnet-5-5", "max_tokens": 10, "stream": True,
+                           "messages": [{"role": "user", "content": "[[hang]]"}]})
+        sock = socket.create_connection(("127.0.0.1", server.port))
+        sock.sendall(f"POST /v1/messages HTTP/1.1\r\nhost: x\r\ncontent-length: "
+                     f"{len(body)}\r\n\r\n{body}".encode())
+        self.assertTrue(UPSTREAM.hanging.wait(15))
+        self.assertTrue(sock.recv(100).startswith(b"HTTP/1.1 200 "))
+        sock.close()
+        self.assertTrue(UPSTREAM.cut.wait(15), "the upstream call was cut")
+        self.assertTrue(wait_until(lambda: not cli_children()), cli_children())
+
+    def test_sigterm_lets_in_flight_streams_finish_and_exits_zero(self):
+        server = ProxyThread()
+        client = server.client()
+        result = {}
+
+        def stream():
+            with client.messages.stream(model="claude-sonnet-5-5", max_tokens=10,
+                                        messages=[{"role": "user", "content": "[[hang]]"}]) as s:
+                result["message"] = s.get_final_message()
+        streamer = threading.Thread(target=stream)
+        streamer.start()
+        self.assertTrue(UPSTREAM.hanging.wait(15))
+        stopper = threading.Thread(target=lambda: result.update(code=server.stop()))
+        stopper.start()
+        self.assertTrue(wait_until(lambda: not server.thread.is_alive() or
+                                   refused(server.port)), "new connections are refused")
+        UPSTREAM.release.set()
+        streamer.join(15)
+        stopper.join(30)
+        self.assertEqual(result["message"].content[0].text, UPSTREAM_TEXT)
+        self.assertEqual(result["code"], 0)
+        self.assertEqual(cli_children(), [])
+
+    def test_missing_cli_is_503(self):
+        server = ProxyThread(cli_path="/nonexistent/claude")
+        self.addCleanup(server.stop)
+        with self.assertRaises(anthropic.APIStatusError) as caught:
+            server.client().messages.create(model="claude-sonnet-5-5", max_tokens=10,
+                                            messages=[{"role": "user", "content": "hi"}])
+        self.assertApiError(caught.exception, 503, "api_error")
+
+
+class HttpProtocolTest(unittest.TestCase):
+    """Protocol edge cases on raw sockets."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.proxy = ProxyThread(max_body_bytes=1000)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.proxy.stop()
+
+    def exchange(self, data: bytes) -> list[tuple[int, dict, bytes]]:
+        """Send raw bytes; read every response until the server closes."""
+        with socket.create_connection(("127.0.0.1", self.proxy.port), timeout=10) as sock:
+            sock.sendall(data)
+            reader = sock.makefile("rb")
+            responses = []
+            while True:
+                try:
+                    responses.append(read_response(reader))
+                except (IndexError, ValueError):
+                    return responses
+
+    def test_keep_alive_and_pipelined_requests_are_answered_in_order(self):
+        responses = self.exchange(b"GET /v1/models HTTP/1.1\r\nhost: x\r\n\r\n"
+                                  b"GET /v1/models/opus-nope HTTP/1.1\r\nhost: x\r\n\r\n"
+                                  b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        self.assertEqual([status for status, _, _ in responses], [200, 404, 200])
+        self.assertEqual(responses[0][1]["connection"], "keep-alive")
+
+    def test_chunked_request_body_fed_in_pieces(self):
+        body = json.dumps({"model": "claude-sonnet-5-5",
+                           "messages": [{"role": "user", "content": "count me"}]}).encode()
+        chunked = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 7]), body[i:i + 7])
+                           for i in range(0, len(body), 7)) + b"0\r\n\r\n"
+        with socket.create_connection(("127.0.0.1", self.proxy.port), timeout=10) as sock:
+            sock.sendall(b"POST /v1/messages/count_tokens HTTP/1.1\r\nhost: x\r\n"
+                         b"transfer-encoding: chunked\r\nconnection: close\r\n\r\n")
+            for i in range(len(chunked)):
+                sock.sendall(chunked[i:i + 1])
+            status, _, data = read_response(sock.makefile("rb"))
+        self.assertEqual(status, 200, data)
+        self.assertGreater(json.loads(data)["input_tokens"], 0)
+
+    def test_expect_100_continue_gets_continue_then_the_answer(self):
+        body = json.dumps({"model": "claude-sonnet-5-5", "messages": []}).encode()
+        with socket.create_connection(("127.0.0.1", self.proxy.port), timeout=10) as sock:
+            sock.sendall(b"POST /v1/messages/count_tokens HTTP/1.1\r\nhost: x\r\n"
+                         b"expect: 100-continue\r\ncontent-length: %d\r\n\r\n" % len(body))
+            reader = sock.makefile("rb")
+            self.assertEqual(read_response(reader)[0], 100)
+            sock.sendall(body)
+            self.assertEqual(read_response(reader)[0], 200)
+
+    def test_oversized_body_is_413_before_it_is_read(self):
+        with socket.create_connection(("127.0.0.1", self.proxy.port), timeout=10) as sock:
+            sock.sendall(b"POST /v1/messages HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\n"
+                         b"content-length: 5000\r\n\r\n")
+            status, headers, data = read_response(sock.makefile("rb"))
+        self.assertEqual(status, 413)
+        self.assertEqual(json.loads(data)["error"]["type"], "request_too_large")
+        self.assertEqual(headers["connection"], "close")
+
+    def test_malformed_requests_get_api_errors(self):
+        cases = [
+            (b"GARBAGE\r\n\r\n", 400),
+            (b"GET / HTTP/2.0\r\n\r\n", 400),
+            (b"GET / HTTP/1.1\r\nbad header\r\n\r\n", 400),
+            (b"POST /v1/messages HTTP/1.1\r\ncontent-length: 1\r\n"
+             b"transfer-encoding: chunked\r\n\r\n", 400),
+            (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", 431),
+            (b"GET / HTTP/1.1\r\nx-big: " + b"a" * 70000 + b"\r\n\r\n", 431),
+            (b"POST /v1/messages HTTP/1.1\r\nconnection: close\r\ncontent-length: 8\r\n\r\n"
+             b"not json", 400),
+        ]
+        for request, status in cases:
+            with self.subTest(request=request[:40]):
+                responses = self.exchange(request)
+                self.assertEqual(responses[0][0], status)
+                error = json.loads(responses[0][2])
+                self.assertEqual(error["type"], "error")
+
+    def test_head_gets_headers_without_body(self):
+        raw = raw_exchange(self.proxy.port, b"HEAD / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        head, _, rest = raw.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 "))
+        self.assertIn(b"content-length: ", head)
+        self.assertEqual(rest, b"")
+
+
+class CommandLineTest(unittest.TestCase):
+    def test_version_names_proxy_sdk_and_cli(self):
+        import subprocess
+        done = subprocess.run([sys.executable, proxy.__file__, "-v"], capture_output=True,
+                              text=True, timeout=60)
+        self.assertEqual(done.returncode, 0)
+        self.assertIn(proxy.__version__, done.stdout)
+        self.assertIn(proxy.sdk.__version__, done.stdout)
+        self.assertIn("Claude Code CLI 2.", done.stdout)
+
+    def test_request_log_line_has_status_model_and_tokens_but_no_secrets(self):
+        server = ProxyThread()
+        self.addCleanup(server.stop)
+        with self.assertLogs("claude_sdk_proxy", "INFO") as logs:
+            server.client(api_key="sk-secret-never-logged").messages.create(
+                model="claude-sonnet-5-5", max_tokens=10,
+                messages=[{"role": "user", "content": "private words"}])
+        line = [r for r in logs.output if "POST /v1/messages 200" in r][0]
+        self.assertIn("model=claude-sonnet-5-5 in=22 out=42", line)
+        joined = "\n".join(logs.output)
+        self.assertNotIn("private words", joined)
+        self.assertNotIn("sk-secret", joined)
+
+
+def refused(port: int) -> bool:
+    """True when nothing accepts connections on the port."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return False
+    except OSError:
+        return True
 
 
 def strip_cache_control(blocks):
