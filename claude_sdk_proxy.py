@@ -961,7 +961,6 @@ except ImportError:         # main() explains how to install it
     sdk = None
 
 _CLOSED = object()          # end-of-turn marker in a CliProcess outbox
-ONE_CALL_BUDGET_USD = 1e-9  # spent by any upstream call: the CLI stops after one
 RATE_LIMIT_WINDOWS = {
     "five_hour": "5-hour", "seven_day": "weekly", "seven_day_opus": "weekly Opus",
     "seven_day_sonnet": "weekly Sonnet", "overage": "extra-usage",
@@ -1041,10 +1040,6 @@ def cli_options(turn: Turn, config: Config, now: dt.datetime) -> Any:
         include_partial_messages=True,  # the upstream's own stream events
         verbatim_prompts=True,          # no @file expansion of client text
         max_turns=1,
-        # The CLI answers a `max_tokens` stop with up to three "recovery" calls and
-        # has no switch for it; a budget below one call's cost ends the CLI's turn
-        # after exactly one upstream call (FACTS.md: one request, one call).
-        max_budget_usd=ONE_CALL_BUDGET_USD,
         # Thinking the client asked for: the CLI then keeps thinking blocks in the
         # history; the extra body carries the exact budget.
         thinking=turn.params.get("thinking"),
@@ -1159,15 +1154,20 @@ class CliProcess:
             await self.kill()
             raise
 
+    def kill_now(self) -> bool:
+        """SIGKILL the CLI without waiting: it cuts its upstream connection at once."""
+        if self._process is None or self._process.returncode is not None:
+            return False
+        with contextlib.suppress(ProcessLookupError):
+            self._process.kill()
+        self._jobs.put_nowait(None)         # wake an idle owner; a busy one sees EOF
+        return True
+
     async def kill(self) -> None:
-        """Stop the CLI now: SIGKILL cuts its upstream connection at once."""
+        """Stop the CLI now and wait until its owner task has cleaned up."""
         if self._owner is None or self._owner.done():
             return
-        if self._process is not None and self._process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self._process.kill()
-            self._jobs.put_nowait(None)     # wake an idle owner; a busy one sees EOF
-        else:
+        if not self.kill_now():
             self._owner.cancel()            # still connecting: nothing to kill yet
         try:
             await asyncio.wait_for(asyncio.shield(self._owner), CLI_CLOSE_TIMEOUT_S)
@@ -1213,30 +1213,29 @@ async def _single(message: dict) -> AsyncIterator[dict]:
 def turn_items(message: Any, state: dict) -> list[tuple[str, Any]]:
     """The engine's items for one SDK message; raise the ProxyError an error result means.
 
-    `state` carries what one turn has seen so far: the latest rate-limit
-    information and how many upstream messages started and stopped. Only the
-    first upstream message reaches the client; any later one (a CLI recovery
-    call the budget did not stop) is dropped and ends the turn.
+    `state` carries what one turn has seen: the latest rate-limit information and
+    whether the answer is complete. The CLI answers a `max_tokens` stop with up to
+    three "recovery" calls of its own and has no switch for it, so a `max_tokens`
+    stop ends the turn at once with ("kill", None) (the CLI must die before it
+    sends the next call); any later upstream message is dropped the same way.
     """
     if isinstance(message, sdk.StreamEvent):
-        if message.parent_tool_use_id:
-            return []
-        kind = message.event.get("type")
-        if kind == "message_start":
-            state["started"] = state.get("started", 0) + 1
-        if state.get("started", 0) > 1:
-            return [("end", None)]
-        if kind == "message_stop":
+        event = message.event
+        if message.parent_tool_use_id or state.get("complete"):
+            return [("kill", None)] if event.get("type") == "message_start" else []
+        if event.get("type") == "message_stop":
             state["complete"] = True
-        return [("stream", message.event)]
+        if (event.get("delta") or {}).get("stop_reason") == "max_tokens":
+            state["complete"] = True
+            return [("kill", None), ("stream", event), ("stream", {"type": "message_stop"})]
+        return [("stream", event)]
     if isinstance(message, sdk.RateLimitEvent):
         info = dict(message.rate_limit_info.raw or {})
         state["rate_limit"] = info
         return [("rate_limit", info)]
     if isinstance(message, sdk.ResultMessage):
         data = dataclasses.asdict(message)
-        spent = message.subtype == "error_max_budget_usd" and state.get("complete")
-        if message.is_error and not spent:
+        if message.is_error:
             raise result_error(data, state.get("rate_limit"), time.time())
         return [("result", data)]
     return []
@@ -1284,8 +1283,11 @@ class Engine:
             state: dict = {}
             async for message in process.turn(turn.prompt):
                 items = turn_items(message, state)
-                if items and items[-1][0] == "end":
-                    return              # the CLI went on past the answer: kill it
+                if items and items[0][0] == "kill":
+                    process.kill_now()
+                    for item in items[1:]:
+                        yield item
+                    return
                 for item in items:
                     yield item
             finished = True
