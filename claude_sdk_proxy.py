@@ -52,6 +52,7 @@ import binascii
 import contextlib
 import dataclasses
 import datetime as dt
+import hashlib
 import hmac
 import json
 import logging
@@ -83,6 +84,9 @@ DEFAULT_MAX_CONCURRENT = 5
 DEFAULT_TIMEOUT_MS = 1_800_000          # 30 min: long agentic answers stream for a while
 DEFAULT_MAX_BODY_MB = 32                # the Messages API's own request cap is 32 MB
 DEFAULT_QUEUE_TIMEOUT_S = 60.0          # then 529 + retry-after, as an overloaded API does
+DEFAULT_SESSION_IDLE_S = 900.0          # chat apps pause minutes between messages
+DEFAULT_MAX_SPARES = 2                  # pre-connected CLIs, for the most recent shapes
+CLI_RSS_BYTES = 230 * 1024 * 1024       # measured resident size of one CLI (FACTS.md)
 MAX_REQUEST_LINE = 8 * 1024             # Apache and nginx default to 8 KiB
 MAX_HEAD_BYTES = 64 * 1024              # nginx allows 4 x 8 KiB, node 16 KiB: a little more
 MAX_HEADER_COUNT = 100                  # Apache's LimitRequestFields default
@@ -108,6 +112,9 @@ class Config:
     default_model: str = "sonnet"
     workdir: str = ""                   # the CLI's private empty working directory
     cli_path: str | None = None
+    max_sessions: int = 16
+    session_idle_s: float = DEFAULT_SESSION_IDLE_S
+    max_spares: int = DEFAULT_MAX_SPARES
     head_hold_s: float = HEAD_HOLD_S
     ping_interval_s: float = PING_INTERVAL_S
     shutdown_grace_s: float = SHUTDOWN_GRACE_S
@@ -146,7 +153,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_from(args: argparse.Namespace, environ: dict) -> Config:
+def default_max_sessions(memory_bytes: int, max_concurrent: int) -> int:
+    """CLI processes that fit in half the machine's memory, at least the concurrency."""
+    return max(max_concurrent, min(64, memory_bytes // 2 // CLI_RSS_BYTES))
+
+
+def config_from(args: argparse.Namespace, environ: dict, memory_bytes: int = 8 << 30) -> Config:
     """Flags win over environment, environment over defaults."""
     port = args.port if args.port is not None else _env_number(
         environ, "CLAUDE_PROXY_PORT", DEFAULT_PORT, int, 0)
@@ -154,13 +166,20 @@ def config_from(args: argparse.Namespace, environ: dict) -> Config:
         raise SystemExit(f"port must be 0-65535, got {port}")
     debug = args.debug or environ.get("CLAUDE_PROXY_DEBUG", "").lower() in ("1", "true", "yes")
     default_model = environ.get("CLAUDE_PROXY_DEFAULT_MODEL", "sonnet").strip() or "sonnet"
+    max_concurrent = _env_number(environ, "CLAUDE_PROXY_MAX_CONCURRENT",
+                                 DEFAULT_MAX_CONCURRENT, int, 1)
     return Config(
         host=args.host or environ.get("CLAUDE_PROXY_HOST") or DEFAULT_HOST,
         port=port,
         debug=debug,
         api_key=environ.get("CLAUDE_PROXY_API_KEY") or None,
-        max_concurrent=_env_number(environ, "CLAUDE_PROXY_MAX_CONCURRENT",
-                                   DEFAULT_MAX_CONCURRENT, int, 1),
+        max_concurrent=max_concurrent,
+        max_sessions=max(max_concurrent, _env_number(
+            environ, "CLAUDE_PROXY_MAX_SESSIONS",
+            default_max_sessions(memory_bytes, max_concurrent), int, 1)),
+        session_idle_s=_env_number(environ, "CLAUDE_PROXY_SESSION_IDLE_S",
+                                   DEFAULT_SESSION_IDLE_S, float, 0.1),
+        max_spares=_env_number(environ, "CLAUDE_PROXY_MAX_SPARES", DEFAULT_MAX_SPARES, int, 0),
         timeout_s=_env_number(environ, "CLAUDE_PROXY_TIMEOUT_MS", DEFAULT_TIMEOUT_MS,
                               int, 1) / 1000,
         max_body_bytes=int(_env_number(environ, "CLAUDE_PROXY_MAX_BODY_MB",
@@ -579,7 +598,13 @@ class Turn:
     prompt: dict                    # the new user message {"role": "user", "content": ...}
     params: dict                    # carried into the upstream body as sent
     stream: bool = False
-    caller: str = ""
+    caller: str = ""                # who asks: a hash of the API key and the user id
+
+    @property
+    def shape(self) -> str:
+        """What a CLI is fixed to for its life: a session serves only its own shape."""
+        fixed = [self.model, self.system, self.params, self.caller]
+        return hashlib.sha256(json.dumps(fixed, sort_keys=True).encode()).hexdigest()[:24]
 
 
 def parse_json_body(body: bytes) -> dict:
@@ -730,6 +755,10 @@ def messages_request_to_turn(body: dict, default_model: str, caller: str = "") -
     metadata = body.get("metadata")
     if metadata is not None:
         _require(isinstance(metadata, dict), "metadata: must be an object.")
+        user_id = metadata.get("user_id")
+        if user_id is not None:
+            _require(isinstance(user_id, str), "metadata.user_id: must be a string.")
+            caller = f"{caller}/{user_id}"
     return Turn(
         model=resolve_model(model, default_model),
         system=system_to_text(body.get("system")),
@@ -739,6 +768,41 @@ def messages_request_to_turn(body: dict, default_model: str, caller: str = "") -
         stream=bool(body.get("stream")),
         caller=caller,
     )
+
+
+def echoed_blocks(content: Any) -> list:
+    """The part of a message's content a client reliably echoes back.
+
+    Clients resend earlier turns with cache_control marks added or moved, strings
+    for single text blocks, and often without thinking blocks; none of that
+    changes the conversation, so none of it takes part in matching.
+    """
+    blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
+    echoed = []
+    for block in blocks:
+        kind = block.get("type")
+        if kind in ("thinking", "redacted_thinking"):
+            continue
+        if kind == "text":
+            echoed.append(["text", block.get("text")])
+        elif kind == "tool_use":
+            echoed.append(["tool_use", block.get("id"), block.get("name"), block.get("input")])
+        elif kind == "tool_result":
+            echoed.append(["tool_result", block.get("tool_use_id"),
+                           bool(block.get("is_error")), echoed_blocks(block.get("content") or [])])
+        else:
+            echoed.append({k: v for k, v in block.items() if k != "cache_control"})
+    return echoed
+
+
+def conversation_digest(messages: list[dict]) -> str:
+    """A digest of a conversation as the client echoes it (see echoed_blocks)."""
+    digest = hashlib.sha256()
+    for message in messages:
+        digest.update(json.dumps([message["role"], echoed_blocks(message["content"])],
+                                 sort_keys=True).encode())
+        digest.update(b"\x00")
+    return digest.hexdigest()
 
 
 def transcript_entries(history: list[dict], session_id: str, cwd: str,
@@ -1115,6 +1179,7 @@ class CliProcess:
     def __init__(self, options: Any):
         self.options = options
         self._process: Any = None           # the SDK transport's anyio Process
+        self._failure: ProxyError | None = None
         self._jobs: asyncio.Queue = asyncio.Queue()
         self._outbox: asyncio.Queue | None = None
         self._owner: asyncio.Task | None = None
@@ -1131,6 +1196,8 @@ class CliProcess:
 
     async def turn(self, message: dict) -> AsyncIterator[Any]:
         """Send one user message; yield the SDK's messages up to its ResultMessage."""
+        if self._owner is None or self._owner.done():
+            raise self._failure or BadGateway("The Claude Code CLI stopped.")
         outbox: asyncio.Queue = asyncio.Queue()
         self._jobs.put_nowait((message, outbox))
         while True:
@@ -1153,6 +1220,25 @@ class CliProcess:
         except asyncio.CancelledError:
             await self.kill()
             raise
+
+    @property
+    def alive(self) -> bool:
+        """True while the CLI can take a turn."""
+        return (self._owner is not None and not self._owner.done()
+                and (self._process is None or self._process.returncode is None))
+
+    def rss_mb(self) -> float | None:
+        """The CLI's resident memory, from /proc (Linux), in MB."""
+        if self._process is None:
+            return None
+        try:
+            with open(f"/proc/{self._process.pid}/status") as status:
+                for line in status:
+                    if line.startswith("VmRSS:"):
+                        return round(int(line.split()[1]) / 1024, 1)
+        except OSError:
+            pass
+        return None
 
     def kill_now(self) -> bool:
         """SIGKILL the CLI without waiting: it cuts its upstream connection at once."""
@@ -1179,8 +1265,14 @@ class CliProcess:
         try:
             await client.connect()
         except BaseException as exc:       # connect() already tore the CLI down
+            self._failure = sdk_error(exc) if not isinstance(exc, asyncio.CancelledError) \
+                else BadGateway("The Claude Code CLI was stopped while starting.")
             if not ready.done():
-                ready.set_exception(sdk_error(exc))
+                ready.set_exception(self._failure)
+            while not self._jobs.empty():   # turns queued on a spare that never started
+                job = self._jobs.get_nowait()
+                if job is not None:
+                    job[1].put_nowait(self._failure)
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return
@@ -1222,11 +1314,14 @@ def turn_items(message: Any, state: dict) -> list[tuple[str, Any]]:
     if isinstance(message, sdk.StreamEvent):
         event = message.event
         if message.parent_tool_use_id or state.get("complete"):
-            return [("kill", None)] if event.get("type") == "message_start" else []
+            if event.get("type") != "message_start":
+                return []
+            state["killed"] = True
+            return [("kill", None)]
         if event.get("type") == "message_stop":
             state["complete"] = True
         if (event.get("delta") or {}).get("stop_reason") == "max_tokens":
-            state["complete"] = True
+            state["complete"] = state["killed"] = True
             return [("kill", None), ("stream", event), ("stream", {"type": "message_stop"})]
         return [("stream", event)]
     if isinstance(message, sdk.RateLimitEvent):
@@ -1242,23 +1337,90 @@ def turn_items(message: Any, state: dict) -> list[tuple[str, Any]]:
 
 
 # =============================================================================
-# 8. Conversation engine -- concurrency cap, turns, teardown
+# 8. Conversation engine -- live sessions, warm spares, the caps
 # =============================================================================
-# `Engine.run(turn)` is the one path every API dialect takes: wait for a slot (or
-# 529 after the queue timeout), start a CLI for the Turn, send the new user
-# message, and yield the items of section 7 until the result. Closing the
-# iterator early (client gone, timeout) kills the CLI. Teardown of finished CLIs
-# runs off the request path and is awaited at shutdown.
+# `Engine.run(turn)` is the one path every API dialect takes. It waits for a
+# concurrency slot (529 after the queue timeout), then finds the CLI to answer on:
+#   - a live session of the same shape whose conversation is exactly the
+#     request's history (matched by `conversation_digest`): only the new turn
+#     is sent, on a CLI that is already warm;
+#   - for a new chat, a spare CLI pre-connected for that shape;
+#   - otherwise a new CLI that resumes the history as a transcript.
+# After a complete answer the session stays live, indexed by the conversation it
+# now holds; a session that failed, was cut short or is evicted is killed. The
+# number of CLI processes never exceeds `max_sessions`: spares go first, then the
+# least recently used idle sessions. Items are those of section 7.
+
+@dataclasses.dataclass(eq=False)
+class LiveSession:
+    """A CLI process and the conversation it holds."""
+
+    process: CliProcess
+    turn: Turn                      # the shape it serves (its first request)
+    id: str = dataclasses.field(default_factory=lambda: "sess_" + uuid.uuid4().hex[:20])
+    digest: str | None = None       # conversation held; None for a spare
+    busy: bool = False
+    turns: int = 0
+    last_used: float = dataclasses.field(default_factory=time.monotonic)
+
+    def describe(self, now: float) -> dict:
+        """The operator's view (GET /sessions): no content, no keys."""
+        return {"id": self.id, "state": "busy" if self.busy else
+                ("spare" if self.digest is None else "idle"),
+                "shape": {"id": self.turn.shape, "model": self.turn.model,
+                          "system_chars": len(self.turn.system),
+                          "params": sorted(self.turn.params)},
+                "turns": self.turns, "idle_s": round(now - self.last_used, 1),
+                "rss_mb": self.process.rss_mb()}
+
 
 class Engine:
-    """Runs Turns on CLI processes within the concurrency cap."""
+    """Runs Turns on live sessions, spares or new CLIs, within the caps."""
 
     def __init__(self, config: Config):
         self.config = config
         self._slots = asyncio.Semaphore(config.max_concurrent)
         self._waiting = 0
-        self._teardowns: set[asyncio.Task] = set()
-        self.live: set[CliProcess] = set()
+        self.sessions: dict[str, LiveSession] = {}
+        self._idle: dict[tuple[str, str], LiveSession] = {}     # (shape, digest) -> session
+        self._recent_shapes: dict[str, Turn] = {}               # insertion order = recency
+        self._background: set[asyncio.Task] = set()
+        self._reaper: asyncio.Task | None = None
+        self.closing = False
+
+    # -- the request path ----------------------------------------------------
+
+    async def run(self, turn: Turn) -> AsyncIterator[tuple[str, Any]]:
+        """Yield ("stream" | "rate_limit" | "result", payload) for one Turn."""
+        await self._acquire_slot()
+        session = None
+        try:
+            session = await self._session_for(turn)
+            assembler = MessageAssembler()
+            complete = False
+            state: dict = {}
+            async for message in session.process.turn(turn.prompt):
+                items = turn_items(message, state)
+                if items and items[0][0] == "kill":
+                    session.process.kill_now()
+                    items = items[1:]
+                for kind, payload in items:
+                    if kind == "stream":
+                        assembler.feed(payload)
+                    yield kind, payload
+                if state.get("killed"):
+                    return
+                complete = isinstance(message, sdk.ResultMessage)
+            if complete and assembler.message is not None:
+                answered = turn.history + [turn.prompt, {
+                    "role": "assistant", "content": assembler.message["content"]}]
+                self._park(session, conversation_digest(answered))
+                session = None
+        finally:
+            self._slots.release()
+            if session is not None:
+                self._retire(session)
+            self._refill_spare(turn)
 
     async def _acquire_slot(self) -> None:
         self._waiting += 1
@@ -1272,45 +1434,145 @@ class Engine:
         finally:
             self._waiting -= 1
 
-    async def run(self, turn: Turn) -> AsyncIterator[tuple[str, Any]]:
-        """Yield ("stream" | "rate_limit" | "result", payload) for one Turn."""
-        await self._acquire_slot()
-        process = CliProcess(cli_options(turn, self.config, dt.datetime.now(dt.timezone.utc)))
-        finished = False
+    async def _session_for(self, turn: Turn) -> LiveSession:
+        """The live session, spare or new CLI that will answer this Turn."""
+        self._recent_shapes.pop(turn.shape, None)
+        self._recent_shapes[turn.shape] = turn
+        key = (turn.shape, conversation_digest(turn.history))
+        session = self._idle.pop(key, None)
+        if session is None and not turn.history:
+            session = self._take_spare(turn.shape)
+        if session is None or not session.process.alive:
+            if session is not None:
+                self._retire(session)
+            session = await self._spawn(turn)
+        session.busy = True
+        session.turns += 1
+        return session
+
+    def _park(self, session: LiveSession, digest: str) -> None:
+        """Keep a session that answered, indexed by the conversation it now holds."""
+        session.busy = False
+        session.digest = digest
+        session.last_used = time.monotonic()
+        if self.closing or not session.process.alive:
+            return self._retire(session)
+        displaced = self._idle.pop((session.turn.shape, digest), None)
+        if displaced is not None:
+            self._retire(displaced)
+        self._idle[(session.turn.shape, digest)] = session
+        self._ensure_reaper()
+
+    # -- processes -----------------------------------------------------------
+
+    async def _spawn(self, turn: Turn, spare: bool = False) -> LiveSession:
+        """Start a CLI for this Turn (a spare has no history), making room first."""
+        self._make_room()
+        process = CliProcess(cli_options(
+            dataclasses.replace(turn, history=[]) if spare else turn,
+            self.config, dt.datetime.now(dt.timezone.utc)))
+        session = LiveSession(process, turn)
+        self.sessions[session.id] = session
+        self._ensure_reaper()
         try:
-            self.live.add(process)
             await process.start()
-            state: dict = {}
-            async for message in process.turn(turn.prompt):
-                items = turn_items(message, state)
-                if items and items[0][0] == "kill":
-                    process.kill_now()
-                    for item in items[1:]:
-                        yield item
-                    return
-                for item in items:
-                    yield item
-            finished = True
-        finally:
-            self._slots.release()
-            self._retire(process, finished)
+        except BaseException:
+            self._retire(session)
+            raise
+        return session
 
-    def _retire(self, process: CliProcess, finished: bool) -> None:
-        """Close a CLI in the background: politely after a full turn, else kill it."""
-        task = asyncio.ensure_future(process.close() if finished else process.kill())
-        self._teardowns.add(task)
+    def _make_room(self) -> None:
+        """Retire spares, then least recently used idle sessions, to fit one more CLI."""
+        while len(self.sessions) >= self.config.max_sessions:
+            idle = [s for s in self.sessions.values() if not s.busy]
+            if not idle:
+                return      # all busy: the concurrency cap bounds this overshoot
+            self._retire(min(idle, key=lambda s: (s.digest is not None, s.last_used)))
 
-        def done(t: asyncio.Task) -> None:
-            self._teardowns.discard(t)
-            self.live.discard(process)
-        task.add_done_callback(done)
+    def _retire(self, session: LiveSession) -> None:
+        """Forget a session and stop its CLI in the background."""
+        if self.sessions.pop(session.id, None) is None:
+            return
+        if session.digest is not None:
+            key = (session.turn.shape, session.digest)
+            if self._idle.get(key) is session:
+                del self._idle[key]
+        process = session.process
+        self._in_background(process.close() if process.alive and not session.busy
+                            else process.kill())
+
+    def end_session(self, session_id: str) -> bool:
+        """DELETE /sessions/{id}: end an idle session or spare; False if unknown or busy."""
+        session = self.sessions.get(session_id)
+        if session is None or session.busy:
+            return False
+        self._retire(session)
+        return True
+
+    # -- spares --------------------------------------------------------------
+
+    def _take_spare(self, shape: str) -> LiveSession | None:
+        for session in self.sessions.values():
+            if session.digest is None and not session.busy and session.turn.shape == shape:
+                return session
+        return None
+
+    def _refill_spare(self, turn: Turn) -> None:
+        """Pre-connect a CLI for a recent shape, off the request path."""
+        if self.closing or self.config.max_spares == 0:
+            return
+        recent = list(self._recent_shapes)[-self.config.max_spares:]
+        if turn.shape not in recent or self._take_spare(turn.shape) is not None:
+            return
+        busy_or_live = sum(1 for s in self.sessions.values() if s.busy)
+        if len(self.sessions) >= self.config.max_sessions or \
+                busy_or_live >= self.config.max_concurrent:
+            return      # spares never take the room a request needs
+        for stale in [s for s in self.sessions.values()
+                      if s.digest is None and not s.busy and s.turn.shape not in recent]:
+            self._retire(stale)
+
+        async def spawn() -> None:
+            with contextlib.suppress(ProxyError):
+                await self._spawn(turn, spare=True)
+        self._in_background(spawn())
+
+    # -- housekeeping --------------------------------------------------------
+
+    def _in_background(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _ensure_reaper(self) -> None:
+        if self._reaper is None or self._reaper.done():
+            self._reaper = asyncio.ensure_future(self._reap())
+
+    async def _reap(self) -> None:
+        """Retire sessions and spares idle longer than session_idle_s."""
+        while self.sessions and not self.closing:
+            limit = self.config.session_idle_s
+            await asyncio.sleep(min(limit / 4, 30.0))
+            now = time.monotonic()
+            for session in list(self.sessions.values()):
+                if not session.busy and now - session.last_used > limit:
+                    self._retire(session)
+
+    def describe(self) -> list[dict]:
+        """Every live session and spare, for GET /sessions."""
+        now = time.monotonic()
+        return [s.describe(now) for s in self.sessions.values()]
 
     async def close(self) -> None:
         """Stop every CLI; wait for all teardowns."""
-        for process in list(self.live):
-            self._retire(process, False)
-        while self._teardowns:
-            await asyncio.gather(*list(self._teardowns), return_exceptions=True)
+        self.closing = True
+        if self._reaper is not None:
+            self._reaper.cancel()
+        for session in list(self.sessions.values()):
+            session.busy = True         # kill, do not wait for a polite exit
+            self._retire(session)
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
 
 
 # =============================================================================
@@ -1343,7 +1605,7 @@ async def handle_health(app: App, request: Request, out: Responder) -> None:
         "uptime_s": round(time.monotonic() - app.started, 1),
         "requests": app.requests, "auth": app.config.api_key is not None,
         "tokens": {"input": app.tokens_in, "output": app.tokens_out},
-        "cli_processes": len(app.engine.live),
+        "cli_processes": len(app.engine.sessions),
     })
 
 
@@ -1364,9 +1626,19 @@ async def handle_count_tokens(app: App, request: Request, out: Responder) -> Non
     await out.send_json(200, {"input_tokens": estimate_tokens(body)})
 
 
+async def handle_sessions(app: App, request: Request, out: Responder) -> None:
+    """GET /sessions: live sessions and spares, for operators."""
+    sessions = app.engine.describe()
+    await out.send_json(200, {"object": "list", "data": sessions,
+                              "max_sessions": app.config.max_sessions})
+
+
 async def handle_delete_session(app: App, request: Request, out: Responder) -> None:
     """DELETE /sessions/{id}: end a live session."""
-    raise NotFound(f"No live session {request.params['session_id']!r}.")
+    session_id = request.params["session_id"]
+    if not app.engine.end_session(session_id):
+        raise NotFound(f"No idle live session {session_id!r}.")
+    await out.send_json(200, {"id": session_id, "type": "session_deleted"})
 
 
 async def handle_messages(app: App, request: Request, out: Responder) -> None:
@@ -1478,6 +1750,7 @@ ROUTES = (
     _route("GET", r"/v1/models/(?P<model_id>[^/]+)", handle_model),
     _route("POST", r"/v1/messages", handle_messages),
     _route("POST", r"/v1/messages/count_tokens", handle_count_tokens),
+    _route("GET", r"/sessions", handle_sessions),
     _route("DELETE", r"/sessions/(?P<session_id>[^/]+)", handle_delete_session),
 )
 
@@ -1693,6 +1966,7 @@ class App:
         self.requests = self.tokens_in = self.tokens_out = 0
         self.idle: set[Connection] = set()      # connections between requests
         self.busy: set[asyncio.Task] = set()    # connection tasks serving a request
+        self.connections: set[asyncio.Task] = set()
         self.shutting_down = False
 
 
@@ -1819,7 +2093,12 @@ async def serve(config: Config, ready: Callable[[int], None] | None = None,
             loop.add_signal_handler(signum, stop.set)
 
     async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await serve_connection(app, reader, writer)
+        task = asyncio.current_task()
+        app.connections.add(task)
+        try:
+            await serve_connection(app, reader, writer)
+        finally:
+            app.connections.discard(task)
 
     server = await asyncio.start_server(on_connect, config.host, config.port,
                                         limit=MAX_HEAD_BYTES)
@@ -1838,6 +2117,8 @@ async def serve(config: Config, ready: Callable[[int], None] | None = None,
             await asyncio.wait(set(app.busy), timeout=deadline - time.monotonic())
         for task in list(app.busy):
             task.cancel()
+        if app.connections:
+            await asyncio.wait(set(app.connections), timeout=5)
         await app.engine.close()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(server.wait_closed(), 5)
@@ -1856,7 +2137,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"claude-sdk-proxy {versions['proxy']}\nclaude-agent-sdk {versions['sdk']}\n"
               f"Claude Code CLI {versions['cli']}")
         return 0
-    config = config_from(args, dict(os.environ))
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") \
+        if hasattr(os, "sysconf") else 8 << 30
+    config = config_from(args, dict(os.environ), memory)
     logging.basicConfig(level=logging.DEBUG if config.debug else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s")
     if not config.debug:

@@ -195,6 +195,7 @@ class ProxyThread:
 
     def __init__(self, **overrides):
         self.workdir = tempfile.mkdtemp(prefix="proxy-test-cwd-")
+        overrides.setdefault("max_spares", 0)   # spares are tested where they matter
         self.config = proxy.Config(port=0, workdir=self.workdir, **overrides)
         self.loop = asyncio.new_event_loop()
         self.stop_event: asyncio.Event | None = None
@@ -851,7 +852,7 @@ class AnthropicTranslationTest(PureAssertions, unittest.TestCase):
         turn = proxy.messages_request_to_turn(body, "haiku", caller="tester")
         self.assertEqual(body, before)
         self.assertEqual((turn.model, turn.system, turn.stream, turn.caller, turn.history),
-                         ("claude-sonnet-4-5", "A\n\nB", True, "tester", body["messages"][:2]))
+                         ("claude-sonnet-4-5", "A\n\nB", True, "tester/u", body["messages"][:2]))
         self.assertEqual(turn.prompt, {"role": U, "content": [{"type": "text", "text": "again"}]})
         self.assertEqual(turn.params, {"max_tokens": 4096, "temperature": 0.5, "top_p": 0.9,
                                        "top_k": 40, "stop_sequences": ["END"],
@@ -1637,6 +1638,123 @@ def refused(port: int) -> bool:
         return False
     except OSError:
         return True
+
+
+
+class WarmSessionTest(ApiAssertions, unittest.TestCase):
+    """Live sessions, spares and their bounds."""
+
+    def setUp(self):
+        UPSTREAM.clear()
+
+    def chat(self, client, messages, **kwargs):
+        message = client.messages.create(model="claude-sonnet-5-5", max_tokens=50,
+                                         messages=messages, **kwargs)
+        return messages + [{"role": "assistant", "content": [
+            block.model_dump(exclude_none=True) for block in message.content]}]
+
+    def upstream_sessions(self) -> list[str]:
+        return [r["headers"].get("X-Claude-Code-Session-Id")
+                for r in UPSTREAM.messages_requests()]
+
+    def sessions(self, server) -> list[dict]:
+        return server.client().get("/sessions", cast_to=object)["data"]
+
+    def test_follow_ups_reuse_one_live_cli(self):
+        server = ProxyThread()
+        self.addCleanup(server.stop)
+        client = server.client()
+        history = self.chat(client, [{"role": "user", "content": "first"}])
+        history = self.chat(client, history + [{"role": "user", "content": "second"}])
+        with client.messages.stream(model="claude-sonnet-5-5", max_tokens=50, messages=history
+                                    + [{"role": "user", "content": "third"}]) as stream:
+            self.assertEqual(stream.get_final_message().content[0].text, UPSTREAM_TEXT)
+        ids = self.upstream_sessions()
+        self.assertEqual(len(ids), 3)
+        self.assertEqual(len(set(ids)), 1, "one CLI session answered all three turns")
+        third = conversation(UPSTREAM.messages_requests()[-1]["body"])
+        self.assertEqual([m["role"] for m in third], ["user", "assistant"] * 2 + ["user"])
+        [session] = self.sessions(server)
+        self.assertEqual((session["state"], session["turns"]), ("idle", 3))
+        self.assertEqual(len(cli_children()), 1)
+
+    def test_edited_history_falls_back_to_the_transcript_not_the_live_session(self):
+        server = ProxyThread()
+        self.addCleanup(server.stop)
+        client = server.client()
+        history = self.chat(client, [{"role": "user", "content": "original question"}])
+        edited = [{"role": "user", "content": "edited question"}] + history[1:]
+        self.chat(client, edited + [{"role": "user", "content": "follow-up"}])
+        first, second = UPSTREAM.messages_requests()
+        self.assertNotEqual(first["headers"]["X-Claude-Code-Session-Id"],
+                            second["headers"]["X-Claude-Code-Session-Id"])
+        sent = conversation(second["body"])
+        self.assertEqual(sent[0]["content"], "edited question")
+        self.assertNotIn("original question", json.dumps(second["body"]))
+        self.assertEqual(len(self.sessions(server)), 2)
+
+    def test_callers_never_share_a_session(self):
+        server = ProxyThread()
+        self.addCleanup(server.stop)
+        alice, bob = server.client(api_key="alice-key"), server.client(api_key="bob-key")
+        history = self.chat(alice, [{"role": "user", "content": "same words"}])
+        self.chat(bob, [{"role": "user", "content": "same words"}])
+        follow = history + [{"role": "user", "content": "more"}]
+        self.chat(bob, follow)
+        self.chat(alice, follow, metadata={"user_id": "someone-else"})
+        self.chat(alice, follow)
+        ids = self.upstream_sessions()
+        self.assertEqual(ids[4], ids[0], "alice's own follow-up reuses her session")
+        self.assertNotIn(ids[0], ids[1:4], "no other caller got alice's session")
+        self.assertNotIn(ids[3], ids[:3], "another user id is another caller")
+
+    def test_least_recently_used_is_evicted_at_the_cap(self):
+        server = ProxyThread(max_sessions=2, max_concurrent=1)
+        self.addCleanup(server.stop)
+        client = server.client()
+        chats = [self.chat(client, [{"role": "user", "content": f"chat {i}"}]) for i in range(3)]
+        self.assertLessEqual(len(cli_children()), 2)
+        self.assertEqual(len(self.sessions(server)), 2)
+        UPSTREAM.clear()
+        self.chat(client, chats[2] + [{"role": "user", "content": "again"}])
+        self.chat(client, chats[0] + [{"role": "user", "content": "again"}])
+        self.assertEqual(len(conversation(UPSTREAM.messages_requests()[1]["body"])), 3,
+                         "the evicted conversation was resumed from its transcript")
+        self.assertTrue(wait_until(lambda: len(cli_children()) <= 2), cli_children())
+
+    def test_idle_sessions_expire_and_leave_no_process(self):
+        server = ProxyThread(session_idle_s=0.3)
+        self.addCleanup(server.stop)
+        self.chat(server.client(), [{"role": "user", "content": "short lived"}])
+        self.assertTrue(wait_until(lambda: not self.sessions(server)))
+        self.assertTrue(wait_until(lambda: not cli_children()), cli_children())
+
+    def test_delete_session_ends_it(self):
+        server = ProxyThread()
+        self.addCleanup(server.stop)
+        client = server.client()
+        self.chat(client, [{"role": "user", "content": "to be deleted"}])
+        [session] = self.sessions(server)
+        self.assertEqual(client.delete(f"/sessions/{session['id']}", cast_to=object),
+                         {"id": session["id"], "type": "session_deleted"})
+        self.assertEqual(self.sessions(server), [])
+        with self.assertRaises(anthropic.NotFoundError) as caught:
+            client.delete(f"/sessions/{session['id']}", cast_to=object)
+        self.assertApiError(caught.exception, 404, "not_found_error")
+        self.assertTrue(wait_until(lambda: not cli_children()), cli_children())
+
+    def test_new_chat_of_a_familiar_shape_starts_on_a_spare(self):
+        server = ProxyThread(max_spares=1)
+        self.addCleanup(server.stop)
+        client = server.client()
+        self.chat(client, [{"role": "user", "content": "first chat"}], system="Be an app.")
+        self.assertTrue(wait_until(lambda: any(
+            s["state"] == "spare" for s in self.sessions(server))), self.sessions(server))
+        spare = next(s for s in self.sessions(server) if s["state"] == "spare")
+        self.chat(client, [{"role": "user", "content": "second chat"}], system="Be an app.")
+        states = {s["id"]: (s["state"], s["turns"]) for s in self.sessions(server)}
+        self.assertEqual(states[spare["id"]], ("idle", 1), "the spare answered the new chat")
+        self.assertLessEqual(len(cli_children()), 3)
 
 
 def strip_cache_control(blocks):
