@@ -1183,6 +1183,7 @@ class CliProcess:
         self._jobs: asyncio.Queue = asyncio.Queue()
         self._outbox: asyncio.Queue | None = None
         self._owner: asyncio.Task | None = None
+        self._stopping = False              # close or kill asked: no new turns
 
     async def start(self) -> None:
         """Spawn and connect the CLI; raise a ProxyError when it cannot start."""
@@ -1196,7 +1197,7 @@ class CliProcess:
 
     async def turn(self, message: dict) -> AsyncIterator[Any]:
         """Send one user message; yield the SDK's messages up to its ResultMessage."""
-        if self._owner is None or self._owner.done():
+        if self._owner is None or self._owner.done() or self._stopping:
             raise self._failure or BadGateway("The Claude Code CLI stopped.")
         outbox: asyncio.Queue = asyncio.Queue()
         self._jobs.put_nowait((message, outbox))
@@ -1212,6 +1213,7 @@ class CliProcess:
         """Let the CLI exit (stdin EOF); kill it if that takes too long."""
         if self._owner is None or self._owner.done():
             return
+        self._stopping = True
         self._jobs.put_nowait(None)
         try:
             await asyncio.wait_for(asyncio.shield(self._owner), CLI_CLOSE_TIMEOUT_S)
@@ -1222,9 +1224,14 @@ class CliProcess:
             raise
 
     @property
+    def connected(self) -> bool:
+        """True once the CLI has answered the SDK's initialize request."""
+        return self._process is not None
+
+    @property
     def alive(self) -> bool:
         """True while the CLI can take a turn."""
-        return (self._owner is not None and not self._owner.done()
+        return (self._owner is not None and not self._owner.done() and not self._stopping
                 and (self._process is None or self._process.returncode is None))
 
     def rss_mb(self) -> float | None:
@@ -1244,6 +1251,7 @@ class CliProcess:
         """SIGKILL the CLI without waiting: it cuts its upstream connection at once."""
         if self._process is None or self._process.returncode is not None:
             return False
+        self._stopping = True
         with contextlib.suppress(ProcessLookupError):
             self._process.kill()
         self._jobs.put_nowait(None)         # wake an idle owner; a busy one sees EOF
@@ -1254,6 +1262,7 @@ class CliProcess:
         if self._owner is None or self._owner.done():
             return
         if not self.kill_now():
+            self._stopping = True
             self._owner.cancel()            # still connecting: nothing to kill yet
         try:
             await asyncio.wait_for(asyncio.shield(self._owner), CLI_CLOSE_TIMEOUT_S)
@@ -1269,10 +1278,7 @@ class CliProcess:
                 else BadGateway("The Claude Code CLI was stopped while starting.")
             if not ready.done():
                 ready.set_exception(self._failure)
-            while not self._jobs.empty():   # turns queued on a spare that never started
-                job = self._jobs.get_nowait()
-                if job is not None:
-                    job[1].put_nowait(self._failure)
+            self._refuse_queued_turns()
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return
@@ -1294,8 +1300,17 @@ class CliProcess:
         finally:
             if self._outbox is not None:
                 self._outbox.put_nowait(BadGateway("The Claude Code CLI stopped."))
+            self._refuse_queued_turns()
             with contextlib.suppress(BaseException):
                 await asyncio.wait_for(client.disconnect(), CLI_CLOSE_TIMEOUT_S)
+
+    def _refuse_queued_turns(self) -> None:
+        """Fail turns still queued when the owner stops, so no caller waits forever."""
+        self._stopping = True
+        while not self._jobs.empty():
+            job = self._jobs.get_nowait()
+            if job is not None:
+                job[1].put_nowait(self._failure or BadGateway("The Claude Code CLI stopped."))
 
 
 async def _single(message: dict) -> AsyncIterator[dict]:
@@ -1365,8 +1380,9 @@ class LiveSession:
 
     def describe(self, now: float) -> dict:
         """The operator's view (GET /sessions): no content, no keys."""
-        return {"id": self.id, "state": "busy" if self.busy else
-                ("spare" if self.digest is None else "idle"),
+        state = "busy" if self.busy else "idle" if self.digest is not None else \
+            "spare" if self.process.connected else "starting"
+        return {"id": self.id, "state": state,
                 "shape": {"id": self.turn.shape, "model": self.turn.model,
                           "system_chars": len(self.turn.system),
                           "params": sorted(self.turn.params)},
@@ -1385,6 +1401,7 @@ class Engine:
         self._idle: dict[tuple[str, str], LiveSession] = {}     # (shape, digest) -> session
         self._recent_shapes: dict[str, Turn] = {}               # insertion order = recency
         self._background: set[asyncio.Task] = set()
+        self._exits: set[asyncio.Task] = set()    # CLIs retired but not yet gone
         self._reaper: asyncio.Task | None = None
         self.closing = False
 
@@ -1466,12 +1483,17 @@ class Engine:
     # -- processes -----------------------------------------------------------
 
     async def _spawn(self, turn: Turn, spare: bool = False) -> LiveSession:
-        """Start a CLI for this Turn (a spare has no history), making room first."""
-        self._make_room()
+        """Start a CLI for this Turn, busy from the start; a spare has no history
+        and is idle, and is only started when it fits without evicting anything."""
+        if spare:
+            if self._processes() >= self.config.max_sessions:
+                raise ServiceUnavailable("No room for a spare.")
+        else:
+            await self._make_room()
         process = CliProcess(cli_options(
             dataclasses.replace(turn, history=[]) if spare else turn,
             self.config, dt.datetime.now(dt.timezone.utc)))
-        session = LiveSession(process, turn)
+        session = LiveSession(process, turn, busy=not spare)
         self.sessions[session.id] = session
         self._ensure_reaper()
         try:
@@ -1481,16 +1503,26 @@ class Engine:
             raise
         return session
 
-    def _make_room(self) -> None:
-        """Retire spares, then least recently used idle sessions, to fit one more CLI."""
-        while len(self.sessions) >= self.config.max_sessions:
-            idle = [s for s in self.sessions.values() if not s.busy]
-            if not idle:
-                return      # all busy: the concurrency cap bounds this overshoot
-            self._retire(min(idle, key=lambda s: (s.digest is not None, s.last_used)))
+    def _processes(self) -> int:
+        """CLI processes that exist: sessions, spares and those still exiting."""
+        return len(self.sessions) + len(self._exits)
 
-    def _retire(self, session: LiveSession) -> None:
-        """Forget a session and stop its CLI in the background."""
+    async def _make_room(self) -> None:
+        """Kill spares, then least recently used idle sessions, until one more CLI
+        fits under max_sessions, and wait for them to be gone."""
+        while self._processes() >= self.config.max_sessions:
+            idle = [s for s in self.sessions.values() if not s.busy]
+            if idle and len(self.sessions) >= self.config.max_sessions:
+                self._retire(min(idle, key=lambda s: (s.digest is not None, s.last_used)),
+                             now=True)
+            elif self._exits:
+                await asyncio.wait(list(self._exits), return_when=asyncio.FIRST_COMPLETED)
+            else:
+                return      # all busy: cannot happen while max_sessions >= max_concurrent
+
+    def _retire(self, session: LiveSession, now: bool = False) -> None:
+        """Forget a session and stop its CLI in the background: an idle one may
+        exit politely unless `now`; a busy or failed one is killed."""
         if self.sessions.pop(session.id, None) is None:
             return
         if session.digest is not None:
@@ -1498,8 +1530,10 @@ class Engine:
             if self._idle.get(key) is session:
                 del self._idle[key]
         process = session.process
-        self._in_background(process.close() if process.alive and not session.busy
-                            else process.kill())
+        polite = process.alive and not session.busy and not now
+        exit_task = self._in_background(process.close() if polite else process.kill())
+        self._exits.add(exit_task)
+        exit_task.add_done_callback(self._exits.discard)
 
     def end_session(self, session_id: str) -> bool:
         """DELETE /sessions/{id}: end an idle session or spare; False if unknown or busy."""
@@ -1524,9 +1558,8 @@ class Engine:
         recent = list(self._recent_shapes)[-self.config.max_spares:]
         if turn.shape not in recent or self._take_spare(turn.shape) is not None:
             return
-        busy_or_live = sum(1 for s in self.sessions.values() if s.busy)
-        if len(self.sessions) >= self.config.max_sessions or \
-                busy_or_live >= self.config.max_concurrent:
+        busy = sum(1 for s in self.sessions.values() if s.busy)
+        if self._processes() >= self.config.max_sessions or busy >= self.config.max_concurrent:
             return      # spares never take the room a request needs
         for stale in [s for s in self.sessions.values()
                       if s.digest is None and not s.busy and s.turn.shape not in recent]:
@@ -1539,10 +1572,11 @@ class Engine:
 
     # -- housekeeping --------------------------------------------------------
 
-    def _in_background(self, coro: Any) -> None:
+    def _in_background(self, coro: Any) -> asyncio.Task:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     def _ensure_reaper(self) -> None:
         if self._reaper is None or self._reaper.done():
@@ -1569,8 +1603,7 @@ class Engine:
         if self._reaper is not None:
             self._reaper.cancel()
         for session in list(self.sessions.values()):
-            session.busy = True         # kill, do not wait for a polite exit
-            self._retire(session)
+            self._retire(session, now=True)
         while self._background:
             await asyncio.gather(*list(self._background), return_exceptions=True)
 
@@ -2082,12 +2115,20 @@ def log_request(app: App, out: Responder, method: str, path: str, started: float
              out.request_id)
 
 
+def not_a_killed_cli(record: logging.LogRecord) -> bool:
+    """Log filter: the SDK logs every CLI the engine kills as a "fatal error"; the
+    engine kills on purpose, and a failure it did not cause reaches it as an
+    exception that the request log reports."""
+    return not record.getMessage().startswith("Fatal error in message reader")
+
+
 async def serve(config: Config, ready: Callable[[int], None] | None = None,
                 stop: asyncio.Event | None = None) -> int:
     """Listen until SIGINT/SIGTERM (or `stop`), then drain and exit; return the exit code."""
     app = App(config)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
+    logging.getLogger("claude_agent_sdk._internal.query").addFilter(not_a_killed_cli)
     for signum in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(signum, stop.set)

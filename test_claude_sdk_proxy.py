@@ -63,6 +63,9 @@ class ScriptedUpstream:
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # Small SSE writes behind Nagle's algorithm wait ~40 ms for the client's
+            # delayed ACK; the real API does not make its clients wait like that.
+            disable_nagle_algorithm = True
 
             def log_message(self, *args):
                 pass
@@ -1109,10 +1112,6 @@ class AnthropicTranslationTest(PureAssertions, unittest.TestCase):
                 self.assertProxyError(INV, proxy.check_count_tokens_request, body, prefix=prefix)
 
 
-if __name__ == "__main__":
-    unittest.main()
-
-
 # =============================================================================
 # End to end: anthropic SDK -> proxy -> claude-agent-sdk -> CLI -> upstream
 # =============================================================================
@@ -1722,6 +1721,39 @@ class WarmSessionTest(ApiAssertions, unittest.TestCase):
                          "the evicted conversation was resumed from its transcript")
         self.assertTrue(wait_until(lambda: len(cli_children()) <= 2), cli_children())
 
+    def test_many_conversations_at_once_never_exceed_the_cap(self):
+        server = ProxyThread(max_sessions=2, max_concurrent=2, max_spares=1)
+        self.addCleanup(server.stop)
+        peak, done = [0], threading.Event()
+
+        def watch():
+            while not done.is_set():
+                peak[0] = max(peak[0], len(cli_children()))
+                done.wait(0.01)
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        answers = []
+
+        def converse(n):
+            client = server.client()
+            history = self.chat(client, [{"role": "user", "content": f"busy chat {n}"}])
+            answers.append(self.chat(client, history + [{"role": "user", "content": "more"}]))
+        threads = [threading.Thread(target=converse, args=(n,)) for n in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        done.set()
+        watcher.join()
+        self.assertEqual(len(answers), 6)
+        self.assertLessEqual(peak[0], 2)
+
+    def test_a_starting_cli_is_not_reaped_under_its_request(self):
+        server = ProxyThread(session_idle_s=0.01)   # far shorter than a CLI start
+        self.addCleanup(server.stop)
+        history = self.chat(server.client(), [{"role": "user", "content": "slow start"}])
+        self.assertEqual(history[-1]["content"][0]["text"], UPSTREAM_TEXT)
+
     def test_idle_sessions_expire_and_leave_no_process(self):
         server = ProxyThread(session_idle_s=0.3)
         self.addCleanup(server.stop)
@@ -1761,6 +1793,261 @@ def strip_cache_control(blocks):
     """Content blocks without the CLI's own cache_control marks."""
     return [{k: v for k, v in block.items() if k != "cache_control"} for block in blocks]
 
+# =============================================================================
+# Benchmark mode: python test_claude_sdk_proxy.py --bench (figures, never asserts)
+# =============================================================================
+
+BENCH_MODEL = "claude-sonnet-5-5"
+
+
+def bench_chat(client, messages, system):
+    """One stateless turn; return (seconds, history with the answer appended)."""
+    started = time.perf_counter()
+    message = client.messages.create(model=BENCH_MODEL, max_tokens=50, system=system,
+                                     messages=messages)
+    seconds = time.perf_counter() - started
+    return seconds, messages + [{"role": "assistant", "content": [
+        block.model_dump(exclude_none=True) for block in message.content]}]
+
+
+class BenchProxy:
+    """The proxy as its own process (as deployed): the bench's client threads must
+    not share its interpreter lock."""
+
+    def __init__(self, **env):
+        import subprocess
+        environ = dict(os.environ, **{f"CLAUDE_PROXY_{k.upper()}": str(v)
+                                      for k, v in env.items()})
+        self.process = subprocess.Popen(
+            [sys.executable, proxy.__file__, "--port", "0"], env=environ,
+            stderr=subprocess.PIPE, text=True)
+        for line in self.process.stderr:
+            found = re.search(r"listening on (http://\S+)", line)
+            if found:
+                self.url = found.group(1)
+                break
+        else:
+            raise RuntimeError("the proxy did not start")
+        threading.Thread(target=self.process.stderr.read, daemon=True).start()
+
+    def client(self) -> anthropic.Anthropic:
+        return anthropic.Anthropic(base_url=self.url, api_key="bench", max_retries=0,
+                                   timeout=120)
+
+    def clis(self) -> list[int]:
+        return [pid for pid in cli_children() if pid != self.process.pid]
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(30)
+
+
+def bench_spares(server) -> int:
+    """Connected spares (GET /sessions)."""
+    return sum(1 for s in server.client().get("/sessions", cast_to=object)["data"]
+               if s["state"] == "spare")
+
+
+def bench_rss_mb(pids) -> float:
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{pid}/statm") as f:
+                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    return total
+
+
+def bench_direct_sdk(rounds: int) -> tuple[list[float], list[float]]:
+    """Warm turns on connected ClaudeSDKClients with the proxy's options, no proxy:
+    the times of single turns on one client, and of one turn on 8 clients at once."""
+    config = proxy.Config(workdir=tempfile.mkdtemp(prefix="proxy-bench-"))
+    turn = proxy.messages_request_to_turn(
+        {"model": BENCH_MODEL, "max_tokens": 50, "system": "direct",
+         "messages": [{"role": "user", "content": "hi"}]}, config.default_model)
+
+    async def timed(client, text) -> float:
+        started = time.perf_counter()
+        await client.query(text)
+        async for _ in client.receive_response():
+            pass
+        return time.perf_counter() - started
+
+    async def run() -> tuple[list[float], list[float]]:
+        clients = [proxy.sdk.ClaudeSDKClient(proxy.cli_options(
+            turn, config, dt.datetime.now(dt.timezone.utc))) for _ in range(8)]
+        for client in clients:
+            await client.connect()
+            await timed(client, "the first turn pays the CLI's lazy start")
+        try:
+            single = [await timed(clients[0], f"direct {i}") for i in range(rounds)]
+            parallel = []
+            for i in range(max(3, rounds // 3)):
+                started = time.perf_counter()
+                await asyncio.gather(*[timed(c, f"parallel {i}") for c in clients])
+                parallel.append(time.perf_counter() - started)
+            return single, parallel
+        finally:
+            for client in clients:
+                await client.disconnect()
+    try:
+        return asyncio.run(run())
+    finally:
+        shutil.rmtree(config.workdir, ignore_errors=True)
+
+
+def bench_settle(server) -> None:
+    """Wait until no spare is starting: a CLI start is CPU work beside the requests."""
+    wait_until(lambda: all(s["state"] != "starting" for s in
+                           server.client().get("/sessions", cast_to=object)["data"]),
+               timeout=60)
+
+
+def bench_conversations(server, count: int, system: str) -> list[list[dict]]:
+    """`count` answered one-turn conversations, each ready for a follow-up."""
+    client = server.client()
+    return [bench_chat(client, [{"role": "user", "content": f"{system} {n}"}], system)[1]
+            for n in range(count)]
+
+
+def bench_follow_ups(clients, histories, system) -> float:
+    """One follow-up on every conversation at once, a client each; return the wall time."""
+    def follow_up(n):
+        _, histories[n] = bench_chat(clients[n], histories[n] + [
+            {"role": "user", "content": "and then?"}], system)
+    started = time.perf_counter()
+    threads = [threading.Thread(target=follow_up, args=(n,)) for n in range(len(histories))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - started
+
+
+def bench_throughput(server, workers: int, seconds: float) -> float:
+    """Follow-up turns per second with `workers` clients, each on its own live conversation."""
+    histories = bench_conversations(server, workers, f"tp{workers}")
+    bench_settle(server)
+    counts = [0] * workers
+    deadline = time.perf_counter() + seconds
+
+    clients = [server.client() for _ in range(workers)]
+
+    def work(n):
+        client = clients[n]
+        while time.perf_counter() < deadline:
+            _, histories[n] = bench_chat(client, histories[n] + [
+                {"role": "user", "content": "next"}], f"tp{workers}")
+            counts[n] += 1
+    started = time.perf_counter()
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(counts) / (time.perf_counter() - started)
+
+
+def bench_cap(conversations: int, cap: int) -> tuple[int, int]:
+    """Run `conversations` two-turn chats at once under a cap; return the peak CLI
+    count and the CLIs left once they idled out."""
+    capped = BenchProxy(max_spares=2, max_concurrent=cap, max_sessions=cap, session_idle_s=2)
+    peak = 0
+    done = threading.Event()
+
+    def watch():
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, len(capped.clis()))
+            done.wait(0.02)
+
+    def converse(n):
+        client = capped.client()
+        _, history = bench_chat(client, [{"role": "user", "content": f"chat {n}"}], "cap")
+        bench_chat(client, history + [{"role": "user", "content": "more"}], "cap")
+    try:
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        threads = [threading.Thread(target=converse, args=(n,)) for n in range(conversations)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        done.set()
+        watcher.join()
+        wait_until(lambda: not capped.clis(), timeout=30)
+        return peak, len(capped.clis())
+    finally:
+        capped.stop()
+
+
+def bench(rounds: int = 7) -> None:
+    """Print the warm-session benchmark table: medians, ratios to a cold start."""
+    import statistics
+    median = statistics.median
+    setUpModule()
+    server = BenchProxy(max_spares=0)       # no spare starting beside a cold request
+    try:
+        cold = [bench_chat(server.client(), [{"role": "user", "content": "hi"}],
+                           f"cold shape {i}")[0] for i in range(rounds)]
+    finally:
+        server.stop()
+    server = BenchProxy(max_spares=2, max_concurrent=8, max_sessions=32)
+    try:
+        client = server.client()
+        [history] = bench_conversations(server, 1, "app")
+        bench_settle(server)
+        follow = []
+        for i in range(3 * rounds):
+            seconds, history = bench_chat(client, history + [
+                {"role": "user", "content": f"follow-up {i}"}], "app")
+            follow.append(seconds)
+        fresh = []
+        for i in range(rounds):
+            wait_until(lambda: bench_spares(server) >= 1, timeout=60)
+            bench_settle(server)
+            fresh.append(bench_chat(client, [{"role": "user", "content": f"new chat {i}"}],
+                                    "app")[0])
+        bench_settle(server)
+        direct, direct_eight = bench_direct_sdk(3 * rounds)
+        eight = bench_conversations(server, 8, "eight")
+        bench_settle(server)
+        clients = [server.client() for _ in eight]
+        bursts = [bench_follow_ups(clients, eight, "eight") for _ in range(rounds)]
+        rates = {w: bench_throughput(server, w, 5.0) for w in (1, 4, 8)}
+        pids = server.clis()
+        clis, rss = len(pids), bench_rss_mb(pids)
+    finally:
+        server.stop()
+    peak, left = bench_cap(50, 8)
+
+    c = median(cold)
+
+    def row(name, seconds):
+        return name, f"{seconds * 1000:.0f} ms", f"{seconds / c:.2f}"
+    rows = [
+        row("cold first turn (new shape)", c),
+        row("warm follow-up, stateless client", median(follow)),
+        row("new chat, familiar shape (spare)", median(fresh)),
+        row("direct warm SDK call, no proxy", median(direct)),
+        row("proxy overhead over the direct call", median(follow) - median(direct)),
+        row("8 concurrent follow-ups, last answer", median(bursts)),
+        row("8 concurrent direct SDK turns, no proxy", median(direct_eight)),
+        *[(f"follow-ups/s at concurrency {w}", f"{r:.1f}/s", "") for w, r in rates.items()],
+        ("CLI processes / RSS after the runs", f"{clis} / {rss:.0f} MB", ""),
+        ("50 conversations at once, cap 8: peak CLIs", f"{peak}", ""),
+        ("CLIs left after they idled out", f"{left}", ""),
+    ]
+    print(f"\nmedians of {rounds} runs ({3 * rounds} for warm turns); scripted upstream on "
+          f"loopback; {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, "
+          f"claude-agent-sdk {proxy.sdk_versions()['sdk']}\n")
+    print("| measure | value | × cold |\n|---|---:|---:|")
+    for name, value, ratio in rows:
+        print(f"| {name} | {value} | {ratio} |")
+    UPSTREAM.close()
+
 
 if __name__ == "__main__":
-    unittest.main()
+    if "--bench" in sys.argv:
+        bench()
+    else:
+        unittest.main()
