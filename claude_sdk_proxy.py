@@ -22,7 +22,7 @@ Map (numbered sections, in the order data flows):
   5. Auth and models        -- API key check, model mapping, the models list
   6. Anthropic translation  -- request validation, transcripts, events -> Message, token estimate
   7. SDK adapter            -- ClaudeAgentOptions, CLI environment, one CLI process per task
-  8. Conversation engine    -- concurrency cap, turns, teardown
+  8. Conversation engine    -- live sessions, warm spares, the caps
   9. Routes and handlers    -- the route table and one coroutine per route
  10. Server                 -- connections, keep-alive, streaming, errors into responses
  11. Command line           -- argument parsing and main(argv) -> int
@@ -142,7 +142,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
         description="Anthropic Messages API proxy backed by the Claude Agent SDK.",
         epilog="Environment: CLAUDE_PROXY_PORT, CLAUDE_PROXY_HOST, CLAUDE_PROXY_DEBUG, "
         "CLAUDE_PROXY_API_KEY, CLAUDE_PROXY_MAX_CONCURRENT, CLAUDE_PROXY_TIMEOUT_MS, "
-        "CLAUDE_PROXY_MAX_BODY_MB, CLAUDE_PROXY_QUEUE_TIMEOUT_S, CLAUDE_PROXY_DEFAULT_MODEL. "
+        "CLAUDE_PROXY_MAX_BODY_MB, CLAUDE_PROXY_QUEUE_TIMEOUT_S, CLAUDE_PROXY_DEFAULT_MODEL, "
+        "CLAUDE_PROXY_MAX_SESSIONS, CLAUDE_PROXY_SESSION_IDLE_S, CLAUDE_PROXY_MAX_SPARES, "
+        "CLAUDE_PROXY_CLI_PATH. "
         "See README.md.",
     )
     parser.add_argument("-p", "--port", type=int, help=f"listen port (default {DEFAULT_PORT})")
