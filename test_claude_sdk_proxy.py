@@ -1775,6 +1775,15 @@ class WarmSessionTest(ApiAssertions, unittest.TestCase):
         self.assertApiError(caught.exception, 404, "not_found_error")
         self.assertTrue(wait_until(lambda: not cli_children()), cli_children())
 
+    def test_stopping_the_proxy_ends_live_sessions_and_spares(self):
+        server = ProxyThread(max_spares=1)
+        client = server.client()
+        self.chat(client, [{"role": "user", "content": "one"}])
+        self.chat(client, [{"role": "user", "content": "two"}], system="other")
+        self.assertTrue(wait_until(lambda: len(cli_children()) == 3), cli_children())
+        self.assertEqual(server.stop(), 0)
+        self.assertEqual(cli_children(), [])
+
     def test_new_chat_of_a_familiar_shape_starts_on_a_spare(self):
         server = ProxyThread(max_spares=1)
         self.addCleanup(server.stop)
