@@ -95,6 +95,8 @@ PING_INTERVAL_S = 15.0                  # keeps proxies and clients from idling 
 SHUTDOWN_GRACE_S = 30.0                 # in-flight requests get this long after SIGTERM
 RETRY_AFTER_DEFAULT_S = 5               # for a throttle that came without a reset time
 CLI_CLOSE_TIMEOUT_S = 10.0              # the SDK's own close can wait up to ~20 s
+TOOL_WAIT_MS = 24 * 3600 * 1000         # the CLI's limit on a client tool call
+MAX_TOOL_ROUNDS = 100_000               # the CLI's turn bound when client tools exist
 
 
 @dataclasses.dataclass(frozen=True)
@@ -601,11 +603,12 @@ class Turn:
     params: dict                    # carried into the upstream body as sent
     stream: bool = False
     caller: str = ""                # who asks: a hash of the API key and the user id
+    tools: list[dict] = dataclasses.field(default_factory=list)  # client tools, as sent
 
     @property
     def shape(self) -> str:
         """What a CLI is fixed to for its life: a session serves only its own shape."""
-        fixed = [self.model, self.system, self.params, self.caller]
+        fixed = [self.model, self.system, self.params, self.caller, self.tools]
         return hashlib.sha256(json.dumps(fixed, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -752,8 +755,10 @@ def messages_request_to_turn(body: dict, default_model: str, caller: str = "") -
              "assistant's answer cannot be carried through the Claude Code CLI.")
     if "stream" in body:
         _require(isinstance(body["stream"], bool), "stream: must be a boolean.")
-    if body.get("tools"):
-        raise InvalidRequest("tools: client tools are not supported by this proxy yet.")
+    tools = check_tools(body.get("tools"))
+    params = check_params(body)
+    if body.get("tool_choice") is not None:
+        params["tool_choice"] = check_tool_choice(body["tool_choice"], tools)
     metadata = body.get("metadata")
     if metadata is not None:
         _require(isinstance(metadata, dict), "metadata: must be an object.")
@@ -766,10 +771,121 @@ def messages_request_to_turn(body: dict, default_model: str, caller: str = "") -
         system=system_to_text(body.get("system")),
         history=[dict(m) for m in messages[:-1]],
         prompt={"role": "user", "content": messages[-1]["content"]},
-        params=check_params(body),
+        params=params,
         stream=bool(body.get("stream")),
         caller=caller,
+        tools=tools,
     )
+
+
+# -- client tools ------------------------------------------------------------
+# Client tools reach the upstream as the tools of an in-process MCP server, which
+# the CLI names mcp__<server>__<tool>. Names stay within the API's 64 characters:
+# a longer one is cut and made unique with a hash. The client only ever sees its
+# own names.
+
+TOOL_NAME_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+MCP_SERVER = "c"
+MCP_PREFIX = f"mcp__{MCP_SERVER}__"
+
+
+def check_tools(tools: Any) -> list[dict]:
+    """Validate the client tools; return them as sent."""
+    if tools is None:
+        return []
+    _require(isinstance(tools, list), "tools: must be a list.")
+    seen = set()
+    for i, tool in enumerate(tools):
+        at = f"tools.{i}"
+        _require(isinstance(tool, dict), f"{at}: must be an object.")
+        _require(tool.get("type") in (None, "custom"),
+                 f"{at}.type: '{tool.get('type')}' is a server tool; only custom tools can "
+                 "be carried through the Claude Code CLI.")
+        name = tool.get("name")
+        _require(isinstance(name, str) and TOOL_NAME_RE.match(name) is not None,
+                 f"{at}.name: must be 1-64 letters, digits, underscores or dashes.")
+        _require(name not in seen, f"{at}.name: '{name}' is used twice.")
+        seen.add(name)
+        _require(isinstance(tool.get("description", ""), str),
+                 f"{at}.description: must be a string.")
+        schema = tool.get("input_schema")
+        _require(isinstance(schema, dict) and schema.get("type") == "object",
+                 f"{at}.input_schema: must be a JSON schema with type 'object'.")
+    return [dict(tool) for tool in tools]
+
+
+def check_tool_choice(choice: Any, tools: list[dict]) -> dict:
+    """Validate tool_choice; return it as the upstream gets it (upstream tool names)."""
+    _require(isinstance(choice, dict) and choice.get("type") in ("auto", "any", "tool", "none"),
+             "tool_choice.type: must be 'auto', 'any', 'tool' or 'none'.")
+    if "disable_parallel_tool_use" in choice:
+        _require(isinstance(choice["disable_parallel_tool_use"], bool),
+                 "tool_choice.disable_parallel_tool_use: must be a boolean.")
+    if choice["type"] in ("any", "tool"):
+        _require(bool(tools), f"tool_choice.type: '{choice['type']}' needs tools.")
+    if choice["type"] == "tool":
+        names = [tool["name"] for tool in tools]
+        _require(choice.get("name") in names,
+                 "tool_choice.name: must name one of the request's tools.")
+        return {**choice, "name": upstream_tool_name(choice["name"])}
+    return dict(choice)
+
+
+def upstream_tool_name(name: str) -> str:
+    """The name the upstream knows a client tool by (at most 64 characters)."""
+    if len(MCP_PREFIX) + len(name) <= 64:
+        return MCP_PREFIX + name
+    return f"{MCP_PREFIX}{name[:47]}_{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+
+def client_tool_names(tools: list[dict]) -> dict[str, str]:
+    """Upstream name -> client name, for every client tool."""
+    return {upstream_tool_name(tool["name"]): tool["name"] for tool in tools}
+
+
+def rename_tool_uses(messages: list[dict], names: dict[str, str]) -> list[dict]:
+    """Messages with each tool_use renamed through `names` (other names kept)."""
+    renamed = []
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, list) and any(b.get("type") == "tool_use" for b in content):
+            content = [{**b, "name": names.get(b["name"], b["name"])}
+                       if b.get("type") == "tool_use" else b for b in content]
+        renamed.append({**message, "content": content})
+    return renamed
+
+
+def client_event(event: dict, names: dict[str, str]) -> dict:
+    """An upstream stream event with its tool_use under the client's tool name."""
+    block = event.get("content_block")
+    if event.get("type") == "content_block_start" and (block or {}).get("type") == "tool_use":
+        return {**event, "content_block": {**block, "name": names.get(block["name"],
+                                                                        block["name"])}}
+    return event
+
+
+def tool_results(prompt: dict, pending: list[str]) -> dict[str, dict] | None:
+    """The MCP results for the `pending` tool calls, when the prompt is exactly their
+    tool_results; None when it holds anything else or a result MCP cannot carry."""
+    content = prompt["content"]
+    if not isinstance(content, list) or any(b["type"] != "tool_result" for b in content):
+        return None
+    results = {}
+    for block in content:
+        inner = block.get("content")
+        parts = [{"type": "text", "text": inner}] if isinstance(inner, str) else inner or []
+        mcp = []
+        for part in parts:
+            source = part.get("source") or {}
+            if part["type"] == "text":
+                mcp.append({"type": "text", "text": part["text"]})
+            elif part["type"] == "image" and source.get("type") == "base64":
+                mcp.append({"type": "image", "data": source["data"],
+                            "mimeType": source["media_type"]})
+            else:
+                return None
+        results[block["tool_use_id"]] = {"content": mcp, "is_error": bool(block.get("is_error"))}
+    return results if sorted(results) == sorted(pending) else None
 
 
 def echoed_blocks(content: Any) -> list:
@@ -1067,7 +1183,79 @@ def cli_environment(turn: Turn) -> dict[str, str]:
         # No thinking unless the client asked: this removes `thinking` and
         # `context_management` (older model ids think by default otherwise).
         env["CLAUDE_CODE_DISABLE_THINKING"] = "1"
+    if turn.tools:
+        # A client tool call waits for the client; the reaper, not the CLI, ends it.
+        env["MCP_TOOL_TIMEOUT"] = str(TOOL_WAIT_MS)
     return env
+
+
+class ToolBroker:
+    """Where a CLI's calls of client tools wait for the client's tool_results.
+
+    The engine tells it which tool_use blocks the upstream sent (`expect`); the
+    CLI's calls through the MCP server claim them by name and input, and wait
+    until the engine `deliver`s the client's results.
+    """
+
+    def __init__(self) -> None:
+        self._calls: list[dict] = []
+        self._early: list[tuple[str, dict, asyncio.Future]] = []
+
+    def expect(self, tool_uses: list[dict]) -> None:
+        """The calls of the upstream message that just ended (upstream names)."""
+        loop = asyncio.get_running_loop()
+        self._calls = [{"id": b["id"], "name": b["name"], "input": b["input"],
+                        "claimed": False, "result": loop.create_future()} for b in tool_uses]
+        early, self._early = self._early, []
+        for name, arguments, waiter in early:
+            waiter.set_result(self._claim(name, arguments))
+
+    @property
+    def pending(self) -> list[str]:
+        """Ids of the calls that wait for a result."""
+        return [c["id"] for c in self._calls if not c["result"].done()]
+
+    def deliver(self, results: dict[str, dict]) -> None:
+        for call in self._calls:
+            if call["id"] in results and not call["result"].done():
+                call["result"].set_result(results[call["id"]])
+
+    def _claim(self, name: str, arguments: dict) -> dict | None:
+        for call in self._calls:
+            if not call["claimed"] and call["name"] == name and call["input"] == arguments:
+                call["claimed"] = True
+                return call
+        return None
+
+    async def call(self, name: str, arguments: dict) -> dict:
+        """The MCP handler's side: the client's result for this call. The CLI may
+        call as soon as a tool_use block ends, before the engine saw the message end."""
+        call = self._claim(name, arguments)
+        if call is None:
+            waiter = asyncio.get_running_loop().create_future()
+            self._early.append((name, arguments, waiter))
+            call = await waiter
+        if call is None:
+            return {"content": [{"type": "text", "text": f"No pending call of {name}."}],
+                    "is_error": True}
+        return await call["result"]
+
+
+def mcp_server(tools: list[dict], broker: ToolBroker) -> Any:
+    """The in-process MCP server that offers the client's tools to the CLI."""
+    def defined(tool: dict) -> Any:
+        name = upstream_tool_name(tool["name"])
+
+        async def handler(arguments: dict) -> dict:
+            return await broker.call(name, arguments)
+        # The SDK sends a dict schema unchanged when it has "properties"; one
+        # without them means the same with an empty "properties".
+        schema = tool["input_schema"]
+        return sdk.SdkMcpTool(name=name[len(MCP_PREFIX):],
+                              description=tool.get("description", ""),
+                              input_schema=schema if "properties" in schema else
+                              {**schema, "properties": {}}, handler=handler)
+    return sdk.create_sdk_mcp_server(MCP_SERVER, tools=[defined(t) for t in tools])
 
 
 class TranscriptStore:
@@ -1089,13 +1277,16 @@ class TranscriptStore:
         return self.entries if key.get("session_id") == self.session_id else None
 
 
-def cli_options(turn: Turn, config: Config, now: dt.datetime) -> Any:
+def cli_options(turn: Turn, config: Config, now: dt.datetime,
+                broker: ToolBroker | None = None) -> Any:
     """ClaudeAgentOptions for a CLI that serves exactly this Turn."""
     store = session_id = None
+    upstream_names = {tool["name"]: upstream_tool_name(tool["name"]) for tool in turn.tools}
     if turn.history:
         session_id = str(uuid.uuid4())
         store = TranscriptStore(session_id, transcript_entries(
-            turn.history, session_id, config.workdir, now, turn.model))
+            rename_tool_uses(turn.history, upstream_names), session_id, config.workdir,
+            now, turn.model))
     return sdk.ClaudeAgentOptions(
         model=turn.model,
         system_prompt=turn.system,
@@ -1105,7 +1296,12 @@ def cli_options(turn: Turn, config: Config, now: dt.datetime) -> Any:
         cwd=config.workdir,             # private and empty: reveals nothing of the host
         include_partial_messages=True,  # the upstream's own stream events
         verbatim_prompts=True,          # no @file expansion of client text
-        max_turns=1,
+        mcp_servers={MCP_SERVER: mcp_server(turn.tools, broker or ToolBroker())}
+        if turn.tools else {},
+        allowed_tools=list(upstream_names.values()),
+        # Every tool round waits for the client, so the turns need no tight bound;
+        # without tools one turn is one upstream call.
+        max_turns=MAX_TOOL_ROUNDS if turn.tools else 1,
         # Thinking the client asked for: the CLI then keeps thinking blocks in the
         # history; the extra body carries the exact budget.
         thinking=turn.params.get("thinking"),
@@ -1186,6 +1382,8 @@ class CliProcess:
         self._outbox: asyncio.Queue | None = None
         self._owner: asyncio.Task | None = None
         self._stopping = False              # close or kill asked: no new turns
+        self._reading: asyncio.Queue | None = None    # the current turn's outbox
+        self.parked = False                 # mid-turn, waiting for client tool results
 
     async def start(self) -> None:
         """Spawn and connect the CLI; raise a ProxyError when it cannot start."""
@@ -1197,14 +1395,19 @@ class CliProcess:
             await self.kill()
             raise
 
-    async def turn(self, message: dict) -> AsyncIterator[Any]:
-        """Send one user message; yield the SDK's messages up to its ResultMessage."""
+    def send(self, message: dict) -> None:
+        """Start a turn with one user message; `receive` yields what follows."""
         if self._owner is None or self._owner.done() or self._stopping:
             raise self._failure or BadGateway("The Claude Code CLI stopped.")
-        outbox: asyncio.Queue = asyncio.Queue()
-        self._jobs.put_nowait((message, outbox))
+        self._reading = asyncio.Queue()
+        self._jobs.put_nowait((message, self._reading))
+
+    async def receive(self) -> AsyncIterator[Any]:
+        """The current turn's SDK messages up to its ResultMessage, from where the
+        last reader stopped (a turn parked at a tool call goes on later)."""
+        assert self._reading is not None, "receive() before send()"
         while True:
-            item = await outbox.get()
+            item = await self._reading.get()
             if item is _CLOSED:
                 return
             if isinstance(item, BaseException):
@@ -1292,6 +1495,10 @@ class CliProcess:
                 message, self._outbox = job
                 await client.query(_single(message))
                 async for item in client.receive_response():
+                    if self.parked and _starts_upstream_call(item):
+                        # The CLI went on without the client's results (say, a tool
+                        # input the SDK's schema check refused): never reuse it.
+                        self.kill_now()
                     self._outbox.put_nowait(item)
                 self._outbox.put_nowait(_CLOSED)
                 self._outbox = None
@@ -1313,6 +1520,10 @@ class CliProcess:
             job = self._jobs.get_nowait()
             if job is not None:
                 job[1].put_nowait(self._failure or BadGateway("The Claude Code CLI stopped."))
+
+
+def _starts_upstream_call(item: Any) -> bool:
+    return isinstance(item, sdk.StreamEvent) and item.event.get("type") == "message_start"
 
 
 async def _single(message: dict) -> AsyncIterator[dict]:
@@ -1337,6 +1548,8 @@ def turn_items(message: Any, state: dict) -> list[tuple[str, Any]]:
             return [("kill", None)]
         if event.get("type") == "message_stop":
             state["complete"] = True
+        if (event.get("delta") or {}).get("stop_reason") == "tool_use":
+            state["tool_use"] = True
         if (event.get("delta") or {}).get("stop_reason") == "max_tokens":
             state["complete"] = state["killed"] = True
             return [("kill", None), ("stream", event), ("stream", {"type": "message_stop"})]
@@ -1374,6 +1587,7 @@ class LiveSession:
 
     process: CliProcess
     turn: Turn                      # the shape it serves (its first request)
+    broker: ToolBroker = dataclasses.field(default_factory=ToolBroker)
     id: str = dataclasses.field(default_factory=lambda: "sess_" + uuid.uuid4().hex[:20])
     digest: str | None = None       # conversation held; None for a spare
     busy: bool = False
@@ -1382,12 +1596,14 @@ class LiveSession:
 
     def describe(self, now: float) -> dict:
         """The operator's view (GET /sessions): no content, no keys."""
-        state = "busy" if self.busy else "idle" if self.digest is not None else \
+        state = "busy" if self.busy else "awaiting_tools" if self.process.parked else \
+            "idle" if self.digest is not None else \
             "spare" if self.process.connected else "starting"
         return {"id": self.id, "state": state,
                 "shape": {"id": self.turn.shape, "model": self.turn.model,
                           "system_chars": len(self.turn.system),
-                          "params": sorted(self.turn.params)},
+                          "params": sorted(self.turn.params),
+                          "tools": len(self.turn.tools)},
                 "turns": self.turns, "idle_s": round(now - self.last_used, 1),
                 "rss_mb": self.process.rss_mb()}
 
@@ -1413,26 +1629,40 @@ class Engine:
         """Yield ("stream" | "rate_limit" | "result", payload) for one Turn."""
         await self._acquire_slot()
         session = None
+        names = client_tool_names(turn.tools)
         try:
-            session = await self._session_for(turn)
+            session, results = await self._session_for(turn)
+            if results is None:
+                session.process.send(turn.prompt)
+            else:                       # the parked turn goes on with the client's results
+                session.process.parked = False
+                session.broker.deliver(results)
             assembler = MessageAssembler()
             complete = False
             state: dict = {}
-            async for message in session.process.turn(turn.prompt):
+            async for message in session.process.receive():
                 items = turn_items(message, state)
                 if items and items[0][0] == "kill":
                     session.process.kill_now()
                     items = items[1:]
                 for kind, payload in items:
                     if kind == "stream":
+                        payload = client_event(payload, names)
                         assembler.feed(payload)
                     yield kind, payload
                 if state.get("killed"):
                     return
-                complete = isinstance(message, sdk.ResultMessage)
+                complete = isinstance(message, sdk.ResultMessage) or \
+                    bool(state.get("complete") and state.get("tool_use"))
+                if complete and state.get("tool_use"):
+                    break               # the CLI now calls the tools: they wait for the client
             if complete and assembler.message is not None:
-                answered = turn.history + [turn.prompt, {
-                    "role": "assistant", "content": assembler.message["content"]}]
+                content = assembler.message["content"]
+                if state.get("tool_use"):
+                    session.broker.expect([{**b, "name": upstream_tool_name(b["name"])}
+                                           for b in content if b["type"] == "tool_use"])
+                    session.process.parked = True
+                answered = turn.history + [turn.prompt, {"role": "assistant", "content": content}]
                 self._park(session, conversation_digest(answered))
                 session = None
         finally:
@@ -1453,21 +1683,29 @@ class Engine:
         finally:
             self._waiting -= 1
 
-    async def _session_for(self, turn: Turn) -> LiveSession:
-        """The live session, spare or new CLI that will answer this Turn."""
+    async def _session_for(self, turn: Turn) -> tuple[LiveSession, dict | None]:
+        """The live session, spare or new CLI that will answer this Turn, and the
+        tool results it gets when it is parked at the client's tool calls."""
         self._recent_shapes.pop(turn.shape, None)
         self._recent_shapes[turn.shape] = turn
         key = (turn.shape, conversation_digest(turn.history))
         session = self._idle.pop(key, None)
+        results = None
+        if session is not None and session.process.parked:
+            results = tool_results(turn.prompt, session.broker.pending)
+            if results is None:         # it waits for results this request does not give
+                self._retire(session)
+                session = None
         if session is None and not turn.history:
             session = self._take_spare(turn.shape)
         if session is None or not session.process.alive:
             if session is not None:
                 self._retire(session)
             session = await self._spawn(turn)
+            results = None
         session.busy = True
         session.turns += 1
-        return session
+        return session, results
 
     def _park(self, session: LiveSession, digest: str) -> None:
         """Keep a session that answered, indexed by the conversation it now holds."""
@@ -1492,10 +1730,11 @@ class Engine:
                 raise ServiceUnavailable("No room for a spare.")
         else:
             await self._make_room()
+        broker = ToolBroker()
         process = CliProcess(cli_options(
             dataclasses.replace(turn, history=[]) if spare else turn,
-            self.config, dt.datetime.now(dt.timezone.utc)))
-        session = LiveSession(process, turn, busy=not spare)
+            self.config, dt.datetime.now(dt.timezone.utc), broker))
+        session = LiveSession(process, turn, broker, busy=not spare)
         self.sessions[session.id] = session
         self._ensure_reaper()
         try:
@@ -1532,7 +1771,7 @@ class Engine:
             if self._idle.get(key) is session:
                 del self._idle[key]
         process = session.process
-        polite = process.alive and not session.busy and not now
+        polite = process.alive and not session.busy and not now and not process.parked
         exit_task = self._in_background(process.close() if polite else process.kill())
         self._exits.add(exit_task)
         exit_task.add_done_callback(self._exits.discard)

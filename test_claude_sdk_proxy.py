@@ -11,6 +11,10 @@ upstream received. The upstream is steered by markers in the last user text:
   [[delay 1.5]]         wait before the first event
   [[hang]]              send message_start, then pings until the client hangs up
   [[stop max_tokens]]   end with that stop_reason
+  [[tool NAME {json}]]  call the client tool NAME with that input (several: parallel)
+
+A request whose last user message holds tool_results is answered with text that
+quotes them: "Results: <tool_use_id>=<text>, ...".
 """
 
 from __future__ import annotations
@@ -146,6 +150,12 @@ class ScriptedUpstream:
                     return
                 self.release.wait(0.05)
         index = 0
+        calls = re.findall(r"\[\[tool (\S+) (\{.*?\})\]\]", text)
+        if calls:
+            return self.answer_tool_calls(event, body, calls, handler)
+        results = self.tool_results(body)
+        if results is not None:
+            return self.answer_text(event, f"Results: {results}", "end_turn", handler)
         if "[[thinking]]" in text:
             event("content_block_start", {"type": "content_block_start", "index": 0,
                                           "content_block": {"type": "thinking", "thinking": ""}})
@@ -163,12 +173,65 @@ class ScriptedUpstream:
             event("content_block_delta", {"type": "content_block_delta", "index": index,
                                           "delta": {"type": "text_delta", "text": piece}})
         event("content_block_stop", {"type": "content_block_stop", "index": index})
+        self.finish(event, stop.group(1) if stop else "end_turn", handler)
+
+    @staticmethod
+    def tool_results(body):
+        """'id=text, ...' for a last user message of tool_results; None otherwise."""
+        content = conversation(body)[-1]["content"]
+        if isinstance(content, str) or not any(b["type"] == "tool_result" for b in content):
+            return None
+        quoted = []
+        for block in content:
+            if block["type"] != "tool_result":
+                continue
+            inner = block.get("content")
+            texts = [inner] if isinstance(inner, str) else \
+                [p.get("text", p["type"]) for p in inner or []]
+            error = " (error)" if block.get("is_error") else ""
+            quoted.append(f"{block['tool_use_id']}={'|'.join(texts)}{error}")
+        return ", ".join(quoted)
+
+    def answer_text(self, event, text, stop_reason, handler):
+        event("content_block_start", {"type": "content_block_start", "index": 0,
+                                      "content_block": {"type": "text", "text": ""}})
+        event("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                      "delta": {"type": "text_delta", "text": text}})
+        event("content_block_stop", {"type": "content_block_stop", "index": 0})
+        self.finish(event, stop_reason, handler)
+
+    @staticmethod
+    def finish(event, stop_reason, handler):
         event("message_delta", {"type": "message_delta",
-                                "delta": {"stop_reason": stop.group(1) if stop else "end_turn",
-                                          "stop_sequence": None},
+                                "delta": {"stop_reason": stop_reason, "stop_sequence": None},
                                 "usage": {"output_tokens": 42}})
         event("message_stop", {"type": "message_stop"})
         handler.wfile.write(b"0\r\n\r\n")
+
+    def answer_tool_calls(self, event, body, calls, handler):
+        """A text block, then one tool_use per [[tool NAME {json}]] marker, streamed with
+        input_json_delta fragments, under the name the upstream was offered."""
+        offered = {t["name"] for t in body.get("tools", [])}
+        event("content_block_start", {"type": "content_block_start", "index": 0,
+                                      "content_block": {"type": "text", "text": ""}})
+        event("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                      "delta": {"type": "text_delta", "text": "Calling."}})
+        event("content_block_stop", {"type": "content_block_stop", "index": 0})
+        for index, (name, arguments) in enumerate(calls, start=1):
+            upstream_name = proxy.upstream_tool_name(name)
+            assert upstream_name in offered, (upstream_name, offered)
+            event("content_block_start", {"type": "content_block_start", "index": index,
+                                          "content_block": {
+                                              "type": "tool_use", "name": upstream_name,
+                                              "id": f"toolu_{uuid.uuid4().hex[:20]}",
+                                              "input": {}}})
+            half = len(arguments) // 2
+            for piece in (arguments[:half], arguments[half:]):
+                event("content_block_delta", {"type": "content_block_delta", "index": index,
+                                              "delta": {"type": "input_json_delta",
+                                                        "partial_json": piece}})
+            event("content_block_stop", {"type": "content_block_stop", "index": index})
+        self.finish(event, "tool_use", handler)
 
     @staticmethod
     def send_error(handler, status, window):
@@ -917,14 +980,88 @@ class AnthropicTranslationTest(PureAssertions, unittest.TestCase):
             ({"system": [{"type": "image"}]}, "system.0: must be a text block."),
             ({"system": [{"type": "text", "text": "a"}, {"type": "text"}]}, "system.1: must be"),
             ({"system": 5}, "system: must be a string or a list of text blocks."),
-            ({"tools": [{"name": "get_weather", "input_schema": {"type": "object"}}]},
-             "tools: client tools are not supported by this proxy yet."),
+            ({"tools": {"name": "t"}}, "tools: must be a list."),
+            ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]},
+             "tools.0.type: 'web_search_20250305' is a server tool"),
+            ({"tools": [{"name": "bad name", "input_schema": {"type": "object"}}]},
+             "tools.0.name: must be 1-64"),
+            ({"tools": [{"name": "x" * 65, "input_schema": {"type": "object"}}]},
+             "tools.0.name: must be 1-64"),
+            ({"tools": [{"name": "t", "input_schema": {"type": "object"}}] * 2},
+             "tools.1.name: 't' is used twice."),
+            ({"tools": [{"name": "t", "input_schema": {"type": "string"}}]},
+             "tools.0.input_schema: must be a JSON schema with type 'object'."),
+            ({"tools": [{"name": "t", "description": 3, "input_schema": {"type": "object"}}]},
+             "tools.0.description: must be a string."),
+            ({"tool_choice": {"type": "sometimes"}}, "tool_choice.type: must be"),
+            ({"tool_choice": {"type": "any"}}, "tool_choice.type: 'any' needs tools."),
+            ({"tools": [{"name": "t", "input_schema": {"type": "object"}}],
+              "tool_choice": {"type": "tool", "name": "u"}},
+             "tool_choice.name: must name one of the request's tools."),
+            ({"tool_choice": {"type": "auto", "disable_parallel_tool_use": "yes"}},
+             "tool_choice.disable_parallel_tool_use: must be a boolean."),
             ({"metadata": "x"}, "metadata: must be an object."),
             ({"service_tier": "priority"}, "service_tier:")]
         for changes, prefix in table:
             with self.subTest(changes=changes):
                 self.assertProxyError(INV, proxy.messages_request_to_turn, valid_body(**changes),
                                       "sonnet", prefix=prefix)
+
+    def test_tools_and_tool_choice_are_carried_under_upstream_names(self):
+        tools = [{"name": "get_weather", "input_schema": {"type": "object"}},
+                 {"name": "y" * 64, "description": "long", "input_schema": {"type": "object"}}]
+        turn = proxy.messages_request_to_turn(valid_body(
+            tools=tools, tool_choice={"type": "tool", "name": "y" * 64}), "sonnet")
+        self.assertEqual(turn.tools, tools)
+        long_name = proxy.upstream_tool_name("y" * 64)
+        self.assertEqual(turn.params["tool_choice"], {"type": "tool", "name": long_name})
+        self.assertEqual(proxy.upstream_tool_name("get_weather"), "mcp__c__get_weather")
+        self.assertEqual(len(long_name), 64)
+        self.assertNotEqual(long_name, proxy.upstream_tool_name("y" * 63 + "z"))
+        self.assertEqual(proxy.client_tool_names(tools),
+                         {"mcp__c__get_weather": "get_weather", long_name: "y" * 64})
+        self.assertNotEqual(turn.shape, proxy.messages_request_to_turn(valid_body(), "sonnet").shape)
+
+    def test_tool_use_renaming_both_ways(self):
+        names = {"mcp__c__t": "t"}
+        start = {"type": "content_block_start", "index": 1, "content_block": {
+            "type": "tool_use", "id": "toolu_1", "name": "mcp__c__t", "input": {}}}
+        self.assertEqual(proxy.client_event(start, names)["content_block"]["name"], "t")
+        self.assertEqual(start["content_block"]["name"], "mcp__c__t", "input left alone")
+        text = {"type": "content_block_start", "index": 0,
+                "content_block": {"type": "text", "text": ""}}
+        self.assertIs(proxy.client_event(text, names), text)
+        history = [{"role": "user", "content": "q"},
+                   {"role": "assistant", "content": [{"type": "text", "text": "a"}, {
+                       "type": "tool_use", "id": "toolu_1", "name": "t", "input": {}}, {
+                       "type": "tool_use", "id": "toolu_2", "name": "gone", "input": {}}]}]
+        renamed = proxy.rename_tool_uses(history, {"t": "mcp__c__t"})
+        self.assertEqual([b.get("name") for b in renamed[1]["content"]],
+                         [None, "mcp__c__t", "gone"])
+        self.assertEqual(history[1]["content"][1]["name"], "t", "input left alone")
+
+    def test_tool_results_for_a_parked_turn(self):
+        png = base64.b64encode(png_bytes(2, 2)).decode()
+        prompt = {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "a", "content": "sunny"},
+            {"type": "tool_result", "tool_use_id": "b", "is_error": True, "content": [
+                {"type": "text", "text": "no"},
+                {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                             "data": png}}]}]}
+        self.assertEqual(proxy.tool_results(prompt, ["b", "a"]), {
+            "a": {"content": [{"type": "text", "text": "sunny"}], "is_error": False},
+            "b": {"content": [{"type": "text", "text": "no"}, {
+                "type": "image", "data": png, "mimeType": "image/png"}], "is_error": True}})
+        url_image = {"type": "tool_result", "tool_use_id": "a", "content": [
+            {"type": "image", "source": {"type": "url", "url": "https://x/y.png"}}]}
+        for content, pending in [(prompt["content"], ["a"]),             # an unexpected result
+                                 (prompt["content"][:1], ["a", "b"]),    # a missing one
+                                 (prompt["content"] + [{"type": "text", "text": "and"}],
+                                  ["a", "b"]),                           # text beside them
+                                 ("just text", ["a"]), ([url_image], ["a"])]:
+            with self.subTest(content=content, pending=pending):
+                self.assertIsNone(proxy.tool_results({"role": "user", "content": content},
+                                                     pending))
 
     def test_parse_json_body(self):
         self.assertEqual(proxy.parse_json_body(b'{"a": [1, "\xc3\xa9"]}'), {"a": [1, "é"]})
@@ -1796,6 +1933,143 @@ class WarmSessionTest(ApiAssertions, unittest.TestCase):
         states = {s["id"]: (s["state"], s["turns"]) for s in self.sessions(server)}
         self.assertEqual(states[spare["id"]], ("idle", 1), "the spare answered the new chat")
         self.assertLessEqual(len(cli_children()), 3)
+
+
+WEATHER = {"name": "get_weather", "description": "Weather for a city.",
+           "input_schema": {"type": "object", "properties": {"city": {"type": "string"}},
+                            "required": ["city"]}}
+LONG_TOOL = {"name": "n" * 64, "description": "A tool with the longest name the API allows.",
+             "input_schema": {"type": "object", "properties": {"a": {"type": "integer"}}}}
+
+
+class ClientToolsTest(ApiAssertions, unittest.TestCase):
+    """Client tools: tool_use out, tool_result back, on the parked live CLI."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.server = ProxyThread()
+        cls.client = cls.server.client()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.stop()
+
+    def setUp(self):
+        UPSTREAM.clear()
+
+    def create(self, messages, tools=(WEATHER,), **kwargs):
+        return self.client.messages.create(model="claude-sonnet-5-5", max_tokens=300,
+                                           tools=list(tools), messages=messages, **kwargs)
+
+    @staticmethod
+    def answered(messages, message, results):
+        return messages + [
+            {"role": "assistant", "content": [b.model_dump(exclude_none=True)
+                                              for b in message.content]},
+            {"role": "user", "content": results}]
+
+    def test_tool_use_and_its_result_continue_one_turn_on_one_cli(self):
+        ask = [{"role": "user", "content": 'Weather? [[tool get_weather {"city": "Paris"}]]'}]
+        message = self.create(ask)
+        self.assertEqual(message.stop_reason, "tool_use")
+        text, call = message.content
+        self.assertEqual((text.type, text.text), ("text", "Calling."))
+        self.assertEqual((call.type, call.name, call.input),
+                         ("tool_use", "get_weather", {"city": "Paris"}))
+        first = UPSTREAM.messages_requests()[0]["body"]
+        self.assertEqual(first["tools"], [{**{k: WEATHER[k] for k in ("description",
+                                                                      "input_schema")},
+                                           "name": "mcp__c__get_weather"}],
+                         "the client's tool, schema unchanged, and no other tool")
+        final = self.create(self.answered(ask, message, [
+            {"type": "tool_result", "tool_use_id": call.id, "content": "sunny, 21 C"}]))
+        self.assertEqual(final.content[0].text, f"Results: {call.id}=sunny, 21 C")
+        self.assertEqual(final.stop_reason, "end_turn")
+        requests = UPSTREAM.messages_requests()
+        self.assertEqual(len(requests), 2, "one upstream call per client request")
+        self.assertEqual(len({r["headers"]["X-Claude-Code-Session-Id"] for r in requests}), 1)
+        sent = conversation(requests[1]["body"])
+        self.assertEqual([m["role"] for m in sent], ["user", "assistant", "user"])
+        self.assertEqual([(b["type"], b.get("name")) for b in sent[1]["content"]],
+                         [("text", None), ("tool_use", "mcp__c__get_weather")])
+        [result] = sent[2]["content"]
+        self.assertEqual((result["type"], result["tool_use_id"]), ("tool_result", call.id))
+
+    def test_streamed_tool_use_arrives_as_input_json_deltas(self):
+        ask = [{"role": "user", "content": 'Stream it [[tool get_weather {"city": "Oslo"}]]'}]
+        with self.client.messages.stream(model="claude-sonnet-5-5", max_tokens=300,
+                                         tools=[WEATHER], messages=ask) as stream:
+            events = list(stream)
+            message = stream.get_final_message()
+        starts = [e for e in events if e.type == "content_block_start"]
+        self.assertEqual([(e.content_block.type, getattr(e.content_block, "name", None))
+                          for e in starts], [("text", None), ("tool_use", "get_weather")])
+        fragments = [e.delta.partial_json for e in events if e.type == "content_block_delta"
+                     and e.delta.type == "input_json_delta"]
+        self.assertEqual(json.loads("".join(fragments)), {"city": "Oslo"})
+        self.assertGreater(len(fragments), 1)
+        self.assertEqual((message.stop_reason, message.content[1].input),
+                         ("tool_use", {"city": "Oslo"}))
+        with self.client.messages.stream(model="claude-sonnet-5-5", max_tokens=300,
+                                         tools=[WEATHER], messages=self.answered(ask, message, [
+                                             {"type": "tool_result",
+                                              "tool_use_id": message.content[1].id,
+                                              "content": "cold"}])) as stream:
+            self.assertEqual(stream.get_final_message().content[0].text,
+                             f"Results: {message.content[1].id}=cold")
+
+    def test_parallel_calls_long_names_error_and_image_results(self):
+        ask = [{"role": "user", "content": 'Both [[tool get_weather {"city": "Rome"}]] '
+                                           f'[[tool {LONG_TOOL["name"]} {{"a": 7}}]]'}]
+        message = self.create(ask, tools=(WEATHER, LONG_TOOL))
+        calls = [b for b in message.content if b.type == "tool_use"]
+        self.assertEqual([(c.name, c.input) for c in calls],
+                         [("get_weather", {"city": "Rome"}), (LONG_TOOL["name"], {"a": 7})])
+        offered = [t["name"] for t in UPSTREAM.messages_requests()[0]["body"]["tools"]]
+        self.assertTrue(all(len(name) <= 64 for name in offered), offered)
+        png = base64.b64encode(png_bytes(3, 2)).decode()
+        final = self.create(self.answered(ask, message, [
+            {"type": "tool_result", "tool_use_id": calls[0].id, "is_error": True,
+             "content": "no such city"},
+            {"type": "tool_result", "tool_use_id": calls[1].id, "content": [
+                {"type": "text", "text": "chart"},
+                {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                             "data": png}}]}]), tools=(WEATHER, LONG_TOOL))
+        # The CLI adds a text note after an image of an MCP result (README, Limits).
+        self.assertTrue(final.content[0].text.startswith(
+            f"Results: {calls[0].id}=no such city (error), {calls[1].id}=chart|image"),
+            final.content[0].text)
+        results = conversation(UPSTREAM.messages_requests()[1]["body"])[-1]["content"]
+        self.assertEqual([(r["tool_use_id"], bool(r.get("is_error"))) for r in results],
+                         [(calls[0].id, True), (calls[1].id, False)])
+        image = results[1]["content"][1]
+        self.assertEqual((image["type"], image["source"]["data"]), ("image", png))
+
+    def test_tool_choice_reaches_the_upstream(self):
+        self.create([{"role": "user", "content": "[[tool get_weather {\"city\": \"Nice\"}]]"}],
+                    tools=(WEATHER, LONG_TOOL),
+                    tool_choice={"type": "tool", "name": LONG_TOOL["name"]})
+        self.assertEqual(UPSTREAM.messages_requests()[0]["body"]["tool_choice"],
+                         {"type": "tool", "name": proxy.upstream_tool_name(LONG_TOOL["name"])})
+
+    def test_an_answer_other_than_the_results_ends_the_parked_cli(self):
+        ask = [{"role": "user", "content": 'Hm [[tool get_weather {"city": "Bonn"}]]'}]
+        message = self.create(ask)
+        parked = [s for s in self.client.get("/sessions", cast_to=object)["data"]
+                  if s["state"] == "awaiting_tools"]
+        self.assertEqual(len(parked), 1)
+        history = ask + [{"role": "assistant", "content": [
+            b.model_dump(exclude_none=True) for b in message.content]},
+            {"role": "user", "content": [{"type": "tool_result",
+                                          "tool_use_id": message.content[1].id,
+                                          "content": "rain"},
+                                         {"type": "text", "text": "And tomorrow?"}]}]
+        final = self.create(history)
+        self.assertEqual(final.stop_reason, "end_turn")
+        ids = {s["id"] for s in self.client.get("/sessions", cast_to=object)["data"]}
+        self.assertNotIn(parked[0]["id"], ids)
+        second = conversation(UPSTREAM.messages_requests()[1]["body"])
+        self.assertEqual(second[-1]["content"][-1]["text"], "And tomorrow?")
 
 
 def strip_cache_control(blocks):
