@@ -21,17 +21,18 @@ Map (numbered sections, in the order data flows):
   4. SSE                    -- server-sent event frames
   5. Auth and models        -- API key check, model mapping, the models list
   6. Anthropic translation  -- request validation, transcripts, events -> Message, token estimate
-  7. SDK adapter            -- ClaudeAgentOptions, CLI environment, one CLI process per task
-  8. Conversation engine    -- live sessions, warm spares, the caps
-  9. Routes and handlers    -- the route table and one coroutine per route
- 10. Server                 -- connections, keep-alive, streaming, errors into responses
- 11. Command line           -- argument parsing and main(argv) -> int
+  7. OpenAI translation     -- Chat Completions requests in, completions and chunks out
+  8. SDK adapter            -- ClaudeAgentOptions, client tools, one CLI process per task
+  9. Conversation engine    -- live sessions, tool calls parked, warm spares, the caps
+ 10. Routes and handlers    -- the route table and one coroutine per route
+ 11. Server                 -- connections, keep-alive, streaming, errors into responses
+ 12. Command line           -- argument parsing and main(argv) -> int
 
 Rules:
-  - Sections 1-6 are pure: no await, no sockets, no environment reads, no SDK.
+  - Sections 1-7 are pure: no await, no sockets, no environment reads, no SDK.
     They take dicts and return dicts (or raise ProxyError).
-  - Only section 7 imports claude_agent_sdk; SDK exceptions become ProxyErrors there.
-  - Only section 10 touches asyncio streams; handlers (9) write through a Responder.
+  - Only section 8 uses claude_agent_sdk; SDK exceptions become ProxyErrors there.
+  - Only section 11 touches asyncio streams; handlers (10) write through a Responder.
   - Errors become responses in one place (`Responder.fail`), in the caller's dialect.
   - The CLI's identity and attribution lines and its user agent stay as it sends
     them: no prompt camouflage, no body override of `system` or `messages`.
@@ -198,7 +199,7 @@ def config_from(args: argparse.Namespace, environ: dict, memory_bytes: int = 8 <
 # =============================================================================
 # 2. Errors -- ProxyError and its subclasses: status + API error type
 # =============================================================================
-# Pure code raises these; `Responder.fail` (section 10) is the one place that turns
+# Pure code raises these; `Responder.fail` (section 11) is the one place that turns
 # them into a response in the caller's dialect. `headers` carries retry-after and
 # the like. Unknown exceptions never reach a client: they become a generic 500.
 
@@ -310,7 +311,7 @@ def error_to_anthropic(err: ProxyError, request_id: str | None = None) -> dict:
 # Pure parsing of bytes already read (RFC 9112). `parse_request_head` takes the
 # bytes up to and including the blank line; `body_length` decides the framing;
 # `ChunkedDecoder` is fed bytes and returns body bytes. Reading sockets is
-# section 10's job.
+# section 11's job.
 
 HTTP_REASONS = {
     100: "Continue", 200: "OK", 204: "No Content", 400: "Bad Request",
@@ -698,12 +699,13 @@ def system_to_text(system: Any) -> str:
     return "\n\n".join(texts)
 
 
-def check_params(body: dict) -> dict:
+def check_params(body: dict, max_tokens_required: bool = True) -> dict:
     """Validate the carried parameters and return them as they will be sent."""
     params = {k: body[k] for k in CARRIED_PARAMS if k in body and body[k] is not None}
     max_tokens = params.get("max_tokens")
-    _require(_is_int(max_tokens) and max_tokens >= 1,
-             "max_tokens: required, an integer of at least 1.")
+    if max_tokens is not None or max_tokens_required:
+        _require(_is_int(max_tokens) and max_tokens >= 1,
+                 "max_tokens: required, an integer of at least 1.")
     if "temperature" in params:
         _require(_is_number(params["temperature"]) and 0 <= params["temperature"] <= 1,
                  "temperature: must be a number between 0 and 1.")
@@ -726,8 +728,8 @@ def check_params(body: dict) -> dict:
             budget = thinking.get("budget_tokens")
             _require(_is_int(budget) and budget >= 1024,
                      "thinking.budget_tokens: an integer of at least 1024.")
-            _require(budget < max_tokens, "max_tokens: must be greater than "
-                                          "thinking.budget_tokens.")
+            _require(max_tokens is None or budget < max_tokens,
+                     "max_tokens: must be greater than thinking.budget_tokens.")
         if thinking["type"] == "disabled":
             del params["thinking"]      # absent already means no thinking upstream
     if "service_tier" in params:
@@ -736,8 +738,10 @@ def check_params(body: dict) -> dict:
     return params
 
 
-def messages_request_to_turn(body: dict, default_model: str, caller: str = "") -> Turn:
-    """Validate a Messages API request body and split it into a Turn."""
+def messages_request_to_turn(body: dict, default_model: str, caller: str = "",
+                             max_tokens_required: bool = True) -> Turn:
+    """Validate a Messages API request body and split it into a Turn (without
+    max_tokens, when not required, the CLI's default for the model applies)."""
     model = body.get("model")
     _require(isinstance(model, str) and model.strip() != "", "model: required, a string.")
     messages = body.get("messages")
@@ -756,7 +760,7 @@ def messages_request_to_turn(body: dict, default_model: str, caller: str = "") -
     if "stream" in body:
         _require(isinstance(body["stream"], bool), "stream: must be a boolean.")
     tools = check_tools(body.get("tools"))
-    params = check_params(body)
+    params = check_params(body, max_tokens_required)
     if body.get("tool_choice") is not None:
         params["tool_choice"] = check_tool_choice(body["tool_choice"], tools)
     metadata = body.get("metadata")
@@ -1129,7 +1133,283 @@ def check_count_tokens_request(body: dict) -> None:
 
 
 # =============================================================================
-# 7. SDK adapter -- ClaudeAgentOptions, CLI environment, one CLI process per task
+# 7. OpenAI translation -- Chat Completions requests in, completions and chunks out
+# =============================================================================
+# A Chat Completions request becomes a Messages API body (then a Turn, through
+# section 6, so both dialects share one validation and one engine); the answer's
+# Message becomes a `chat.completion`, its stream events `chat.completion.chunk`s.
+
+FINISH_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
+                  "tool_use": "tool_calls", "pause_turn": "stop", "refusal": "content_filter"}
+# Parameters that change what OpenAI answers and that Claude cannot honour: a
+# request that sets them otherwise than their default gets a 400.
+CHAT_UNSUPPORTED = {"n": 1, "logprobs": False, "top_logprobs": None, "logit_bias": None,
+                    "presence_penalty": 0, "frequency_penalty": 0, "seed": None,
+                    "audio": None, "prediction": None, "web_search_options": None}
+CHAT_IGNORED = ("model", "messages", "stream", "stream_options", "user", "store", "metadata",
+                "service_tier", "reasoning_effort", "modalities", "parallel_tool_calls")
+
+
+def _chat_text(content: Any, where: str) -> str:
+    """A system, developer or tool message's content as text."""
+    if isinstance(content, str):
+        return content
+    _require(isinstance(content, list) and all(
+        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+        for p in content), f"{where}.content: must be a string or a list of text parts.")
+    return "\n\n".join(p["text"] for p in content)
+
+
+def _chat_user_blocks(content: Any, where: str) -> list[dict]:
+    """A user message's content as Anthropic blocks (text, base64 or url images)."""
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    _require(isinstance(content, list), f"{where}.content: must be a string or a list of parts.")
+    blocks = []
+    for i, part in enumerate(content):
+        at = f"{where}.content.{i}"
+        _require(isinstance(part, dict), f"{at}: must be an object.")
+        if part.get("type") == "text" and isinstance(part.get("text"), str):
+            blocks.append({"type": "text", "text": part["text"]})
+            continue
+        _require(part.get("type") == "image_url", f"{at}.type: must be 'text' or 'image_url'.")
+        image = part.get("image_url")
+        url = image.get("url") if isinstance(image, dict) else None
+        _require(isinstance(url, str), f"{at}.image_url.url: required.")
+        data_uri = re.match(r"data:(image/[\w.+-]+);base64,(.*)$", url, re.S)
+        if data_uri:
+            blocks.append({"type": "image", "source": {
+                "type": "base64", "media_type": data_uri.group(1), "data": data_uri.group(2)}})
+        else:
+            _require(url.startswith(("http://", "https://")),
+                     f"{at}.image_url.url: must be an http(s) URL or a base64 data URI.")
+            blocks.append({"type": "image", "source": {"type": "url", "url": url}})
+    return blocks
+
+
+def _chat_assistant_blocks(message: dict, where: str) -> list[dict]:
+    content = message.get("content")
+    blocks = [] if content in (None, "") else [{"type": "text",
+                                                "text": _chat_text(content, where)}]
+    calls = message.get("tool_calls") or []
+    _require(isinstance(calls, list), f"{where}.tool_calls: must be a list.")
+    for i, call in enumerate(calls):
+        at = f"{where}.tool_calls.{i}"
+        function = call.get("function") if isinstance(call, dict) else None
+        _require(isinstance(function, dict) and isinstance(call.get("id"), str)
+                 and isinstance(function.get("name"), str)
+                 and isinstance(function.get("arguments", ""), str),
+                 f"{at}: needs an id and a function with a name and arguments.")
+        try:
+            arguments = json.loads(function.get("arguments") or "{}")
+        except ValueError:
+            raise InvalidRequest(f"{at}.function.arguments: must be a JSON object.") from None
+        _require(isinstance(arguments, dict), f"{at}.function.arguments: must be a JSON object.")
+        blocks.append({"type": "tool_use", "id": call["id"], "name": function["name"],
+                       "input": arguments})
+    return blocks or [{"type": "text", "text": ""}]
+
+
+def _chat_tools(body: dict) -> dict:
+    """tools and tool_choice in the Messages API's form."""
+    out: dict[str, Any] = {}
+    tools = body.get("tools")
+    if tools is not None:
+        _require(isinstance(tools, list), "tools: must be a list.")
+        out["tools"] = []
+        for i, tool in enumerate(tools):
+            function = tool.get("function") if isinstance(tool, dict) else None
+            _require(isinstance(tool, dict) and tool.get("type") == "function"
+                     and isinstance(function, dict),
+                     f"tools.{i}: must be a function tool.")
+            converted = {"name": function.get("name"),
+                         "input_schema": function.get("parameters") or
+                         {"type": "object", "properties": {}}}
+            if function.get("description") is not None:
+                converted["description"] = function["description"]
+            out["tools"].append(converted)
+    choice = body.get("tool_choice")
+    parallel = body.get("parallel_tool_calls")
+    if choice is not None or parallel is False:
+        if isinstance(choice, dict):
+            name = (choice.get("function") or {}).get("name")
+            _require(choice.get("type") == "function" and isinstance(name, str),
+                     "tool_choice: must be 'none', 'auto', 'required' or a function.")
+            anthropic_choice = {"type": "tool", "name": name}
+        else:
+            kinds = {"none": "none", "auto": "auto", "required": "any", None: "auto"}
+            _require(choice in kinds,
+                     "tool_choice: must be 'none', 'auto', 'required' or a function.")
+            anthropic_choice = {"type": kinds[choice]}
+        if parallel is False and anthropic_choice["type"] != "none":
+            anthropic_choice["disable_parallel_tool_use"] = True
+        out["tool_choice"] = anthropic_choice
+    return out
+
+
+def _chat_response_format(value: Any) -> dict | None:
+    """response_format as the upstream's output_config.format (native structured output)."""
+    if value is None:
+        return None
+    _require(isinstance(value, dict) and value.get("type") in ("text", "json_object",
+                                                                "json_schema"),
+             "response_format.type: must be 'text', 'json_object' or 'json_schema'.")
+    if value["type"] == "text":
+        return None
+    if value["type"] == "json_object":
+        return {"type": "json_schema", "schema": {"type": "object"}}
+    schema = (value.get("json_schema") or {}).get("schema")
+    _require(isinstance(schema, dict), "response_format.json_schema.schema: required, an object.")
+    return {"type": "json_schema", "schema": schema}
+
+
+def chat_request_to_turn(body: dict, default_model: str, caller: str = "") -> Turn:
+    """Validate a Chat Completions request and make it a Turn."""
+    for name, default in CHAT_UNSUPPORTED.items():
+        _require(body.get(name) in (None, default),
+                 f"{name}: not supported by this proxy (Claude cannot honour it).")
+    known = set(CHAT_UNSUPPORTED) | set(CHAT_IGNORED) | {
+        "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "tools",
+        "tool_choice", "response_format"}
+    unknown = sorted(set(body) - known)
+    _require(not unknown, f"{', '.join(unknown)}: unknown or unsupported parameter.")
+    messages = body.get("messages")
+    _require(isinstance(messages, list) and messages, "messages: required, a non-empty list.")
+    system, converted = [], []
+    for i, message in enumerate(messages):
+        where = f"messages.{i}"
+        _require(isinstance(message, dict), f"{where}: must be an object.")
+        role = message.get("role")
+        if role in ("system", "developer"):
+            system.append(_chat_text(message.get("content"), where))
+            continue
+        if role == "user":
+            blocks = _chat_user_blocks(message.get("content"), where)
+        elif role == "tool":
+            _require(isinstance(message.get("tool_call_id"), str),
+                     f"{where}.tool_call_id: required.")
+            blocks = [{"type": "tool_result", "tool_use_id": message["tool_call_id"],
+                       "content": _chat_text(message.get("content"), where)}]
+        elif role == "assistant":
+            blocks = _chat_assistant_blocks(message, where)
+        else:
+            raise InvalidRequest(f"{where}.role: must be system, developer, user, "
+                                 "assistant or tool.")
+        anthropic_role = "assistant" if role == "assistant" else "user"
+        if converted and converted[-1]["role"] == anthropic_role:
+            converted[-1]["content"] += blocks      # consecutive turns of one side merge
+        else:
+            converted.append({"role": anthropic_role, "content": blocks})
+    anthropic: dict[str, Any] = {"model": body.get("model"), "messages": converted,
+                                 "stream": body.get("stream", False)}
+    if system:
+        anthropic["system"] = "\n\n".join(system)
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is not None:
+        anthropic["max_tokens"] = max_tokens
+    for name in ("temperature", "top_p"):
+        if body.get(name) is not None:
+            anthropic[name] = body[name]
+    stop = body.get("stop")
+    if stop is not None:
+        anthropic["stop_sequences"] = [stop] if isinstance(stop, str) else stop
+    anthropic.update(_chat_tools(body))
+    user = body.get("user")
+    if user is not None:
+        _require(isinstance(user, str), "user: must be a string.")
+        anthropic["metadata"] = {"user_id": user}
+    turn = messages_request_to_turn(anthropic, default_model, caller, max_tokens_required=False)
+    output_format = _chat_response_format(body.get("response_format"))
+    if output_format is None:
+        return turn
+    return dataclasses.replace(turn, params={**turn.params,
+                                             "output_config": {"format": output_format}})
+
+
+def chat_usage(usage: dict) -> dict:
+    """Anthropic usage as OpenAI's: prompt tokens include the cached ones."""
+    cached = usage.get("cache_read_input_tokens") or 0
+    prompt = (usage.get("input_tokens") or 0) + cached + \
+        (usage.get("cache_creation_input_tokens") or 0)
+    completion = usage.get("output_tokens") or 0
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def chat_tool_call(block: dict) -> dict:
+    return {"id": block["id"], "type": "function",
+            "function": {"name": block["name"], "arguments": json.dumps(block["input"])}}
+
+
+def message_to_chat_completion(message: dict, completion_id: str, created: int) -> dict:
+    """A Messages API Message as a `chat.completion` (thinking blocks are left out)."""
+    texts = [b["text"] for b in message["content"] if b.get("type") == "text"]
+    calls = [chat_tool_call(b) for b in message["content"] if b.get("type") == "tool_use"]
+    reply: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts else None,
+                             "refusal": None}
+    if calls:
+        reply["tool_calls"] = calls
+    return {"id": completion_id, "object": "chat.completion", "created": created,
+            "model": message["model"], "choices": [{
+                "index": 0, "message": reply, "logprobs": None,
+                "finish_reason": FINISH_REASONS.get(message.get("stop_reason"), "stop")}],
+            "usage": chat_usage(message["usage"])}
+
+
+class ChunkTranslator:
+    """Stream events of one upstream message into `chat.completion.chunk`s."""
+
+    def __init__(self, completion_id: str, created: int, include_usage: bool):
+        self.base = {"id": completion_id, "object": "chat.completion.chunk",
+                     "created": created, "model": ""}
+        self.include_usage = include_usage
+        self.usage: dict = {}
+        self.tool_index: dict[int, int] = {}    # content block index -> tool_calls index
+
+    def _chunk(self, delta: dict, finish: str | None = None) -> dict:
+        return {**self.base, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                          "finish_reason": finish}]}
+
+    def feed(self, event: dict) -> list[dict]:
+        kind = event.get("type")
+        if kind == "message_start":
+            message = event["message"]
+            self.base["model"] = message.get("model", "")
+            self.usage = dict(message.get("usage") or {})
+            return [self._chunk({"role": "assistant", "content": ""})]
+        if kind == "content_block_start" and event["content_block"].get("type") == "tool_use":
+            block = event["content_block"]
+            position = self.tool_index[event["index"]] = len(self.tool_index)
+            return [self._chunk({"tool_calls": [{
+                "index": position, "id": block["id"], "type": "function",
+                "function": {"name": block["name"], "arguments": ""}}]})]
+        if kind == "content_block_delta":
+            delta = event["delta"]
+            if delta.get("type") == "text_delta":
+                return [self._chunk({"content": delta["text"]})]
+            if delta.get("type") == "input_json_delta" and delta.get("partial_json"):
+                return [self._chunk({"tool_calls": [{
+                    "index": self.tool_index[event["index"]],
+                    "function": {"arguments": delta["partial_json"]}}]})]
+        if kind == "message_delta":
+            self.usage.update({k: v for k, v in (event.get("usage") or {}).items()
+                               if v is not None})
+            stop = (event.get("delta") or {}).get("stop_reason")
+            return [self._chunk({}, FINISH_REASONS.get(stop, "stop"))]
+        if kind == "message_stop" and self.include_usage:
+            return [{**self.base, "choices": [], "usage": chat_usage(self.usage)}]
+        return []
+
+
+def error_to_openai(err: ProxyError) -> dict:
+    """OpenAI's error body, with the same statuses as the Anthropic side."""
+    return {"error": {"message": err.message, "type": err.error_type, "param": None,
+                      "code": None}}
+
+
+# =============================================================================
+# 8. SDK adapter -- ClaudeAgentOptions, CLI environment, one CLI process per task
 # =============================================================================
 # The only section that imports claude_agent_sdk. `cli_environment` and
 # `cli_options` say how a Turn is carried; `CliProcess` owns one CLI through a
@@ -1567,7 +1847,7 @@ def turn_items(message: Any, state: dict) -> list[tuple[str, Any]]:
 
 
 # =============================================================================
-# 8. Conversation engine -- live sessions, warm spares, the caps
+# 9. Conversation engine -- live sessions, warm spares, the caps
 # =============================================================================
 # `Engine.run(turn)` is the one path every API dialect takes. It waits for a
 # concurrency slot (529 after the queue timeout), then finds the CLI to answer on:
@@ -1579,7 +1859,7 @@ def turn_items(message: Any, state: dict) -> list[tuple[str, Any]]:
 # After a complete answer the session stays live, indexed by the conversation it
 # now holds; a session that failed, was cut short or is evicted is killed. The
 # number of CLI processes never exceeds `max_sessions`: spares go first, then the
-# least recently used idle sessions. Items are those of section 7.
+# least recently used idle sessions. Items are those of section 8.
 
 @dataclasses.dataclass(eq=False)
 class LiveSession:
@@ -1850,10 +2130,10 @@ class Engine:
 
 
 # =============================================================================
-# 9. Routes and handlers -- the route table and one coroutine per route
+# 10. Routes and handlers -- the route table and one coroutine per route
 # =============================================================================
 # A handler takes (app, request, out) and answers through `out`, a Responder
-# (section 10). Handlers are compositions: parse -> check -> translate -> engine
+# (section 11). Handlers are compositions: parse -> check -> translate -> engine
 # -> translate -> encode; they raise ProxyError and never format errors.
 
 @dataclasses.dataclass
@@ -2004,6 +2284,35 @@ async def stream_anthropic(items: AsyncIterator[tuple[str, Any]], out: Responder
     await out.end_stream()
 
 
+async def handle_chat_completions(app: App, request: Request, out: Responder) -> None:
+    """POST /v1/chat/completions (also under /v1/chat/), streaming or not."""
+    body = parse_json_body(request.body)
+    turn = chat_request_to_turn(body, app.config.default_model, request.caller)
+    out.model = turn.model
+    completion_id, created = "chatcmpl-" + uuid.uuid4().hex[:24], int(time.time())
+    async with contextlib.aclosing(app.engine.run(turn)) as items:
+        if not turn.stream:
+            message = await collect_message(items, out)
+            await out.send_json(200, message_to_chat_completion(message, completion_id,
+                                                                created))
+            return
+        options = body.get("stream_options") or {}
+        chunks = ChunkTranslator(completion_id, created, bool(options.get("include_usage")))
+        async for item in paced(items, app.config.head_hold_s, app.config.ping_interval_s):
+            if not out.head_sent:
+                await out.start_stream()
+            if item is None:
+                await out.write(b": ping\n\n")     # an SSE comment: OpenAI clients skip it
+            elif item[0] == "stream":
+                note_usage(out, item[1])
+                for chunk in chunks.feed(item[1]):
+                    await out.write(encode_sse(chunk))
+        if not out.head_sent:
+            raise BadGateway("The upstream returned no message.")
+        await out.write(encode_sse("[DONE]"))
+        await out.end_stream()
+
+
 @dataclasses.dataclass(frozen=True)
 class Route:
     """One entry of the route table."""
@@ -2024,6 +2333,10 @@ ROUTES = (
     _route("GET", r"/v1/models/(?P<model_id>[^/]+)", handle_model),
     _route("POST", r"/v1/messages", handle_messages),
     _route("POST", r"/v1/messages/count_tokens", handle_count_tokens),
+    _route("POST", r"/v1/chat/completions", handle_chat_completions),
+    _route("POST", r"/v1/chat/chat/completions", handle_chat_completions),
+    _route("GET", r"/v1/chat/models", handle_models),
+    _route("GET", r"/v1/chat/models/(?P<model_id>[^/]+)", handle_model),
     _route("GET", r"/sessions", handle_sessions),
     _route("DELETE", r"/sessions/(?P<session_id>[^/]+)", handle_delete_session),
 )
@@ -2050,7 +2363,7 @@ def match_route(method: str, path: str) -> tuple[Route, dict[str, str]]:
 
 
 # =============================================================================
-# 10. Server -- connections, keep-alive, streaming, errors into responses
+# 11. Server -- connections, keep-alive, streaming, errors into responses
 # =============================================================================
 # `serve` listens; `serve_connection` reads requests one after another on a
 # keep-alive connection and runs each handler while watching the socket: a
@@ -2213,13 +2526,14 @@ class Responder:
 
     async def fail(self, err: ProxyError) -> None:
         """The one place a ProxyError becomes bytes: JSON, or an SSE error mid-stream."""
-        body = error_to_anthropic(err, self.request_id)
+        openai = self.dialect == "openai"
+        body = error_to_openai(err) if openai else error_to_anthropic(err, self.request_id)
         if not self.head_sent:
             self.status = err.status
             await self.send_json(err.status, body, err.headers)
         elif self.streaming:
             self.status = err.status      # logged; the client saw 200 and the error event
-            await self.write(encode_sse(body, "error"))
+            await self.write(encode_sse(body, None if openai else "error"))
             await self.end_stream()
         else:
             self.keep_alive = False
@@ -2408,7 +2722,7 @@ async def serve(config: Config, ready: Callable[[int], None] | None = None,
 
 
 # =============================================================================
-# 11. Command line -- argument parsing and main(argv) -> int
+# 12. Command line -- argument parsing and main(argv) -> int
 # =============================================================================
 
 def main(argv: list[str] | None = None) -> int:
