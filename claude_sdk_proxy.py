@@ -782,6 +782,15 @@ def messages_request_to_turn(body: dict, default_model: str, caller: str = "",
     )
 
 
+def prompt_in_transcript(turn: Turn) -> bool:
+    """True when a new CLI must get the prompt inside its transcript: a user turn
+    that starts with tool_results continues the assistant's turn, and sent as a
+    prompt the CLI would first close that turn with notes of its own."""
+    content = turn.prompt["content"]
+    return bool(turn.history) and isinstance(content, list) and bool(content) and \
+        content[0].get("type") == "tool_result"
+
+
 # -- client tools ------------------------------------------------------------
 # Client tools reach the upstream as the tools of an in-process MCP server, which
 # the CLI names mcp__<server>__<tool>. Names stay within the API's 64 characters:
@@ -1562,10 +1571,20 @@ def cli_options(turn: Turn, config: Config, now: dt.datetime,
     """ClaudeAgentOptions for a CLI that serves exactly this Turn."""
     store = session_id = None
     upstream_names = {tool["name"]: upstream_tool_name(tool["name"]) for tool in turn.tools}
-    if turn.history:
+    env = cli_environment(turn)
+    history = turn.history
+    if prompt_in_transcript(turn):
+        # The CLI resumes a transcript that ends in an unanswered user turn by
+        # sending that turn itself, as it is, once an empty text block before the
+        # tool_results marks it a prompt rather than a finished tool round (the
+        # CLI drops the empty block). No prompt follows: one upstream call.
+        env["CLAUDE_CODE_RESUME_INTERRUPTED_TURN"] = "1"
+        history = history + [{"role": "user", "content": [{"type": "text", "text": ""}]
+                              + turn.prompt["content"]}]
+    if history:
         session_id = str(uuid.uuid4())
         store = TranscriptStore(session_id, transcript_entries(
-            rename_tool_uses(turn.history, upstream_names), session_id, config.workdir,
+            rename_tool_uses(history, upstream_names), session_id, config.workdir,
             now, turn.model))
     return sdk.ClaudeAgentOptions(
         model=turn.model,
@@ -1585,7 +1604,7 @@ def cli_options(turn: Turn, config: Config, now: dt.datetime,
         # Thinking the client asked for: the CLI then keeps thinking blocks in the
         # history; the extra body carries the exact budget.
         thinking=turn.params.get("thinking"),
-        env=cli_environment(turn),
+        env=env,
         session_store=store,
         resume=session_id,
         cli_path=config.cli_path,
@@ -1675,8 +1694,9 @@ class CliProcess:
             await self.kill()
             raise
 
-    def send(self, message: dict) -> None:
-        """Start a turn with one user message; `receive` yields what follows."""
+    def send(self, message: dict | None) -> None:
+        """Start a turn with one user message, or None for the turn a new CLI starts
+        by itself (`prompt_in_transcript`); `receive` yields what follows."""
         if self._owner is None or self._owner.done() or self._stopping:
             raise self._failure or BadGateway("The Claude Code CLI stopped.")
         self._reading = asyncio.Queue()
@@ -1773,7 +1793,8 @@ class CliProcess:
         try:
             while (job := await self._jobs.get()) is not None:
                 message, self._outbox = job
-                await client.query(_single(message))
+                if message is not None:
+                    await client.query(_single(message))
                 async for item in client.receive_response():
                     if self.parked and _starts_upstream_call(item):
                         # The CLI went on without the client's results (say, a tool
@@ -1911,9 +1932,10 @@ class Engine:
         session = None
         names = client_tool_names(turn.tools)
         try:
-            session, results = await self._session_for(turn)
+            session, results, spawned = await self._session_for(turn)
             if results is None:
-                session.process.send(turn.prompt)
+                session.process.send(None if spawned and prompt_in_transcript(turn)
+                                     else turn.prompt)
             else:                       # the parked turn goes on with the client's results
                 session.process.parked = False
                 session.broker.deliver(results)
@@ -1963,9 +1985,10 @@ class Engine:
         finally:
             self._waiting -= 1
 
-    async def _session_for(self, turn: Turn) -> tuple[LiveSession, dict | None]:
-        """The live session, spare or new CLI that will answer this Turn, and the
-        tool results it gets when it is parked at the client's tool calls."""
+    async def _session_for(self, turn: Turn) -> tuple[LiveSession, dict | None, bool]:
+        """The live session, spare or new CLI that will answer this Turn, the tool
+        results it gets when it is parked at the client's tool calls, and whether
+        it was started for this Turn."""
         self._recent_shapes.pop(turn.shape, None)
         self._recent_shapes[turn.shape] = turn
         key = (turn.shape, conversation_digest(turn.history))
@@ -1978,14 +2001,15 @@ class Engine:
                 session = None
         if session is None and not turn.history:
             session = self._take_spare(turn.shape)
-        if session is None or not session.process.alive:
+        spawned = session is None or not session.process.alive
+        if spawned:
             if session is not None:
                 self._retire(session)
             session = await self._spawn(turn)
             results = None
         session.busy = True
         session.turns += 1
-        return session, results
+        return session, results, spawned
 
     def _park(self, session: LiveSession, digest: str) -> None:
         """Keep a session that answered, indexed by the conversation it now holds."""

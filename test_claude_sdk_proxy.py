@@ -1022,6 +1022,17 @@ class AnthropicTranslationTest(PureAssertions, unittest.TestCase):
                          {"mcp__c__get_weather": "get_weather", long_name: "y" * 64})
         self.assertNotEqual(turn.shape, proxy.messages_request_to_turn(valid_body(), "sonnet").shape)
 
+    def test_prompt_in_transcript_only_for_tool_results_after_history(self):
+        result = [{"type": "tool_result", "tool_use_id": "t", "content": "x"}]
+        for history, content, expected in [
+                ([{"role": "assistant", "content": "a"}], result, True),
+                ([], result, False),
+                ([{"role": "assistant", "content": "a"}], "text", False),
+                ([{"role": "assistant", "content": "a"}],
+                 [{"type": "text", "text": "t"}] + result, False)]:
+            turn = proxy.Turn("m", "", history, {"role": "user", "content": content}, {})
+            self.assertEqual(proxy.prompt_in_transcript(turn), expected, (history, content))
+
     def test_tool_use_renaming_both_ways(self):
         names = {"mcp__c__t": "t"}
         start = {"type": "content_block_start", "index": 1, "content_block": {
@@ -2051,6 +2062,28 @@ class ClientToolsTest(ApiAssertions, unittest.TestCase):
                     tool_choice={"type": "tool", "name": LONG_TOOL["name"]})
         self.assertEqual(UPSTREAM.messages_requests()[0]["body"]["tool_choice"],
                          {"type": "tool", "name": proxy.upstream_tool_name(LONG_TOOL["name"])})
+
+    def test_results_after_the_cli_is_gone_resume_exactly_from_the_transcript(self):
+        ask = [{"role": "user", "content": 'Later [[tool get_weather {"city": "Graz"}]]'}]
+        message = self.create(ask)
+        [parked] = [s for s in self.client.get("/sessions", cast_to=object)["data"]
+                    if s["state"] == "awaiting_tools"]
+        self.client.delete(f"/sessions/{parked['id']}", cast_to=object)
+        call = message.content[1]
+        final = self.create(self.answered(ask, message, [
+            {"type": "tool_result", "tool_use_id": call.id, "content": "snow"}]))
+        self.assertEqual(final.content[0].text, f"Results: {call.id}=snow")
+        first, second = UPSTREAM.messages_requests()
+        self.assertNotEqual(first["headers"]["X-Claude-Code-Session-Id"],
+                            second["headers"]["X-Claude-Code-Session-Id"])
+        sent = conversation(second["body"])
+        self.assertEqual([m["role"] for m in sent], ["user", "assistant", "user"])
+        self.assertEqual(strip_cache_control(sent[1]["content"])[1],
+                         {"type": "tool_use", "id": call.id, "name": "mcp__c__get_weather",
+                          "input": {"city": "Graz"}})
+        self.assertEqual(strip_cache_control(sent[2]["content"]),
+                         [{"type": "tool_result", "tool_use_id": call.id, "content": "snow"}],
+                         "the client's result, and nothing the CLI made up")
 
     def test_an_answer_other_than_the_results_ends_the_parked_cli(self):
         ask = [{"role": "user", "content": 'Hm [[tool get_weather {"city": "Bonn"}]]'}]
