@@ -42,6 +42,7 @@ import unittest
 import zlib
 
 import anthropic
+import openai
 
 import claude_sdk_proxy as proxy
 
@@ -1564,6 +1565,16 @@ class AuthTest(ApiAssertions, unittest.TestCase):
         self.assertTrue(raw.startswith(b"HTTP/1.1 401 "), raw[:40])
         self.assertEqual(UPSTREAM.messages_requests(), [])
 
+    def test_openai_clients_use_the_key_as_bearer_and_get_openai_errors(self):
+        def chat(key):
+            return openai.OpenAI(base_url=self.proxy.url + "/v1", api_key=key, max_retries=0) \
+                .chat.completions.create(model="sonnet", messages=[{"role": "user",
+                                                                     "content": "hi"}])
+        with self.assertRaises(openai.AuthenticationError) as caught:
+            chat("wrong-key")
+        self.assertEqual(caught.exception.body["type"], "authentication_error")
+        self.assertEqual(chat(self.KEY).choices[0].message.content, UPSTREAM_TEXT)
+
     def test_key_as_x_api_key_or_bearer_is_accepted(self):
         self.assertTrue(list(self.proxy.client(api_key=self.KEY).models.list()))
         bearer = anthropic.Anthropic(base_url=self.proxy.url, auth_token=self.KEY,
@@ -1771,6 +1782,9 @@ class CommandLineTest(unittest.TestCase):
             server.client(api_key="sk-secret-never-logged").messages.create(
                 model="claude-sonnet-5-5", max_tokens=10,
                 messages=[{"role": "user", "content": "private words"}])
+            # the line is written once the response has gone out
+            self.assertTrue(wait_until(lambda: any("POST /v1/messages 200" in r
+                                                   for r in logs.output)))
         line = [r for r in logs.output if "POST /v1/messages 200" in r][0]
         self.assertIn("model=claude-sonnet-5-5 in=22 out=42", line)
         joined = "\n".join(logs.output)
@@ -2103,6 +2117,141 @@ class ClientToolsTest(ApiAssertions, unittest.TestCase):
         self.assertNotIn(parked[0]["id"], ids)
         second = conversation(UPSTREAM.messages_requests()[1]["body"])
         self.assertEqual(second[-1]["content"][-1]["text"], "And tomorrow?")
+
+
+OPENAI_WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather for a city.",
+    "parameters": WEATHER["input_schema"]}}
+
+
+class OpenAIChatTest(unittest.TestCase):
+    """Chat Completions through the official openai SDK, on the same engine."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.server = ProxyThread()
+        cls.client = openai.OpenAI(base_url=cls.server.url + "/v1", api_key="k",
+                                   max_retries=0)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.stop()
+
+    def setUp(self):
+        UPSTREAM.clear()
+
+    def test_both_base_urls_answer_and_list_models(self):
+        for base in ("/v1", "/v1/chat"):
+            with self.subTest(base=base):
+                client = openai.OpenAI(base_url=self.server.url + base, api_key="k",
+                                       max_retries=0)
+                completion = client.chat.completions.create(
+                    model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+                self.assertEqual(completion.object, "chat.completion")
+                self.assertEqual(completion.choices[0].message.content, UPSTREAM_TEXT)
+                self.assertEqual(completion.choices[0].finish_reason, "stop")
+                self.assertEqual(completion.model, UPSTREAM.messages_requests()[-1]["body"]["model"])
+                self.assertEqual((completion.usage.prompt_tokens, completion.usage.completion_tokens,
+                                  completion.usage.total_tokens,
+                                  completion.usage.prompt_tokens_details.cached_tokens),
+                                 (17 + 3 + 2, 42, 64, 3))
+                self.assertIn("claude-sonnet-5-5", [m.id for m in client.models.list()])
+
+    def test_messages_and_parameters_reach_the_upstream(self):
+        png = base64.b64encode(png_bytes(2, 2)).decode()
+        self.client.chat.completions.create(
+            model="claude-opus-5-5", max_completion_tokens=77, temperature=0.5, stop="END",
+            user="u-1", response_format={"type": "json_schema", "json_schema": {
+                "name": "r", "schema": {"type": "object", "properties": {"a": {"type": "string"}},
+                                        "additionalProperties": False}}},
+            messages=[{"role": "system", "content": "Sys one."},
+                      {"role": "developer", "content": "Dev two."},
+                      {"role": "user", "content": "first"},
+                      {"role": "assistant", "content": "answer"},
+                      {"role": "user", "content": [
+                          {"type": "text", "text": "look"},
+                          {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}},
+                          {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}])
+        body = UPSTREAM.messages_requests()[0]["body"]
+        self.assertEqual(body["system"][-1]["text"], "Sys one.\n\nDev two.")
+        self.assertEqual((body["max_tokens"], body["temperature"], body["stop_sequences"]),
+                         (77, 0.5, ["END"]))
+        self.assertEqual(body["output_config"]["format"]["schema"]["properties"],
+                         {"a": {"type": "string"}})
+        sent = conversation(body)
+        self.assertEqual([m["role"] for m in sent], ["user", "assistant", "user"])
+        blocks = strip_cache_control(sent[2]["content"])
+        self.assertEqual(blocks[1], {"type": "image", "source": {
+            "type": "base64", "media_type": "image/png", "data": png}})
+        self.assertEqual(blocks[2], {"type": "image", "source": {
+            "type": "url", "url": "https://example.com/a.png"}})
+
+    def test_stream_chunks_with_usage_and_done(self):
+        chunks = list(self.client.chat.completions.create(
+            model="sonnet", messages=[{"role": "user", "content": "hi"}], stream=True,
+            stream_options={"include_usage": True}))
+        self.assertEqual(chunks[0].choices[0].delta.role, "assistant")
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        self.assertEqual(text, UPSTREAM_TEXT)
+        finishes = [c.choices[0].finish_reason for c in chunks if c.choices
+                    and c.choices[0].finish_reason]
+        self.assertEqual(finishes, ["stop"])
+        self.assertEqual((chunks[-1].choices, chunks[-1].usage.completion_tokens), ([], 42))
+        body = json.dumps({"model": "sonnet", "stream": True,
+                           "messages": [{"role": "user", "content": "raw"}]}).encode()
+        raw = raw_exchange(self.server.port, b"POST /v1/chat/completions HTTP/1.1\r\n"
+                           b"Host: x\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                           b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        self.assertIn(b"data: [DONE]", raw)
+        self.assertNotIn(b"event:", raw)
+
+    def test_tool_calls_round_trip_streamed_through_the_accumulator(self):
+        ask = [{"role": "user", "content": 'Weather? [[tool get_weather {"city": "Lima"}]]'}]
+        with self.client.chat.completions.stream(model="sonnet", messages=ask,
+                                                 tools=[OPENAI_WEATHER]) as stream:
+            completion = stream.get_final_completion()
+        choice = completion.choices[0]
+        self.assertEqual(choice.finish_reason, "tool_calls")
+        [call] = choice.message.tool_calls
+        self.assertEqual((call.function.name, json.loads(call.function.arguments)),
+                         ("get_weather", {"city": "Lima"}))
+        self.assertEqual(UPSTREAM.messages_requests()[0]["body"]["tools"][0]["name"],
+                         "mcp__c__get_weather")
+        final = self.client.chat.completions.create(model="sonnet", tools=[OPENAI_WEATHER],
+                                                    messages=ask + [
+            choice.message.model_dump(exclude_none=True, exclude={"parsed"}),
+            {"role": "tool", "tool_call_id": call.id, "content": "warm"}])
+        self.assertEqual(final.choices[0].message.content, f"Results: {call.id}=warm")
+        requests = UPSTREAM.messages_requests()
+        self.assertEqual(len({r["headers"]["X-Claude-Code-Session-Id"] for r in requests}), 1)
+        self.assertEqual(conversation(requests[1]["body"])[-1]["content"][0]["tool_use_id"],
+                         call.id)
+
+    def test_non_streamed_parallel_tool_calls(self):
+        completion = self.client.chat.completions.create(
+            model="sonnet", tools=[OPENAI_WEATHER], tool_choice="required",
+            messages=[{"role": "user", "content": '[[tool get_weather {"city": "A"}]] '
+                                                  '[[tool get_weather {"city": "B"}]]'}])
+        calls = completion.choices[0].message.tool_calls
+        self.assertEqual([json.loads(c.function.arguments)["city"] for c in calls], ["A", "B"])
+        self.assertEqual(UPSTREAM.messages_requests()[0]["body"]["tool_choice"], {"type": "any"})
+
+    def test_errors_in_openai_shape_with_the_same_statuses(self):
+        with self.assertRaises(openai.BadRequestError) as caught:
+            self.client.chat.completions.create(model="sonnet", n=2,
+                                                messages=[{"role": "user", "content": "hi"}])
+        self.assertEqual(caught.exception.body["message"],
+                         "n: not supported by this proxy (Claude cannot honour it).")
+        self.assertEqual(caught.exception.body["type"], "invalid_request_error")
+        with self.assertRaises(openai.RateLimitError) as caught:
+            self.client.chat.completions.create(
+                model="sonnet", messages=[{"role": "user", "content": "[[error 429]]"}])
+        self.assertEqual(caught.exception.body["type"], "rate_limit_error")
+        self.assertIn("retry-after", caught.exception.response.headers)
+        with self.assertRaises(openai.InternalServerError) as caught:
+            self.client.chat.completions.create(
+                model="sonnet", messages=[{"role": "user", "content": "[[error 529]]"}])
+        self.assertEqual(caught.exception.status_code, 529)
 
 
 def strip_cache_control(blocks):
