@@ -98,6 +98,8 @@ RETRY_AFTER_DEFAULT_S = 5               # for a throttle that came without a res
 CLI_CLOSE_TIMEOUT_S = 10.0              # the SDK's own close can wait up to ~20 s
 TOOL_WAIT_MS = 24 * 3600 * 1000         # the CLI's limit on a client tool call
 MAX_TOOL_ROUNDS = 100_000               # the CLI's turn bound when client tools exist
+RESPONSES_KEPT = 1000                   # responses kept for previous_response_id ...
+RESPONSES_KEEP_S = 3600.0               # ... and for how long
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1157,6 +1159,8 @@ CHAT_UNSUPPORTED = {"n": 1, "logprobs": False, "top_logprobs": None, "logit_bias
                     "audio": None, "prediction": None, "web_search_options": None}
 CHAT_IGNORED = ("model", "messages", "stream", "stream_options", "user", "store", "metadata",
                 "service_tier", "reasoning_effort", "modalities", "parallel_tool_calls")
+CHAT_CARRIED = ("max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "tools",
+                "tool_choice", "response_format")
 
 
 def _chat_text(content: Any, where: str) -> str:
@@ -1272,16 +1276,25 @@ def _chat_response_format(value: Any) -> dict | None:
     return {"type": "json_schema", "schema": schema}
 
 
-def chat_request_to_turn(body: dict, default_model: str, caller: str = "") -> Turn:
-    """Validate a Chat Completions request and make it a Turn."""
-    for name, default in CHAT_UNSUPPORTED.items():
+def append_turn(messages: list[dict], role: str, blocks: list[dict]) -> None:
+    """Add blocks as a message; consecutive blocks of one side make one message."""
+    if messages and messages[-1]["role"] == role:
+        messages[-1] = {"role": role, "content": messages[-1]["content"] + blocks}
+    else:
+        messages.append({"role": role, "content": blocks})
+
+
+def _check_known(body: dict, unsupported: dict, known: Iterable[str]) -> None:
+    for name, default in unsupported.items():
         _require(body.get(name) in (None, default),
                  f"{name}: not supported by this proxy (Claude cannot honour it).")
-    known = set(CHAT_UNSUPPORTED) | set(CHAT_IGNORED) | {
-        "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "tools",
-        "tool_choice", "response_format"}
-    unknown = sorted(set(body) - known)
+    unknown = sorted(set(body) - set(unsupported) - set(known))
     _require(not unknown, f"{', '.join(unknown)}: unknown or unsupported parameter.")
+
+
+def chat_request_to_turn(body: dict, default_model: str, caller: str = "") -> Turn:
+    """Validate a Chat Completions request and make it a Turn."""
+    _check_known(body, CHAT_UNSUPPORTED, CHAT_IGNORED + CHAT_CARRIED)
     messages = body.get("messages")
     _require(isinstance(messages, list) and messages, "messages: required, a non-empty list.")
     system, converted = [], []
@@ -1304,12 +1317,15 @@ def chat_request_to_turn(body: dict, default_model: str, caller: str = "") -> Tu
         else:
             raise InvalidRequest(f"{where}.role: must be system, developer, user, "
                                  "assistant or tool.")
-        anthropic_role = "assistant" if role == "assistant" else "user"
-        if converted and converted[-1]["role"] == anthropic_role:
-            converted[-1]["content"] += blocks      # consecutive turns of one side merge
-        else:
-            converted.append({"role": anthropic_role, "content": blocks})
-    anthropic: dict[str, Any] = {"model": body.get("model"), "messages": converted,
+        append_turn(converted, "assistant" if role == "assistant" else "user", blocks)
+    return openai_turn(body, system, converted, default_model, caller)
+
+
+def openai_turn(body: dict, system: list[str], messages: list[dict], default_model: str,
+                caller: str) -> Turn:
+    """A Turn from converted messages and Chat Completions parameters (the Responses
+    API's are renamed to these first)."""
+    anthropic: dict[str, Any] = {"model": body.get("model"), "messages": messages,
                                  "stream": body.get("stream", False)}
     if system:
         anthropic["system"] = "\n\n".join(system)
@@ -1333,6 +1349,116 @@ def chat_request_to_turn(body: dict, default_model: str, caller: str = "") -> Tu
         return turn
     return dataclasses.replace(turn, params={**turn.params,
                                              "output_config": {"format": output_format}})
+
+
+# -- Responses API -------------------------------------------------------------
+# A Responses request is renamed into the Chat Completions parameters above:
+# `instructions` and system/developer items join the system prompt, `message`
+# items make user and assistant turns, `function_call`/`function_call_output`
+# items tool_use/tool_result blocks, and `previous_response_id`'s stored
+# conversation comes first.
+
+RESPONSES_UNSUPPORTED = {"background": False, "prompt": None, "conversation": None,
+                         "top_logprobs": None, "max_tool_calls": None}
+RESPONSES_IGNORED = ("model", "input", "instructions", "stream", "store", "metadata", "user",
+                     "safety_identifier", "prompt_cache_key", "service_tier", "truncation",
+                     "include", "previous_response_id", "stream_options", "reasoning",
+                     "max_output_tokens", "temperature", "top_p", "tools", "tool_choice",
+                     "parallel_tool_calls", "text")
+
+
+def _response_text(content: Any, where: str) -> str:
+    """A message's text: a string or text parts (input_text, output_text)."""
+    if isinstance(content, str):
+        return content
+    _require(isinstance(content, list) and all(
+        isinstance(p, dict) and p.get("type") in ("input_text", "output_text")
+        and isinstance(p.get("text"), str) for p in content),
+        f"{where}.content: must be a string or a list of text parts.")
+    return "".join(p["text"] for p in content)
+
+
+def _response_user_blocks(content: Any, where: str) -> list[dict]:
+    """input_text and input_image parts as Anthropic blocks (by the chat parts' rules)."""
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    _require(isinstance(content, list), f"{where}.content: must be a string or a list.")
+    parts = []
+    for i, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "input_text":
+            parts.append({"type": "text", "text": part.get("text")})
+        elif kind == "input_image" and isinstance(part.get("image_url"), str):
+            parts.append({"type": "image_url", "image_url": {"url": part["image_url"]}})
+        else:
+            raise InvalidRequest(f"{where}.content.{i}: must be an input_text part or an "
+                                 "input_image part with an image_url.")
+    return _chat_user_blocks(parts, where)
+
+
+def responses_request_to_turn(body: dict, default_model: str, caller: str = "",
+                              previous: list[dict] | None = None) -> Turn:
+    """Validate a Responses request and make it a Turn; `previous` is the stored
+    conversation of its `previous_response_id`."""
+    _check_known(body, RESPONSES_UNSUPPORTED, RESPONSES_IGNORED)
+    items = body.get("input")
+    if isinstance(items, str):
+        items = [{"role": "user", "content": items}]
+    _require(isinstance(items, list) and items, "input: required, a string or a non-empty list.")
+    system = [body["instructions"]] if body.get("instructions") else []
+    messages = [dict(m) for m in previous or []]
+    for i, item in enumerate(items):
+        where = f"input.{i}"
+        _require(isinstance(item, dict), f"{where}: must be an object.")
+        kind = item.get("type", "message")
+        if kind == "message":
+            role = item.get("role")
+            if role in ("system", "developer"):
+                system.append(_response_text(item.get("content"), where))
+            elif role == "user":
+                append_turn(messages, "user", _response_user_blocks(item.get("content"), where))
+            else:
+                _require(role == "assistant",
+                         f"{where}.role: must be user, assistant, system or developer.")
+                append_turn(messages, "assistant", [
+                    {"type": "text", "text": _response_text(item.get("content"), where)}])
+        elif kind == "function_call":
+            _require(all(isinstance(item.get(k), str) for k in ("call_id", "name", "arguments")),
+                     f"{where}: a function_call needs call_id, name and arguments.")
+            append_turn(messages, "assistant", _chat_assistant_blocks({"tool_calls": [{
+                "id": item["call_id"], "function": {"name": item["name"],
+                                                    "arguments": item["arguments"]}}]}, where))
+        elif kind == "function_call_output":
+            _require(isinstance(item.get("call_id"), str), f"{where}.call_id: required.")
+            append_turn(messages, "user", [{"type": "tool_result", "tool_use_id": item["call_id"],
+                                            "content": _response_text(item.get("output"), where)}])
+        else:
+            _require(kind == "reasoning", f"{where}.type: '{kind}' is not supported; use "
+                                          "message, function_call or function_call_output items.")
+    tools = body.get("tools")
+    if tools is not None:
+        _require(isinstance(tools, list), "tools: must be a list.")
+        builtin = sorted({str(t.get("type") if isinstance(t, dict) else t) for t in tools
+                          if not isinstance(t, dict) or t.get("type") != "function"})
+        _require(not builtin, f"tools: {', '.join(builtin)}: only function tools can be carried "
+                              "through the Claude Code CLI.")
+        tools = [{"type": "function", "function": {k: t[k] for k in (
+            "name", "description", "parameters") if k in t}} for t in tools]
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        choice = {"type": "function", "function": {"name": choice.get("name")}}
+    text_format = (body.get("text") or {}).get("format")
+    if isinstance(text_format, dict) and text_format.get("type") == "json_schema":
+        text_format = {"type": "json_schema", "json_schema": text_format}
+    chat = {"model": body.get("model"), "stream": body.get("stream", False),
+            "max_completion_tokens": body.get("max_output_tokens"),
+            "temperature": body.get("temperature"), "top_p": body.get("top_p"),
+            "tools": tools, "tool_choice": choice,
+            "parallel_tool_calls": body.get("parallel_tool_calls"),
+            "response_format": text_format,
+            "user": body.get("safety_identifier", body.get("user"))}
+    return openai_turn({k: v for k, v in chat.items() if v is not None}, system, messages,
+                       default_model, caller)
 
 
 def chat_usage(usage: dict) -> dict:
@@ -1409,6 +1535,145 @@ class ChunkTranslator:
         if kind == "message_stop" and self.include_usage:
             return [{**self.base, "choices": [], "usage": chat_usage(self.usage)}]
         return []
+
+
+def response_usage(usage: dict) -> dict:
+    chat = chat_usage(usage)
+    return {"input_tokens": chat["prompt_tokens"],
+            "input_tokens_details": {"cached_tokens": chat["prompt_tokens_details"][
+                "cached_tokens"]},
+            "output_tokens": chat["completion_tokens"],
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": chat["total_tokens"]}
+
+
+class ResponseTranslator:
+    """Stream events of one upstream message into Responses API events, and the
+    `response` object they build (the non-streaming answer is the same object).
+
+    Each content block becomes one output item: text a `message` with one
+    `output_text` part, tool_use a `function_call`, thinking a `reasoning` item
+    with the thinking as its summary.
+    """
+
+    ECHOED = ("instructions", "max_output_tokens", "metadata", "parallel_tool_calls",
+              "previous_response_id", "temperature", "tool_choice", "tools", "top_p", "text",
+              "reasoning", "store", "truncation")
+
+    def __init__(self, response_id: str, created: int, request: dict):
+        self.response_id, self.created, self.request = response_id, created, request
+        self.assembler = MessageAssembler()
+        self.items: list[dict] = []
+        self._open: dict[int, dict] = {}        # content block index -> its output item
+        self.sequence = 0
+
+    def _event(self, kind: str, **fields: Any) -> dict:
+        self.sequence += 1
+        return {"type": kind, "sequence_number": self.sequence - 1, **fields}
+
+    def response(self, status: str = "completed") -> dict:
+        message = self.assembler.message or {}
+        incomplete = message.get("stop_reason") == "max_tokens"
+        if status == "completed" and incomplete:
+            status = "incomplete"
+        echoed = {key: self.request.get(key) for key in self.ECHOED}
+        return {"id": self.response_id, "object": "response", "created_at": self.created,
+                "status": status, "error": None, "model": message.get("model", ""),
+                "incomplete_details": {"reason": "max_output_tokens"}
+                if status == "incomplete" else None,
+                "output": self.items if status != "in_progress" else [],
+                **echoed, "tools": echoed["tools"] or [], "metadata": echoed["metadata"] or {},
+                "tool_choice": echoed["tool_choice"] or "auto",
+                "parallel_tool_calls": echoed["parallel_tool_calls"] is not False,
+                "store": echoed["store"] is not False, "truncation": "disabled",
+                "text": echoed["text"] or {"format": {"type": "text"}},
+                "usage": response_usage(message["usage"]) if message.get("usage") and
+                status != "in_progress" else None}
+
+    def feed(self, event: dict) -> list[dict]:
+        """The Responses events for one upstream stream event."""
+        self.assembler.feed(event)
+        kind = event.get("type")
+        if kind == "message_start":
+            return [self._event("response.created", response=self.response("in_progress")),
+                    self._event("response.in_progress", response=self.response("in_progress"))]
+        if kind == "content_block_start":
+            return self._start(event["index"], event["content_block"])
+        if kind == "content_block_delta":
+            return self._delta(event["index"], event["delta"])
+        if kind == "content_block_stop":
+            return self._stop(event["index"])
+        if kind == "message_stop":
+            final = self.response()
+            return [self._event("response.incomplete" if final["status"] == "incomplete"
+                                else "response.completed", response=final)]
+        return []
+
+    def _start(self, index: int, block: dict) -> list[dict]:
+        position = len(self.items)
+        if block.get("type") == "text":
+            item = {"type": "message", "id": f"msg_{uuid.uuid4().hex[:24]}",
+                    "status": "in_progress", "role": "assistant", "content": []}
+        elif block.get("type") == "tool_use":
+            item = {"type": "function_call", "id": f"fc_{uuid.uuid4().hex[:24]}",
+                    "call_id": block["id"], "name": block["name"], "arguments": "",
+                    "status": "in_progress"}
+        elif block.get("type") == "thinking":
+            item = {"type": "reasoning", "id": f"rs_{uuid.uuid4().hex[:24]}", "summary": []}
+        else:
+            return []
+        self.items.append(item)
+        self._open[index] = item
+        events = [self._event("response.output_item.added", output_index=position,
+                              item=dict(item, content=[]) if "content" in item else dict(item))]
+        if item["type"] == "message":
+            part = {"type": "output_text", "text": "", "annotations": []}
+            item["content"].append(part)
+            events.append(self._event("response.content_part.added", item_id=item["id"],
+                                      output_index=position, content_index=0, part=dict(part)))
+        return events
+
+    def _delta(self, index: int, delta: dict) -> list[dict]:
+        item = self._open.get(index)
+        if item is None:
+            return []
+        position = self.items.index(item)
+        if delta.get("type") == "text_delta":
+            item["content"][0]["text"] += delta["text"]
+            return [self._event("response.output_text.delta", item_id=item["id"],
+                                output_index=position, content_index=0, delta=delta["text"],
+                                logprobs=[])]
+        if delta.get("type") == "input_json_delta" and delta.get("partial_json"):
+            item["arguments"] += delta["partial_json"]
+            return [self._event("response.function_call_arguments.delta", item_id=item["id"],
+                                output_index=position, delta=delta["partial_json"])]
+        return []
+
+    def _stop(self, index: int) -> list[dict]:
+        item = self._open.pop(index, None)
+        if item is None:
+            return []
+        position, events = self.items.index(item), []
+        block = self.assembler.message["content"][index]
+        if item["type"] == "message":
+            part = item["content"][0]
+            events += [self._event("response.output_text.done", item_id=item["id"],
+                                   output_index=position, content_index=0, text=part["text"],
+                                   logprobs=[]),
+                       self._event("response.content_part.done", item_id=item["id"],
+                                   output_index=position, content_index=0, part=part)]
+        elif item["type"] == "function_call":
+            item["arguments"] = json.dumps(block.get("input") or {})
+            events.append(self._event("response.function_call_arguments.done",
+                                      item_id=item["id"], output_index=position,
+                                      name=item["name"], arguments=item["arguments"]))
+        else:
+            item["summary"] = [{"type": "summary_text", "text": block.get("thinking", "")}]
+        if "status" in item:
+            item["status"] = "completed"
+        events.append(self._event("response.output_item.done", output_index=position,
+                                  item=item))
+        return events
 
 
 def error_to_openai(err: ProxyError) -> dict:
@@ -2337,6 +2602,69 @@ async def handle_chat_completions(app: App, request: Request, out: Responder) ->
         await out.end_stream()
 
 
+class ResponseStore:
+    """Conversations of recent responses, for `previous_response_id`: at most
+    RESPONSES_KEPT, each for RESPONSES_KEEP_S."""
+
+    def __init__(self) -> None:
+        self._kept: dict[str, tuple[float, list[dict]]] = {}   # insertion order = age
+
+    def put(self, response_id: str, conversation: list[dict]) -> None:
+        now = time.monotonic()
+        self._kept[response_id] = (now, conversation)
+        for old in list(self._kept):
+            if len(self._kept) <= RESPONSES_KEPT and now - self._kept[old][0] < RESPONSES_KEEP_S:
+                break
+            del self._kept[old]
+
+    def get(self, response_id: str) -> list[dict] | None:
+        kept = self._kept.get(response_id)
+        if kept is None or time.monotonic() - kept[0] >= RESPONSES_KEEP_S:
+            return None
+        return kept[1]
+
+
+async def handle_responses(app: App, request: Request, out: Responder) -> None:
+    """POST /v1/responses (also under /v1/chat/), streaming or not."""
+    body = parse_json_body(request.body)
+    previous = None
+    if body.get("previous_response_id") is not None:
+        previous = app.responses.get(body["previous_response_id"])
+        if previous is None:
+            raise InvalidRequest(f"previous_response_id: '{body['previous_response_id']}' is "
+                                 "unknown or has expired; send the whole input instead.")
+    turn = responses_request_to_turn(body, app.config.default_model, request.caller, previous)
+    out.model = turn.model
+    translator = ResponseTranslator("resp_" + uuid.uuid4().hex[:24], int(time.time()), body)
+    async with contextlib.aclosing(app.engine.run(turn)) as items:
+        if not turn.stream:
+            async for kind, payload in items:
+                if kind == "stream":
+                    note_usage(out, payload)
+                    translator.feed(payload)
+            if translator.assembler.message is None:
+                raise BadGateway("The upstream returned no message.")
+        else:
+            async for item in paced(items, app.config.head_hold_s, app.config.ping_interval_s):
+                if not out.head_sent:
+                    await out.start_stream()
+                if item is None:
+                    await out.write(b": ping\n\n")
+                elif item[0] == "stream":
+                    note_usage(out, item[1])
+                    for event in translator.feed(item[1]):
+                        await out.write(encode_sse(event, event["type"]))
+            if not out.head_sent:
+                raise BadGateway("The upstream returned no message.")
+    if body.get("store") is not False:
+        app.responses.put(translator.response_id, turn.history + [turn.prompt, {
+            "role": "assistant", "content": translator.assembler.message["content"]}])
+    if turn.stream:
+        await out.end_stream()
+    else:
+        await out.send_json(200, translator.response())
+
+
 @dataclasses.dataclass(frozen=True)
 class Route:
     """One entry of the route table."""
@@ -2359,6 +2687,8 @@ ROUTES = (
     _route("POST", r"/v1/messages/count_tokens", handle_count_tokens),
     _route("POST", r"/v1/chat/completions", handle_chat_completions),
     _route("POST", r"/v1/chat/chat/completions", handle_chat_completions),
+    _route("POST", r"/v1/responses", handle_responses),
+    _route("POST", r"/v1/chat/responses", handle_responses),
     _route("GET", r"/v1/chat/models", handle_models),
     _route("GET", r"/v1/chat/models/(?P<model_id>[^/]+)", handle_model),
     _route("GET", r"/sessions", handle_sessions),
@@ -2574,6 +2904,7 @@ class App:
     def __init__(self, config: Config):
         self.config = config
         self.engine = Engine(config)
+        self.responses = ResponseStore()
         self.started = time.monotonic()
         self.requests = self.tokens_in = self.tokens_out = 0
         self.idle: set[Connection] = set()      # connections between requests
