@@ -2254,6 +2254,110 @@ class OpenAIChatTest(unittest.TestCase):
         self.assertEqual(caught.exception.status_code, 529)
 
 
+RESPONSES_WEATHER = {"type": "function", "name": "get_weather",
+                     "description": "Weather for a city.",
+                     "parameters": WEATHER["input_schema"]}
+
+
+class OpenAIResponsesTest(unittest.TestCase):
+    """The Responses API through the official openai SDK, on the same engine."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.server = ProxyThread()
+        cls.client = openai.OpenAI(base_url=cls.server.url + "/v1", api_key="k",
+                                   max_retries=0)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.stop()
+
+    def setUp(self):
+        UPSTREAM.clear()
+
+    def test_text_with_instructions_and_usage(self):
+        response = self.client.responses.create(model="gpt-5", instructions="Be brief.",
+                                                input="hi", max_output_tokens=99)
+        self.assertEqual((response.object, response.status), ("response", "completed"))
+        self.assertEqual(response.output_text, UPSTREAM_TEXT)
+        self.assertEqual((response.usage.input_tokens, response.usage.output_tokens,
+                          response.usage.total_tokens,
+                          response.usage.input_tokens_details.cached_tokens), (22, 42, 64, 3))
+        body = UPSTREAM.messages_requests()[0]["body"]
+        self.assertEqual((body["system"][-1]["text"], body["max_tokens"]), ("Be brief.", 99))
+        self.assertEqual(response.model, body["model"])
+
+    def test_stream_helper_events_and_final_response(self):
+        png = base64.b64encode(png_bytes(2, 2)).decode()
+        with self.client.responses.stream(model="sonnet", input=[{"role": "user", "content": [
+                {"type": "input_text", "text": "what is this?"},
+                {"type": "input_image", "image_url": f"data:image/png;base64,{png}"}]}]) as stream:
+            kinds = [event.type for event in stream]
+            final = stream.get_final_response()
+        self.assertEqual(kinds[:4], ["response.created", "response.in_progress",
+                                     "response.output_item.added",
+                                     "response.content_part.added"])
+        self.assertEqual(kinds[-4:], ["response.output_text.done", "response.content_part.done",
+                                      "response.output_item.done", "response.completed"])
+        self.assertEqual(final.output_text, UPSTREAM_TEXT)
+        sent = conversation(UPSTREAM.messages_requests()[0]["body"])[0]["content"]
+        self.assertEqual(strip_cache_control(sent)[1], {"type": "image", "source": {
+            "type": "base64", "media_type": "image/png", "data": png}})
+
+    def function_round_trip(self, follow_up):
+        ask = 'Weather? [[tool get_weather {"city": "Kyiv"}]] [[tool get_weather {"city": "Riga"}]]'
+        first = self.client.responses.create(model="sonnet", input=ask,
+                                             tools=[RESPONSES_WEATHER])
+        calls = [item for item in first.output if item.type == "function_call"]
+        self.assertEqual([(c.name, json.loads(c.arguments)) for c in calls],
+                         [("get_weather", {"city": "Kyiv"}), ("get_weather", {"city": "Riga"})])
+        outputs = [{"type": "function_call_output", "call_id": c.call_id, "output": f"out {i}"}
+                   for i, c in enumerate(calls)]
+        final = follow_up(first, ask, outputs)
+        self.assertEqual(final.output_text, f"Results: {calls[0].call_id}=out 0, "
+                                            f"{calls[1].call_id}=out 1")
+        requests = UPSTREAM.messages_requests()
+        self.assertEqual(len(requests), 2)
+        self.assertEqual(len({r["headers"]["X-Claude-Code-Session-Id"] for r in requests}), 1,
+                         "the parked CLI answered the function_call_outputs")
+        sent = conversation(requests[1]["body"])
+        self.assertEqual([b["type"] for b in sent[1]["content"]],
+                         ["text", "tool_use", "tool_use"])
+        self.assertEqual([b["tool_use_id"] for b in sent[2]["content"]],
+                         [c.call_id for c in calls])
+
+    def test_function_calls_stateless_round_trip(self):
+        def follow_up(first, ask, outputs):
+            echoed = [item.model_dump(exclude_none=True) for item in first.output]
+            return self.client.responses.create(model="sonnet", tools=[RESPONSES_WEATHER],
+                                                input=[{"role": "user", "content": ask}] +
+                                                echoed + outputs)
+        self.function_round_trip(follow_up)
+
+    def test_function_calls_with_previous_response_id(self):
+        def follow_up(first, ask, outputs):
+            return self.client.responses.create(model="sonnet", tools=[RESPONSES_WEATHER],
+                                                previous_response_id=first.id, input=outputs)
+        self.function_round_trip(follow_up)
+
+    def test_unknown_previous_id_builtin_tools_and_upstream_errors(self):
+        with self.assertRaises(openai.BadRequestError) as caught:
+            self.client.responses.create(model="sonnet", input="x",
+                                         previous_response_id="resp_unknown")
+        self.assertIn("previous_response_id: 'resp_unknown' is unknown",
+                      caught.exception.body["message"])
+        with self.assertRaises(openai.BadRequestError) as caught:
+            self.client.responses.create(model="sonnet", input="x",
+                                         tools=[{"type": "web_search"}])
+        self.assertIn("tools: web_search: only function tools", caught.exception.body["message"])
+        stored = self.client.responses.create(model="sonnet", input="not kept", store=False)
+        with self.assertRaises(openai.BadRequestError):
+            self.client.responses.create(model="sonnet", input="x",
+                                         previous_response_id=stored.id)
+        with self.assertRaises(openai.RateLimitError):
+            self.client.responses.create(model="sonnet", input="[[error 429]]")
+
+
 def strip_cache_control(blocks):
     """Content blocks without the CLI's own cache_control marks."""
     return [{k: v for k, v in block.items() if k != "cache_control"} for block in blocks]
