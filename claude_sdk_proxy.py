@@ -3,14 +3,17 @@
 # requires-python = ">=3.10"
 # dependencies = ["claude-agent-sdk>=0.2.188"]
 # ///
-"""claude-sdk-proxy: the Anthropic Messages API, served from a Claude subscription.
+"""claude-sdk-proxy: the Anthropic and OpenAI APIs, served from a Claude subscription.
 
-The proxy answers `POST /v1/messages` (streaming and not), `count_tokens` and the
-models routes through the Claude Agent SDK, which drives the Claude Code CLI on the
-operator's login. The client's conversation reaches the upstream as the same
-structured messages it sent (a transcript resumed through the SDK's session store),
-its parameters ride along in the CLI's extra request body, and upstream errors come
-back as the real statuses (429 with `retry-after`, 529, 400, 401), fast.
+The proxy answers the Anthropic Messages API (`/v1/messages`, streaming and not,
+`count_tokens`, models), OpenAI Chat Completions and OpenAI Responses through the
+Claude Agent SDK, which drives the Claude Code CLI on the operator's login. One
+engine serves all three: the client's conversation reaches the upstream as the same
+structured messages it sent (a transcript resumed through the SDK's session store,
+or only the new turn on a CLI still live from the last one), client tools are real
+tools whose calls park the CLI until the client answers, parameters ride along in
+the CLI's extra request body, and upstream errors come back as the real statuses
+(429 with `retry-after`, 529, 400, 401), fast.
 
 Usage:  python claude_sdk_proxy.py [-p PORT] [-H HOST] [-d]      (manual: README.md)
 
