@@ -587,7 +587,8 @@ def model_lookup(model_id: str) -> dict:
 # Parameters carried verbatim in CLAUDE_CODE_EXTRA_BODY, merged last into the
 # CLI's upstream body (FACTS.md, "Carrying the client's parameters").
 CARRIED_PARAMS = ("max_tokens", "temperature", "top_p", "top_k", "stop_sequences",
-                  "thinking", "service_tier")
+                  "thinking", "service_tier", "output_config", "speed", "cache_control")
+EFFORTS = ("low", "medium", "high", "max")
 # Accepted and not carried: the CLI owns them (metadata.user_id is its session).
 IGNORED_PARAMS = ("metadata", "stream", "model", "messages", "system", "container",
                   "mcp_servers", "context_management")
@@ -610,11 +611,12 @@ class Turn:
     stream: bool = False
     caller: str = ""                # who asks: a hash of the API key and the user id
     tools: list[dict] = dataclasses.field(default_factory=list)  # client tools, as sent
+    betas: str = ""                 # the client's anthropic-beta header
 
     @property
     def shape(self) -> str:
         """What a CLI is fixed to for its life: a session serves only its own shape."""
-        fixed = [self.model, self.system, self.params, self.caller, self.tools]
+        fixed = [self.model, self.system, self.params, self.caller, self.tools, self.betas]
         return hashlib.sha256(json.dumps(fixed, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -740,7 +742,29 @@ def check_params(body: dict, max_tokens_required: bool = True) -> dict:
     if "service_tier" in params:
         _require(params["service_tier"] in ("auto", "standard_only"),
                  "service_tier: must be 'auto' or 'standard_only'.")
+    if "output_config" in params:
+        config = params["output_config"]
+        _require(isinstance(config, dict), "output_config: must be an object.")
+        _require(config.get("effort") is None or config["effort"] in EFFORTS,
+                 f"output_config.effort: must be one of {', '.join(EFFORTS)}.")
+        output_format = config.get("format")
+        _require(output_format is None or isinstance(output_format, dict) and
+                 output_format.get("type") == "json_schema" and
+                 isinstance(output_format.get("schema"), dict),
+                 "output_config.format: must be {\"type\": \"json_schema\", \"schema\": {...}}.")
+    if "speed" in params:
+        _require(params["speed"] in ("fast", "standard"), "speed: must be 'fast' or 'standard'.")
+    if "cache_control" in params:
+        _require(isinstance(params["cache_control"], dict) and
+                 params["cache_control"].get("type") == "ephemeral",
+                 "cache_control: must be {\"type\": \"ephemeral\"} (with an optional ttl).")
     return params
+
+
+def dropped_params(body: dict) -> list[str]:
+    """Request fields the proxy neither carries nor owns (logged with --debug)."""
+    return sorted(set(body) - set(CARRIED_PARAMS) - set(IGNORED_PARAMS) -
+                  {"tools", "tool_choice"})
 
 
 def messages_request_to_turn(body: dict, default_model: str, caller: str = "",
@@ -1161,9 +1185,10 @@ CHAT_UNSUPPORTED = {"n": 1, "logprobs": False, "top_logprobs": None, "logit_bias
                     "presence_penalty": 0, "frequency_penalty": 0, "seed": None,
                     "audio": None, "prediction": None, "web_search_options": None}
 CHAT_IGNORED = ("model", "messages", "stream", "stream_options", "user", "store", "metadata",
-                "service_tier", "reasoning_effort", "modalities", "parallel_tool_calls")
+                "service_tier", "modalities", "parallel_tool_calls")
 CHAT_CARRIED = ("max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "tools",
-                "tool_choice", "response_format")
+                "tool_choice", "response_format", "reasoning_effort")
+OPENAI_EFFORTS = {"minimal": "low", "low": "low", "medium": "medium", "high": "high"}
 
 
 def _chat_text(content: Any, where: str) -> str:
@@ -1346,12 +1371,18 @@ def openai_turn(body: dict, system: list[str], messages: list[dict], default_mod
     if user is not None:
         _require(isinstance(user, str), "user: must be a string.")
         anthropic["metadata"] = {"user_id": user}
-    turn = messages_request_to_turn(anthropic, default_model, caller, max_tokens_required=False)
+    output_config = {}
     output_format = _chat_response_format(body.get("response_format"))
-    if output_format is None:
-        return turn
-    return dataclasses.replace(turn, params={**turn.params,
-                                             "output_config": {"format": output_format}})
+    if output_format is not None:
+        output_config["format"] = output_format
+    effort = body.get("reasoning_effort")
+    if effort is not None:
+        _require(effort in OPENAI_EFFORTS, "reasoning_effort: must be one of "
+                                           f"{', '.join(OPENAI_EFFORTS)}.")
+        output_config["effort"] = OPENAI_EFFORTS[effort]
+    if output_config:
+        anthropic["output_config"] = output_config
+    return messages_request_to_turn(anthropic, default_model, caller, max_tokens_required=False)
 
 
 # -- Responses API -------------------------------------------------------------
@@ -1459,6 +1490,7 @@ def responses_request_to_turn(body: dict, default_model: str, caller: str = "",
             "tools": tools, "tool_choice": choice,
             "parallel_tool_calls": body.get("parallel_tool_calls"),
             "response_format": text_format,
+            "reasoning_effort": (body.get("reasoning") or {}).get("effort"),
             "user": body.get("safety_identifier", body.get("user"))}
     return openai_turn({k: v for k, v in chat.items() if v is not None}, system, messages,
                        default_model, caller)
@@ -1740,6 +1772,8 @@ def cli_environment(turn: Turn) -> dict[str, str]:
         # No thinking unless the client asked: this removes `thinking` and
         # `context_management` (older model ids think by default otherwise).
         env["CLAUDE_CODE_DISABLE_THINKING"] = "1"
+    if turn.betas:
+        env["ANTHROPIC_BETAS"] = turn.betas     # added to the CLI's own betas
     if turn.tools:
         # A client tool call waits for the client; the reaper, not the CLI, ends it.
         env["MCP_TOOL_TIMEOUT"] = str(TOOL_WAIT_MS)
@@ -2490,11 +2524,14 @@ async def handle_delete_session(app: App, request: Request, out: Responder) -> N
 async def handle_messages(app: App, request: Request, out: Responder) -> None:
     """POST /v1/messages, streaming or not."""
     body = parse_json_body(request.body)
-    turn = messages_request_to_turn(body, app.config.default_model, request.caller)
+    turn = dataclasses.replace(
+        messages_request_to_turn(body, app.config.default_model, request.caller),
+        betas=request.head.header("anthropic-beta", "").strip())
     out.model = turn.model
     if app.config.debug:
-        log.debug("%s turn: model=%s history=%d params=%s", request.request_id, turn.model,
-                  len(turn.history), json.dumps(turn.params))
+        log.debug("%s turn: model=%s history=%d params=%s betas=%s dropped=%s",
+                  request.request_id, turn.model, len(turn.history), json.dumps(turn.params),
+                  turn.betas or "-", ",".join(dropped_params(body)) or "-")
     async with contextlib.aclosing(app.engine.run(turn)) as items:
         if turn.stream:
             await stream_anthropic(items, out, app.config)

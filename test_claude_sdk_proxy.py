@@ -12,6 +12,7 @@ upstream received. The upstream is steered by markers in the last user text:
   [[hang]]              send message_start, then pings until the client hangs up
   [[stop max_tokens]]   end with that stop_reason
   [[tool NAME {json}]]  call the client tool NAME with that input (several: parallel)
+  [[json {...}]]        answer with exactly that JSON text
 
 A request whose last user message holds tool_results is answered with text that
 quotes them: "Results: <tool_use_id>=<text>, ...".
@@ -154,6 +155,9 @@ class ScriptedUpstream:
         calls = re.findall(r"\[\[tool (\S+) (\{.*?\})\]\]", text)
         if calls:
             return self.answer_tool_calls(event, body, calls, handler)
+        json_answer = re.search(r"\[\[json (\{.*\})\]\]", text)
+        if json_answer:
+            return self.answer_text(event, json_answer.group(1), "end_turn", handler)
         results = self.tool_results(body)
         if results is not None:
             return self.answer_text(event, f"Results: {results}", "end_turn", handler)
@@ -1958,6 +1962,74 @@ class WarmSessionTest(ApiAssertions, unittest.TestCase):
         states = {s["id"]: (s["state"], s["turns"]) for s in self.sessions(server)}
         self.assertEqual(states[spare["id"]], ("idle", 1), "the spare answered the new chat")
         self.assertLessEqual(len(cli_children()), 3)
+
+
+class ParametersTest(unittest.TestCase):
+    """Each client parameter reaches the upstream as the real API would treat it."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.server = ProxyThread()
+        cls.client = cls.server.client()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.stop()
+
+    def setUp(self):
+        UPSTREAM.clear()
+
+    def test_parse_effort_speed_cache_control_and_betas(self):
+        import pydantic
+
+        class Weather(pydantic.BaseModel):
+            city: str
+            temp: int
+        parsed = self.client.messages.parse(
+            model="claude-sonnet-5-5", max_tokens=100, output_format=Weather,
+            output_config={"effort": "low"}, speed="fast",
+            messages=[{"role": "user", "content": '[[json {"city": "Oslo", "temp": 3}]]'}],
+            extra_body={"cache_control": {"type": "ephemeral"}},
+            extra_headers={"anthropic-beta": "test-beta-2026-01-01"})
+        self.assertEqual(parsed.parsed_output, Weather(city="Oslo", temp=3))
+        request = UPSTREAM.messages_requests()[0]
+        body = request["body"]
+        self.assertEqual(body["output_config"]["effort"], "low")
+        self.assertEqual(body["output_config"]["format"]["type"], "json_schema")
+        self.assertEqual(body["output_config"]["format"]["schema"]["properties"].keys(),
+                         {"city", "temp"})
+        self.assertEqual((body["speed"], body["cache_control"]), ("fast", {"type": "ephemeral"}))
+        self.assertNotIn("thinking", body, "no thinking unless asked")
+        self.assertIn("test-beta-2026-01-01", request["headers"]["anthropic-beta"])
+        self.assertTrue(body["system"][0]["text"].startswith("x-anthropic-billing-header"),
+                        "the CLI's attribution line is intact")
+
+    def test_an_older_model_id_is_sent_exactly(self):
+        message = self.client.messages.create(model="claude-opus-4-1-20250805", max_tokens=5,
+                                              messages=[{"role": "user", "content": "x"}])
+        self.assertEqual(UPSTREAM.messages_requests()[0]["body"]["model"],
+                         "claude-opus-4-1-20250805", "no legacy remap")
+        self.assertEqual(message.model, "claude-opus-4-1-20250805")
+
+    def test_bad_parameter_values_are_400s(self):
+        for changes, message in [
+                ({"output_config": {"effort": "extreme"}}, "output_config.effort: must be one"),
+                ({"output_config": {"format": {"type": "xml"}}}, "output_config.format: must be"),
+                ({"speed": "warp"}, "speed: must be 'fast' or 'standard'.")]:
+            with self.subTest(changes=changes):
+                with self.assertRaises(anthropic.BadRequestError) as caught:
+                    self.client.messages.create(model="sonnet", max_tokens=5, extra_body=changes,
+                                                messages=[{"role": "user", "content": "x"}])
+                self.assertIn(message, caught.exception.body["error"]["message"])
+        self.assertEqual(UPSTREAM.messages_requests(), [])
+
+    def test_openai_reasoning_effort_becomes_effort(self):
+        chat = openai.OpenAI(base_url=self.server.url + "/v1", api_key="k", max_retries=0)
+        chat.chat.completions.create(model="sonnet", reasoning_effort="minimal",
+                                     messages=[{"role": "user", "content": "hi"}])
+        chat.responses.create(model="sonnet", reasoning={"effort": "high"}, input="hi")
+        efforts = [r["body"]["output_config"]["effort"] for r in UPSTREAM.messages_requests()]
+        self.assertEqual(efforts, ["low", "high"])
 
 
 WEATHER = {"name": "get_weather", "description": "Weather for a city.",
