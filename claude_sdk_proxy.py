@@ -1273,13 +1273,14 @@ def _chat_tools(body: dict) -> dict:
     parallel = body.get("parallel_tool_calls")
     if choice is not None or parallel is False:
         if isinstance(choice, dict):
-            name = (choice.get("function") or {}).get("name")
+            function = choice.get("function")
+            name = function.get("name") if isinstance(function, dict) else None
             _require(choice.get("type") == "function" and isinstance(name, str),
                      "tool_choice: must be 'none', 'auto', 'required' or a function.")
             anthropic_choice = {"type": "tool", "name": name}
         else:
             kinds = {"none": "none", "auto": "auto", "required": "any", None: "auto"}
-            _require(choice in kinds,
+            _require(isinstance(choice, (str, type(None))) and choice in kinds,
                      "tool_choice: must be 'none', 'auto', 'required' or a function.")
             anthropic_choice = {"type": kinds[choice]}
         if parallel is False and anthropic_choice["type"] != "none":
@@ -1299,7 +1300,8 @@ def _chat_response_format(value: Any) -> dict | None:
         return None
     if value["type"] == "json_object":
         return {"type": "json_schema", "schema": {"type": "object"}}
-    schema = (value.get("json_schema") or {}).get("schema")
+    spec = value.get("json_schema")
+    schema = spec.get("schema") if isinstance(spec, dict) else None
     _require(isinstance(schema, dict), "response_format.json_schema.schema: required, an object.")
     return {"type": "json_schema", "schema": schema}
 
@@ -1354,10 +1356,12 @@ def openai_turn(body: dict, system: list[str], messages: list[dict], default_mod
     """A Turn from converted messages and Chat Completions parameters (the Responses
     API's are renamed to these first)."""
     anthropic: dict[str, Any] = {"model": body.get("model"), "messages": messages,
-                                 "stream": body.get("stream", False)}
+                                 "stream": body.get("stream") or False}
     if system:
         anthropic["system"] = "\n\n".join(system)
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_tokens = body.get("max_completion_tokens")
+    if max_tokens is None:
+        max_tokens = body.get("max_tokens")
     if max_tokens is not None:
         anthropic["max_tokens"] = max_tokens
     for name in ("temperature", "top_p"):
@@ -1377,8 +1381,8 @@ def openai_turn(body: dict, system: list[str], messages: list[dict], default_mod
         output_config["format"] = output_format
     effort = body.get("reasoning_effort")
     if effort is not None:
-        _require(effort in OPENAI_EFFORTS, "reasoning_effort: must be one of "
-                                           f"{', '.join(OPENAI_EFFORTS)}.")
+        _require(isinstance(effort, str) and effort in OPENAI_EFFORTS,
+                 f"reasoning_effort: must be one of {', '.join(OPENAI_EFFORTS)}.")
         output_config["effort"] = OPENAI_EFFORTS[effort]
     if output_config:
         anthropic["output_config"] = output_config
@@ -1942,6 +1946,47 @@ def rate_limit_message(info: dict, now: float) -> tuple[str, float | None]:
     return (f"Claude subscription {name} limit reached; it resets at {when}. This is a "
             f"usage limit of the subscription, not a transient throttle.",
             max(1.0, resets_at - now))
+
+
+WINDOW_HEADER_NAMES = {"five_hour": "5h", "seven_day": "7d", "seven_day_opus": "7d_opus",
+                       "seven_day_sonnet": "7d_sonnet", "overage": "overage"}
+
+
+def rate_limit_headers(info: dict) -> dict[str, str]:
+    """The CLI's rate-limit information as the API's anthropic-ratelimit-unified-*
+    response headers."""
+    prefix = "anthropic-ratelimit-unified-"
+    headers = {}
+    if info.get("status"):
+        headers[prefix + "status"] = str(info["status"])
+    if isinstance(info.get("resetsAt"), (int, float)):
+        headers[prefix + "reset"] = str(int(info["resetsAt"]))
+    if info.get("rateLimitType"):
+        headers[prefix + "representative-claim"] = str(info["rateLimitType"])
+    for window, state in (info.get("unifiedWindows") or {}).items():
+        name = WINDOW_HEADER_NAMES.get(window, window)
+        for key, header in (("status", "status"), ("utilization", "utilization"),
+                            ("resetsAt", "reset")):
+            if isinstance(state, dict) and state.get(key) is not None:
+                value = state[key]
+                headers[f"{prefix}{name}-{header}"] = str(int(value) if key == "resetsAt"
+                                                          else value)
+    return headers
+
+
+def usage_windows(info: dict, observed: float) -> dict:
+    """GET /usage: the latest windows, readable."""
+    def when(stamp: Any) -> str | None:
+        return dt.datetime.fromtimestamp(stamp, dt.timezone.utc).strftime(
+            "%Y-%m-%dT%H:%M:%SZ") if isinstance(stamp, (int, float)) else None
+    return {"status": info.get("status"), "representative_window": info.get("rateLimitType"),
+            "resets_at": when(info.get("resetsAt")), "observed_at": when(observed),
+            "using_overage": info.get("isUsingOverage"),
+            "windows": {window: {"status": state.get("status"),
+                                 "utilization": state.get("utilization"),
+                                 "resets_at": when(state.get("resetsAt"))}
+                        for window, state in (info.get("unifiedWindows") or {}).items()
+                        if isinstance(state, dict)}}
 
 
 def result_error(data: dict, rate_limit: dict | None, now: float) -> ProxyError:
@@ -2521,6 +2566,28 @@ async def handle_delete_session(app: App, request: Request, out: Responder) -> N
     await out.send_json(200, {"id": session_id, "type": "session_deleted"})
 
 
+async def run_turn(app: App, turn: Turn, out: Responder) -> AsyncIterator[tuple[str, Any]]:
+    """The engine's items for one Turn; the rate-limit state they carry goes into the
+    response headers and GET /usage on the way. The CLI reports it after the answer,
+    so a stream's head carries the state as the previous answer left it."""
+    if app.rate_limit is not None:
+        out.headers.update(rate_limit_headers(app.rate_limit[0]))
+    async with contextlib.aclosing(app.engine.run(turn)) as items:
+        async for kind, payload in items:
+            if kind == "rate_limit":
+                app.rate_limit = (payload, time.time())
+                out.headers.update(rate_limit_headers(payload))
+            yield kind, payload
+
+
+async def handle_usage(app: App, request: Request, out: Responder) -> None:
+    """GET /usage: the subscription's windows as last seen upstream."""
+    if app.rate_limit is None:
+        await out.send_json(200, {"status": None, "windows": {}, "observed_at": None})
+    else:
+        await out.send_json(200, usage_windows(*app.rate_limit))
+
+
 async def handle_messages(app: App, request: Request, out: Responder) -> None:
     """POST /v1/messages, streaming or not."""
     body = parse_json_body(request.body)
@@ -2532,7 +2599,7 @@ async def handle_messages(app: App, request: Request, out: Responder) -> None:
         log.debug("%s turn: model=%s history=%d params=%s betas=%s dropped=%s",
                   request.request_id, turn.model, len(turn.history), json.dumps(turn.params),
                   turn.betas or "-", ",".join(dropped_params(body)) or "-")
-    async with contextlib.aclosing(app.engine.run(turn)) as items:
+    async with contextlib.aclosing(run_turn(app, turn, out)) as items:
         if turn.stream:
             await stream_anthropic(items, out, app.config)
         else:
@@ -2619,7 +2686,7 @@ async def handle_chat_completions(app: App, request: Request, out: Responder) ->
     turn = chat_request_to_turn(body, app.config.default_model, request.caller)
     out.model = turn.model
     completion_id, created = "chatcmpl-" + uuid.uuid4().hex[:24], int(time.time())
-    async with contextlib.aclosing(app.engine.run(turn)) as items:
+    async with contextlib.aclosing(run_turn(app, turn, out)) as items:
         if not turn.stream:
             message = await collect_message(items, out)
             await out.send_json(200, message_to_chat_completion(message, completion_id,
@@ -2676,7 +2743,7 @@ async def handle_responses(app: App, request: Request, out: Responder) -> None:
     turn = responses_request_to_turn(body, app.config.default_model, request.caller, previous)
     out.model = turn.model
     translator = ResponseTranslator("resp_" + uuid.uuid4().hex[:24], int(time.time()), body)
-    async with contextlib.aclosing(app.engine.run(turn)) as items:
+    async with contextlib.aclosing(run_turn(app, turn, out)) as items:
         if not turn.stream:
             async for kind, payload in items:
                 if kind == "stream":
@@ -2731,6 +2798,7 @@ ROUTES = (
     _route("POST", r"/v1/chat/responses", handle_responses),
     _route("GET", r"/v1/chat/models", handle_models),
     _route("GET", r"/v1/chat/models/(?P<model_id>[^/]+)", handle_model),
+    _route("GET", r"/usage", handle_usage),
     _route("GET", r"/sessions", handle_sessions),
     _route("DELETE", r"/sessions/(?P<session_id>[^/]+)", handle_delete_session),
 )
@@ -2879,13 +2947,14 @@ class Responder:
         self.streaming = False
         self.model = ""
         self.usage: dict = {}
+        self.headers: dict[str, str] = {}   # for every response head (rate-limit state)
 
     def _head(self, status: int, headers: list[tuple[str, str]]) -> bytes:
         self.status, self.head_sent = status, True
         base = [("date", email_date()), ("server", f"claude-sdk-proxy/{__version__}"),
                 ("request-id", self.request_id),
                 ("connection", "keep-alive" if self.keep_alive else "close")]
-        return encode_response_head(status, base + headers)
+        return encode_response_head(status, base + list(self.headers.items()) + headers)
 
     async def send(self, status: int, body: bytes, content_type: str,
                    headers: dict[str, str] | None = None) -> None:
@@ -2945,6 +3014,7 @@ class App:
         self.config = config
         self.engine = Engine(config)
         self.responses = ResponseStore()
+        self.rate_limit: tuple[dict, float] | None = None    # latest info, when seen
         self.started = time.monotonic()
         self.requests = self.tokens_in = self.tokens_out = 0
         self.idle: set[Connection] = set()      # connections between requests

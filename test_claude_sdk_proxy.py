@@ -13,6 +13,7 @@ upstream received. The upstream is steered by markers in the last user text:
   [[stop max_tokens]]   end with that stop_reason
   [[tool NAME {json}]]  call the client tool NAME with that input (several: parallel)
   [[json {...}]]        answer with exactly that JSON text
+  [[limits warning]]    send the rate-limit headers of a five-hour window at 91 %
 
 A request whose last user message holds tool_results is answered with text that
 quotes them: "Results: <tool_use_id>=<text>, ...".
@@ -128,6 +129,8 @@ class ScriptedUpstream:
             time.sleep(float(delay.group(1)))     # scripted slowness, not synchronisation
         stop = re.search(r"\[\[stop (\w+)\]\]", text)
         handler.send_response(200)
+        if "[[limits warning]]" in text:
+            self.limit_headers(handler, "allowed_warning", 0.91)
         handler.send_header("content-type", "text/event-stream")
         handler.send_header("transfer-encoding", "chunked")
         handler.end_headers()
@@ -238,6 +241,19 @@ class ScriptedUpstream:
             event("content_block_stop", {"type": "content_block_stop", "index": index})
         self.finish(event, "tool_use", handler)
 
+    LIMIT_RESET = int(time.time()) + 3600
+
+    @staticmethod
+    def limit_headers(handler, status, utilization):
+        """The unified rate-limit headers of a five-hour window in that state."""
+        reset = ScriptedUpstream.LIMIT_RESET
+        for name, value in (("status", status), ("5h-status", status),
+                            ("5h-utilization", str(utilization)), ("5h-reset", str(reset)),
+                            ("7d-status", "allowed"), ("7d-utilization", "0.25"),
+                            ("7d-reset", str(reset + 86400)),
+                            ("reset", str(reset)), ("representative-claim", "five_hour")):
+            handler.send_header(f"anthropic-ratelimit-unified-{name}", value)
+
     @staticmethod
     def send_error(handler, status, window):
         kinds = {400: "invalid_request_error", 401: "authentication_error",
@@ -246,11 +262,7 @@ class ScriptedUpstream:
             "type": kinds.get(status, "api_error"), "message": f"scripted {status}"}}).encode()
         handler.send_response(status)
         if window:
-            reset = int(time.time()) + 3600
-            for name, value in (("status", "rejected"), ("5h-status", "rejected"),
-                                ("5h-utilization", "1.0"), ("5h-reset", str(reset)),
-                                ("reset", str(reset)), ("representative-claim", "five_hour")):
-                handler.send_header(f"anthropic-ratelimit-unified-{name}", value)
+            ScriptedUpstream.limit_headers(handler, "rejected", 1.0)
         handler.send_header("content-type", "application/json")
         handler.send_header("content-length", str(len(body)))
         handler.end_headers()
@@ -1266,6 +1278,324 @@ class AnthropicTranslationTest(PureAssertions, unittest.TestCase):
 
 
 # =============================================================================
+# 7. OpenAI translation
+# =============================================================================
+
+def chat_body(**changes) -> dict:
+    """A valid Chat Completions request; a change to `...` deletes that key."""
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+    return {k: v for k, v in {**body, **changes}.items() if v is not ...}
+
+
+CHAT_TOOLS = [{"type": "function", "function": {
+                  "name": "get_weather", "description": "Weather.", "parameters": {
+                      "type": "object", "properties": {"city": {"type": "string"}}}}},
+              {"type": "function", "function": {"name": "now"}}]
+
+
+def text_block(t: str) -> dict:
+    return {"type": "text", "text": t}
+
+
+class OpenAITranslationTest(PureAssertions, unittest.TestCase):
+    def test_messages_become_system_history_and_prompt(self):
+        png = base64.b64encode(png_bytes(2, 2)).decode()
+        body = chat_body(messages=[
+            {"role": "system", "content": "Sys one."},
+            {"role": "developer", "content": [text_block("Dev"), text_block("two.")]},
+            {"role": "user", "content": "first"},
+            {"role": "assistant", "content": "answer"},
+            {"role": "user", "content": [
+                text_block("look"),
+                {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}},
+                {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}])
+        before = copy.deepcopy(body)
+        turn = proxy.chat_request_to_turn(body, "sonnet", caller="key")
+        self.assertEqual(body, before)
+        self.assertEqual((turn.model, turn.system, turn.stream, turn.caller, turn.tools,
+                          turn.params), ("sonnet", "Sys one.\n\nDev\n\ntwo.", False, "key", [], {}))
+        self.assertEqual(turn.history, [{"role": U, "content": [text_block("first")]},
+                                        {"role": A, "content": [text_block("answer")]}])
+        self.assertEqual(turn.prompt, {"role": U, "content": [text_block("look"), {
+            "type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                        "data": png}}, {
+            "type": "image", "source": {"type": "url", "url": "https://example.com/a.png"}}]})
+        claude = proxy.chat_request_to_turn(chat_body(model="claude-opus-5-5", stream=True,
+                                                      user="u-1"), "sonnet", caller="key")
+        self.assertEqual((claude.model, claude.stream, claude.caller, claude.system),
+                         ("claude-opus-5-5", True, "key/u-1", ""))
+
+    def test_tool_calls_and_results_and_merging(self):
+        turn = proxy.chat_request_to_turn(chat_body(messages=[
+            {"role": "user", "content": "a"}, {"role": "user", "content": [text_block("b")]},
+            {"role": "assistant", "content": "Let me check."},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "call_1", "type": "function",
+                 "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+                {"id": "call_2", "type": "function", "function": {"name": "now",
+                                                                  "arguments": ""}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+            {"role": "tool", "tool_call_id": "call_2", "content": [text_block("noon")]},
+            {"role": "user", "content": "thanks"}]), "sonnet")
+        self.assertEqual(turn.history, [
+            {"role": U, "content": [text_block("a"), text_block("b")]},
+            {"role": A, "content": [
+                text_block("Let me check."),
+                {"type": "tool_use", "id": "call_1", "name": "get_weather",
+                 "input": {"city": "Paris"}},
+                {"type": "tool_use", "id": "call_2", "name": "now", "input": {}}]}])
+        self.assertEqual(turn.prompt, {"role": U, "content": [
+            {"type": "tool_result", "tool_use_id": "call_1", "content": "sunny"},
+            {"type": "tool_result", "tool_use_id": "call_2", "content": "noon"},
+            text_block("thanks")]})
+
+    def test_parameters_become_carried_params(self):
+        tools = {"tools": CHAT_TOOLS}
+        fmt = {"output_config": {"format": {"type": "json_schema", "schema": {"type": "object"}}}}
+        schema = {"type": "object", "properties": {"a": {"type": "string"}}}
+        table = [
+            ({}, {}), ({"max_tokens": 10}, {"max_tokens": 10}),
+            ({"max_tokens": 10, "max_completion_tokens": 20}, {"max_tokens": 20}),
+            ({"max_completion_tokens": 30}, {"max_tokens": 30}),
+            ({"temperature": 0.5, "top_p": 0.9}, {"temperature": 0.5, "top_p": 0.9}),
+            ({"stop": "END"}, {"stop_sequences": ["END"]}),
+            ({"stop": ["A", "B"]}, {"stop_sequences": ["A", "B"]}),
+            ({**tools, "tool_choice": "none"}, {"tool_choice": {"type": "none"}}),
+            ({**tools, "tool_choice": "auto"}, {"tool_choice": {"type": "auto"}}),
+            ({**tools, "tool_choice": "required"}, {"tool_choice": {"type": "any"}}),
+            ({**tools, "tool_choice": {"type": "function", "function": {"name": "now"}}},
+             {"tool_choice": {"type": "tool", "name": proxy.upstream_tool_name("now")}}),
+            ({**tools, "parallel_tool_calls": True}, {}),
+            ({**tools, "parallel_tool_calls": False},
+             {"tool_choice": {"type": "auto", "disable_parallel_tool_use": True}}),
+            ({**tools, "tool_choice": "required", "parallel_tool_calls": False},
+             {"tool_choice": {"type": "any", "disable_parallel_tool_use": True}}),
+            ({**tools, "tool_choice": "none", "parallel_tool_calls": False},
+             {"tool_choice": {"type": "none"}}),
+            ({**tools, "parallel_tool_calls": False,
+              "tool_choice": {"type": "function", "function": {"name": "get_weather"}}},
+             {"tool_choice": {"type": "tool", "name": "mcp__c__get_weather",
+                              "disable_parallel_tool_use": True}}),
+            ({"response_format": {"type": "json_object"}}, fmt),
+            ({"response_format": {"type": "json_schema", "json_schema": {
+                "name": "r", "strict": True, "schema": schema}}},
+             {"output_config": {"format": {"type": "json_schema", "schema": schema}}}),
+            ({"response_format": {"type": "text"}, "max_tokens": 5}, {"max_tokens": 5}),
+            ({"reasoning_effort": "minimal"}, {"output_config": {"effort": "low"}}),
+            ({"reasoning_effort": "high", "response_format": {"type": "json_object"}},
+             {"output_config": {**fmt["output_config"], "effort": "high"}}),
+            ({"store": False, "metadata": {"k": "v"}, "service_tier": "auto", "seed": None,
+              "modalities": ["text"], "n": 1, "logprobs": False,
+              "stream_options": {"include_usage": True}}, {})]
+        for changes, params in table:
+            with self.subTest(changes=changes):
+                self.assertEqual(proxy.chat_request_to_turn(chat_body(**changes), "s").params,
+                                 params)
+        self.assertEqual(proxy.chat_request_to_turn(chat_body(**tools), "s").tools, [
+            {"name": "get_weather", "description": "Weather.", "input_schema": {
+                "type": "object", "properties": {"city": {"type": "string"}}}},
+            {"name": "now", "input_schema": {"type": "object", "properties": {}}}])
+        self.assertIsNone(proxy._chat_response_format(None))
+        self.assertIsNone(proxy._chat_response_format({"type": "text"}))
+
+    def test_unsupported_parameters_are_400_naming_them(self):
+        changed = {"n": 2, "logprobs": True, "top_logprobs": 2, "logit_bias": {"50256": -100},
+                   "presence_penalty": 0.5, "frequency_penalty": -1, "seed": 42,
+                   "audio": {"voice": "alloy", "format": "mp3"},
+                   "prediction": {"type": "content", "content": "x"}, "web_search_options": {}}
+        self.assertEqual(set(changed), set(proxy.CHAT_UNSUPPORTED))
+        for name, value in changed.items():
+            with self.subTest(name=name):
+                default = proxy.CHAT_UNSUPPORTED[name]
+                self.assertEqual(proxy.chat_request_to_turn(
+                    chat_body(**{name: default}), "s").params, {})
+                self.assertProxyError(INV, proxy.chat_request_to_turn,
+                                      chat_body(**{name: value}), "s", message=(
+                                          f"{name}: not supported by this proxy "
+                                          "(Claude cannot honour it)."))
+        self.assertProxyError(INV, proxy.chat_request_to_turn,
+                              chat_body(bogus=1, functions=[]), "s",
+                              message="bogus, functions: unknown or unsupported parameter.")
+
+    def test_invalid_requests_are_400_naming_the_field(self):
+        def msgs(*messages):
+            return {"messages": [*messages, {"role": "user", "content": "q"}]}
+
+        def image(url):
+            return msgs({"role": "user", "content": [{"type": "image_url",
+                                                      "image_url": {"url": url}}]})
+
+        def call(arguments):
+            return msgs({"role": "assistant", "tool_calls": [{"id": "c", "type": "function",
+                         "function": {"name": "f", "arguments": arguments}}]})
+        table = [
+            (image("ftp://example.com/a.png"),
+             "messages.0.content.0.image_url.url: must be an http(s) URL or a base64 data URI."),
+            (image("data:text/plain;base64,aGk="), "messages.0.content.0.image_url.url: must"),
+            (image("example.com/a.png"), "messages.0.content.0.image_url.url: must"),
+            (msgs({"role": "user", "content": [{"type": "audio"}]}),
+             "messages.0.content.0.type: must be 'text' or 'image_url'."),
+            (call("{not json"), "messages.0.tool_calls.0.function.arguments: must be a JSON "
+                                "object."),
+            (call("[1, 2]"), "messages.0.tool_calls.0.function.arguments: must be a JSON object."),
+            (call({"a": 1}), "messages.0.tool_calls.0: needs an id and a function"),
+            (msgs({"role": "tool", "content": "x"}), "messages.0.tool_call_id: required."),
+            (msgs({"role": "function", "content": "x"}), "messages.0.role: must be system"),
+            (msgs({"role": "system", "content": [{"type": "image_url"}]}),
+             "messages.0.content: must be a string or a list of text parts."),
+            ({"messages": []}, "messages: required, a non-empty list."),
+            ({"messages": [{"role": "system", "content": "s"}]}, "messages: required"),
+            ({"tools": [{"type": "code_interpreter"}]}, "tools.0: must be a function tool."),
+            ({"tools": CHAT_TOOLS, "tool_choice": "sometimes"}, "tool_choice: must be 'none'"),
+            ({"tools": CHAT_TOOLS, "tool_choice": {"type": "function"}}, "tool_choice: must be"),
+            ({"tools": CHAT_TOOLS, "tool_choice": {"type": "function", "function": {
+                "name": "other"}}}, "tool_choice.name: must name one of the request's tools."),
+            ({"response_format": {"type": "yaml"}}, "response_format.type: must be 'text', "
+                                                    "'json_object' or 'json_schema'."),
+            ({"response_format": {"type": "json_schema", "json_schema": {"name": "r"}}},
+             "response_format.json_schema.schema: required, an object."),
+            ({"reasoning_effort": "max"}, "reasoning_effort: must be one of minimal, low,"),
+            ({"user": 7}, "user: must be a string."), ({"temperature": 1.5}, "temperature:"),
+            ({"max_completion_tokens": 0}, "max_tokens: required, an integer of at least 1.")]
+        for changes, prefix in table:
+            with self.subTest(changes=changes):
+                self.assertProxyError(INV, proxy.chat_request_to_turn, chat_body(**changes), "s",
+                                      prefix=prefix)
+
+    def test_chat_usage_counts_cached_tokens_in_the_prompt(self):
+        table = [({}, (0, 0, 0, 0)), ({"input_tokens": 5, "output_tokens": 7}, (5, 7, 12, 0)),
+                 ({"input_tokens": 17, "cache_read_input_tokens": 3, "output_tokens": 42,
+                   "cache_creation_input_tokens": 2}, (22, 42, 64, 3)),
+                 ({"input_tokens": 1, "cache_read_input_tokens": None}, (1, 0, 1, 0))]
+        for usage, (prompt, completion, total, cached) in table:
+            with self.subTest(usage=usage):
+                self.assertEqual(proxy.chat_usage(usage), {
+                    "prompt_tokens": prompt, "completion_tokens": completion,
+                    "total_tokens": total, "prompt_tokens_details": {"cached_tokens": cached}})
+
+    def test_message_to_chat_completion(self):
+        usage = {"input_tokens": 10, "cache_read_input_tokens": 4, "output_tokens": 6}
+        message = {"id": "msg_1", "model": "claude-x", "stop_reason": "tool_use", "usage": usage,
+                   "content": [{"type": "thinking", "thinking": "hmm", "signature": "s"},
+                               text_block("Hel"), text_block("lo"),
+                               {"type": "tool_use", "id": "toolu_1", "name": "get_weather",
+                                "input": {"city": "Paris"}}]}
+        call = {"id": "toolu_1", "type": "function", "function": {
+            "name": "get_weather", "arguments": '{"city": "Paris"}'}}
+        self.assertEqual(proxy.chat_tool_call(message["content"][3]), call)
+        self.assertEqual(proxy.message_to_chat_completion(message, "chatcmpl-1", 1700000000), {
+            "id": "chatcmpl-1", "object": "chat.completion", "created": 1700000000,
+            "model": "claude-x", "choices": [{"index": 0, "logprobs": None,
+                                              "finish_reason": "tool_calls", "message": {
+                                                  "role": "assistant", "content": "Hello",
+                                                  "refusal": None, "tool_calls": [call]}}],
+            "usage": {"prompt_tokens": 14, "completion_tokens": 6, "total_tokens": 20,
+                      "prompt_tokens_details": {"cached_tokens": 4}}})
+        for content, stop, reply, finish in [
+                ([text_block("cut")], "max_tokens", "cut", "length"),
+                ([text_block("ok")], "end_turn", "ok", "stop"),
+                ([text_block("ok")], None, "ok", "stop"),
+                ([{"type": "thinking", "thinking": "x"}], "refusal", None, "content_filter")]:
+            with self.subTest(stop=stop):
+                choice = proxy.message_to_chat_completion(
+                    {**message, "content": content, "stop_reason": stop}, "c", 0)["choices"][0]
+                self.assertEqual((choice["message"], choice["finish_reason"]), (
+                    {"role": "assistant", "content": reply, "refusal": None}, finish))
+
+    def test_chunk_translator_over_a_full_stream(self):
+        def delta(i, **d):
+            return {"type": "content_block_delta", "index": i, "delta": d}
+        events = [
+            {"type": "message_start", "message": {"id": "msg_1", "model": "claude-x",
+                                                  "usage": {"input_tokens": 10,
+                                                            "cache_read_input_tokens": 2}}},
+            {"type": "content_block_start", "index": 0, "content_block": text_block("")},
+            delta(0, type="text_delta", text="Hel"), delta(0, type="text_delta", text="lo"),
+            {"type": "content_block_stop", "index": 0}, {"type": "ping"},
+            {"type": "content_block_start", "index": 1, "content_block": {
+                "type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {}}},
+            delta(1, type="input_json_delta", partial_json=""),
+            delta(1, type="input_json_delta", partial_json='{"ci'),
+            delta(1, type="input_json_delta", partial_json='ty": "Paris"}'),
+            {"type": "content_block_stop", "index": 1},
+            {"type": "message_delta", "delta": {"stop_reason": "tool_use"},
+             "usage": {"output_tokens": 9, "cache_read_input_tokens": None}},
+            {"type": "message_stop"}]
+        base = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 5,
+                "model": "claude-x"}
+
+        def chunk(delta, finish=None):
+            return {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                         "finish_reason": finish}]}
+
+        def args(fragment):
+            return chunk({"tool_calls": [{"index": 0, "function": {"arguments": fragment}}]})
+        expected = [chunk({"role": "assistant", "content": ""}), chunk({"content": "Hel"}),
+                    chunk({"content": "lo"}),
+                    chunk({"tool_calls": [{"index": 0, "id": "toolu_1", "type": "function",
+                                           "function": {"name": "get_weather",
+                                                        "arguments": ""}}]}),
+                    args('{"ci'), args('ty": "Paris"}'), chunk({}, "tool_calls")]
+        usage = {**base, "choices": [], "usage": {
+            "prompt_tokens": 12, "completion_tokens": 9, "total_tokens": 21,
+            "prompt_tokens_details": {"cached_tokens": 2}}}
+        for include_usage, tail in [(True, [usage]), (False, [])]:
+            with self.subTest(include_usage=include_usage):
+                translator = proxy.ChunkTranslator("chatcmpl-1", 5, include_usage)
+                chunks = [c for event in events for c in translator.feed(event)]
+                self.assertEqual(chunks, expected + tail)
+                self.assertEqual(sum(c["choices"][0]["finish_reason"] is not None
+                                     for c in chunks if c["choices"]), 1)
+
+    def test_chunk_translator_numbers_tool_calls_and_maps_finish(self):
+        translator = proxy.ChunkTranslator("c", 0, False)
+        translator.feed({"type": "message_start", "message": {"model": "m"}})
+        for index, name in [(1, "a"), (3, "b")]:
+            start = translator.feed({"type": "content_block_start", "index": index,
+                                     "content_block": {"type": "tool_use", "id": name,
+                                                       "name": name, "input": {}}})
+            self.assertEqual(start[0]["choices"][0]["delta"]["tool_calls"][0]["index"],
+                             "ab".index(name))
+        fragment = translator.feed({"type": "content_block_delta", "index": 3, "delta": {
+            "type": "input_json_delta", "partial_json": "{}"}})
+        self.assertEqual(fragment[0]["choices"][0]["delta"]["tool_calls"][0]["index"], 1)
+        for stop, finish in [("end_turn", "stop"), ("stop_sequence", "stop"), (None, "stop"),
+                             ("max_tokens", "length"), ("tool_use", "tool_calls"),
+                             ("pause_turn", "stop"), ("refusal", "content_filter")]:
+            with self.subTest(stop=stop):
+                done = translator.feed({"type": "message_delta", "delta": {"stop_reason": stop}})
+                self.assertEqual(done[0]["choices"][0]["finish_reason"], finish)
+        self.assertEqual(set(proxy.FINISH_REASONS) - {"end_turn", "stop_sequence", "max_tokens",
+                                                      "tool_use", "pause_turn", "refusal"}, set())
+
+    def test_error_to_openai(self):
+        for err, kind in [(proxy.InvalidRequest("bad"), "invalid_request_error"),
+                          (proxy.RateLimited("slow"), "rate_limit_error"),
+                          (proxy.Overloaded("busy"), "overloaded_error")]:
+            with self.subTest(kind=kind):
+                self.assertEqual(proxy.error_to_openai(err), {"error": {
+                    "message": err.message, "type": kind, "param": None, "code": None}})
+
+
+class OpenAIMalformedValuesTest(PureAssertions, unittest.TestCase):
+    def test_malformed_values_are_400s_and_nulls_mean_absent(self):
+        tools = [{"type": "function", "function": {"name": "f"}}]
+        for extra, prefix in [
+                ({"tools": tools, "tool_choice": {"type": "function", "function": "f"}},
+                 "tool_choice: must be"),
+                ({"tool_choice": ["auto"]}, "tool_choice: must be"),
+                ({"response_format": {"type": "json_schema", "json_schema": "x"}},
+                 "response_format.json_schema.schema: required"),
+                ({"reasoning_effort": ["low"]}, "reasoning_effort: must be one of")]:
+            with self.subTest(extra=extra):
+                self.assertProxyError(INV, proxy.chat_request_to_turn, chat_body(**extra),
+                                      "sonnet", prefix=prefix)
+        turn = proxy.chat_request_to_turn(chat_body(max_completion_tokens=None, max_tokens=5,
+                                                    stream=None), "sonnet")
+        self.assertEqual((turn.params, turn.stream), ({"max_tokens": 5}, False))
+
+
+# =============================================================================
 # End to end: anthropic SDK -> proxy -> claude-agent-sdk -> CLI -> upstream
 # =============================================================================
 
@@ -2010,6 +2340,31 @@ class ParametersTest(unittest.TestCase):
         self.assertEqual(UPSTREAM.messages_requests()[0]["body"]["model"],
                          "claude-opus-4-1-20250805", "no legacy remap")
         self.assertEqual(message.model, "claude-opus-4-1-20250805")
+
+    def test_rate_limit_state_reaches_headers_and_usage(self):
+        empty = self.client.get("/usage", cast_to=object)
+        self.assertEqual(empty["windows"], {})
+        raw = self.client.messages.with_raw_response.create(
+            model="sonnet", max_tokens=5, messages=[{"role": "user",
+                                                     "content": "[[limits warning]]"}])
+        reset = str(ScriptedUpstream.LIMIT_RESET)
+        headers = {k: v for k, v in raw.headers.items() if k.startswith("anthropic-ratelimit")}
+        self.assertEqual(headers["anthropic-ratelimit-unified-5h-status"], "allowed_warning")
+        self.assertEqual(headers["anthropic-ratelimit-unified-5h-utilization"], "0.91")
+        self.assertEqual(headers["anthropic-ratelimit-unified-5h-reset"], reset)
+        self.assertEqual(headers["anthropic-ratelimit-unified-7d-utilization"], "0.25")
+        with self.client.messages.with_streaming_response.create(
+                model="sonnet", max_tokens=5, stream=True,
+                messages=[{"role": "user", "content": "[[limits warning]] streamed"}]) as streamed:
+            self.assertEqual(streamed.headers["anthropic-ratelimit-unified-5h-utilization"],
+                             "0.91")
+        usage = self.client.get("/usage", cast_to=object)
+        five = usage["windows"]["five_hour"]
+        self.assertEqual((five["status"], five["utilization"]), ("allowed_warning", 0.91))
+        self.assertEqual(five["resets_at"], dt.datetime.fromtimestamp(
+            int(reset), dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+        self.assertIn("seven_day", usage["windows"])
+        self.assertIsNotNone(usage["observed_at"])
 
     def test_bad_parameter_values_are_400s(self):
         for changes, message in [
