@@ -1191,14 +1191,15 @@ CHAT_CARRIED = ("max_tokens", "max_completion_tokens", "temperature", "top_p", "
 OPENAI_EFFORTS = {"minimal": "low", "low": "low", "medium": "medium", "high": "high"}
 
 
-def _chat_text(content: Any, where: str) -> str:
-    """A system, developer or tool message's content as text."""
+def _chat_text(content: Any, where: str, kinds: tuple[str, ...] = ("text",),
+               separator: str = "\n\n") -> str:
+    """A message's content as text: a string, or parts of the given text kinds."""
     if isinstance(content, str):
         return content
     _require(isinstance(content, list) and all(
-        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+        isinstance(p, dict) and p.get("type") in kinds and isinstance(p.get("text"), str)
         for p in content), f"{where}.content: must be a string or a list of text parts.")
-    return "\n\n".join(p["text"] for p in content)
+    return separator.join(p["text"] for p in content)
 
 
 def _chat_user_blocks(content: Any, where: str) -> list[dict]:
@@ -1406,21 +1407,14 @@ RESPONSES_IGNORED = ("model", "input", "instructions", "stream", "store", "metad
 
 
 def _response_text(content: Any, where: str) -> str:
-    """A message's text: a string or text parts (input_text, output_text)."""
-    if isinstance(content, str):
-        return content
-    _require(isinstance(content, list) and all(
-        isinstance(p, dict) and p.get("type") in ("input_text", "output_text")
-        and isinstance(p.get("text"), str) for p in content),
-        f"{where}.content: must be a string or a list of text parts.")
-    return "".join(p["text"] for p in content)
+    """A Responses message's text (input_text and output_text parts)."""
+    return _chat_text(content, where, ("input_text", "output_text"), "")
 
 
 def _response_user_blocks(content: Any, where: str) -> list[dict]:
     """input_text and input_image parts as Anthropic blocks (by the chat parts' rules)."""
-    if isinstance(content, str):
-        return [{"type": "text", "text": content}]
-    _require(isinstance(content, list), f"{where}.content: must be a string or a list.")
+    if not isinstance(content, list):
+        return _chat_user_blocks(content, where)
     parts = []
     for i, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
@@ -2788,16 +2782,14 @@ def _route(method: str, path: str, handler: Callable, public: bool = False) -> R
 
 ROUTES = (
     _route("GET", r"/", handle_health, public=True),
-    _route("GET", r"/v1/models", handle_models),
-    _route("GET", r"/v1/models/(?P<model_id>[^/]+)", handle_model),
+    # OpenAI clients configured with the base URL .../v1/chat (the seed's) add
+    # their own paths to it: hence the optional /chat.
+    _route("GET", r"/v1(?:/chat)?/models", handle_models),
+    _route("GET", r"/v1(?:/chat)?/models/(?P<model_id>[^/]+)", handle_model),
     _route("POST", r"/v1/messages", handle_messages),
     _route("POST", r"/v1/messages/count_tokens", handle_count_tokens),
-    _route("POST", r"/v1/chat/completions", handle_chat_completions),
-    _route("POST", r"/v1/chat/chat/completions", handle_chat_completions),
-    _route("POST", r"/v1/responses", handle_responses),
-    _route("POST", r"/v1/chat/responses", handle_responses),
-    _route("GET", r"/v1/chat/models", handle_models),
-    _route("GET", r"/v1/chat/models/(?P<model_id>[^/]+)", handle_model),
+    _route("POST", r"/v1(?:/chat)?/chat/completions", handle_chat_completions),
+    _route("POST", r"/v1(?:/chat)?/responses", handle_responses),
     _route("GET", r"/usage", handle_usage),
     _route("GET", r"/sessions", handle_sessions),
     _route("DELETE", r"/sessions/(?P<session_id>[^/]+)", handle_delete_session),

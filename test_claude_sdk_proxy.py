@@ -2294,13 +2294,17 @@ class WarmSessionTest(ApiAssertions, unittest.TestCase):
         self.assertLessEqual(len(cli_children()), 3)
 
 
-class ParametersTest(unittest.TestCase):
-    """Each client parameter reaches the upstream as the real API would treat it."""
+class SharedProxyCase(unittest.TestCase):
+    """One proxy for the class, an official client on it, a clean upstream log a test."""
+
+    @staticmethod
+    def make_client(server):
+        return server.client()
 
     @classmethod
     def setUpClass(cls):
         cls.server = ProxyThread()
-        cls.client = cls.server.client()
+        cls.client = cls.make_client(cls.server)
 
     @classmethod
     def tearDownClass(cls):
@@ -2308,6 +2312,11 @@ class ParametersTest(unittest.TestCase):
 
     def setUp(self):
         UPSTREAM.clear()
+
+
+class ParametersTest(SharedProxyCase):
+    """Each client parameter reaches the upstream as the real API would treat it."""
+
 
     def test_parse_effort_speed_cache_control_and_betas(self):
         import pydantic
@@ -2394,20 +2403,9 @@ LONG_TOOL = {"name": "n" * 64, "description": "A tool with the longest name the 
              "input_schema": {"type": "object", "properties": {"a": {"type": "integer"}}}}
 
 
-class ClientToolsTest(ApiAssertions, unittest.TestCase):
+class ClientToolsTest(ApiAssertions, SharedProxyCase):
     """Client tools: tool_use out, tool_result back, on the parked live CLI."""
 
-    @classmethod
-    def setUpClass(cls):
-        cls.server = ProxyThread()
-        cls.client = cls.server.client()
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.server.stop()
-
-    def setUp(self):
-        UPSTREAM.clear()
 
     def create(self, messages, tools=(WEATHER,), **kwargs):
         return self.client.messages.create(model="claude-sonnet-5-5", max_tokens=300,
@@ -2551,21 +2549,16 @@ OPENAI_WEATHER = {"type": "function", "function": {
     "parameters": WEATHER["input_schema"]}}
 
 
-class OpenAIChatTest(unittest.TestCase):
+class OpenAICase(SharedProxyCase):
+    """The shared proxy with an official openai client on it."""
+
+    @staticmethod
+    def make_client(server):
+        return openai.OpenAI(base_url=server.url + "/v1", api_key="k", max_retries=0)
+
+
+class OpenAIChatTest(OpenAICase):
     """Chat Completions through the official openai SDK, on the same engine."""
-
-    @classmethod
-    def setUpClass(cls):
-        cls.server = ProxyThread()
-        cls.client = openai.OpenAI(base_url=cls.server.url + "/v1", api_key="k",
-                                   max_retries=0)
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.server.stop()
-
-    def setUp(self):
-        UPSTREAM.clear()
 
     def test_both_base_urls_answer_and_list_models(self):
         for base in ("/v1", "/v1/chat"):
@@ -2686,21 +2679,8 @@ RESPONSES_WEATHER = {"type": "function", "name": "get_weather",
                      "parameters": WEATHER["input_schema"]}
 
 
-class OpenAIResponsesTest(unittest.TestCase):
+class OpenAIResponsesTest(OpenAICase):
     """The Responses API through the official openai SDK, on the same engine."""
-
-    @classmethod
-    def setUpClass(cls):
-        cls.server = ProxyThread()
-        cls.client = openai.OpenAI(base_url=cls.server.url + "/v1", api_key="k",
-                                   max_retries=0)
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.server.stop()
-
-    def setUp(self):
-        UPSTREAM.clear()
 
     def test_text_with_instructions_and_usage(self):
         response = self.client.responses.create(model="gpt-5", instructions="Be brief.",
