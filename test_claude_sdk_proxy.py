@@ -2343,6 +2343,17 @@ class ParametersTest(SharedProxyCase):
         self.assertTrue(body["system"][0]["text"].startswith("x-anthropic-billing-header"),
                         "the CLI's attribution line is intact")
 
+    def test_debug_log_names_what_was_not_carried(self):
+        server = ProxyThread(debug=True)
+        self.addCleanup(server.stop)
+        with self.assertLogs("claude_sdk_proxy", "DEBUG") as logs:
+            server.client().messages.create(model="sonnet", max_tokens=5,
+                                            messages=[{"role": "user", "content": "x"}],
+                                            extra_body={"future_knob": 1, "top_k": 3})
+        [line] = [r for r in logs.output if " turn: " in r]
+        self.assertIn("dropped=future_knob", line)
+        self.assertIn('"top_k": 3', line)
+
     def test_an_older_model_id_is_sent_exactly(self):
         message = self.client.messages.create(model="claude-opus-4-1-20250805", max_tokens=5,
                                               messages=[{"role": "user", "content": "x"}])
