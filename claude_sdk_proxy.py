@@ -1479,6 +1479,8 @@ def responses_request_to_turn(body: dict, default_model: str, caller: str = "",
     choice = body.get("tool_choice")
     if isinstance(choice, dict) and choice.get("type") == "function":
         choice = {"type": "function", "function": {"name": choice.get("name")}}
+    for name in ("text", "reasoning"):
+        _require(isinstance(body.get(name) or {}, dict), f"{name}: must be an object.")
     text_format = (body.get("text") or {}).get("format")
     if isinstance(text_format, dict) and text_format.get("type") == "json_schema":
         text_format = {"type": "json_schema", "json_schema": text_format}

@@ -45,6 +45,7 @@ import zlib
 
 import anthropic
 import openai
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import claude_sdk_proxy as proxy
 
@@ -1593,6 +1594,89 @@ class OpenAIMalformedValuesTest(PureAssertions, unittest.TestCase):
         turn = proxy.chat_request_to_turn(chat_body(max_completion_tokens=None, max_tokens=5,
                                                     stream=None), "sonnet")
         self.assertEqual((turn.params, turn.stream), ({"max_tokens": 5}, False))
+
+
+# =============================================================================
+# Fuzzing: arbitrary bytes and JSON give API errors, never anything else
+# =============================================================================
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) |
+                    st.text(max_size=20),
+                    lambda inner: st.lists(inner, max_size=4) |
+                    st.dictionaries(st.text(max_size=12), inner, max_size=5), max_leaves=25)
+ROLES = st.sampled_from(["user", "assistant", "system", "developer", "tool", "x"])
+BLOCK_TYPES = st.sampled_from(["text", "image", "tool_use", "tool_result", "thinking",
+                               "image_url", "input_text", "input_image", "function_call",
+                               "function_call_output", "message", "document"])
+BLOCK = st.fixed_dictionaries({"type": BLOCK_TYPES}, optional={
+    "text": JSON, "id": JSON, "name": JSON, "input": JSON, "tool_use_id": JSON,
+    "content": JSON, "source": JSON, "image_url": JSON, "call_id": JSON, "arguments": JSON,
+    "output": JSON, "role": ROLES, "tool_calls": JSON, "tool_call_id": JSON})
+MESSAGE = st.fixed_dictionaries({"role": ROLES}, optional={
+    "content": st.one_of(st.text(max_size=10), st.lists(BLOCK, max_size=3), JSON),
+    "tool_calls": JSON, "tool_call_id": JSON, "type": BLOCK_TYPES, "call_id": JSON,
+    "output": JSON, "name": JSON, "arguments": JSON})
+REQUEST = st.fixed_dictionaries({}, optional={
+    "model": st.one_of(st.sampled_from(["sonnet", "gpt-4o", "claude-opus-5-5"]), JSON),
+    "max_tokens": JSON, "messages": st.lists(MESSAGE, max_size=4), "input": st.one_of(
+        st.text(max_size=10), st.lists(MESSAGE, max_size=4)),
+    "system": JSON, "tools": JSON, "tool_choice": JSON, "temperature": JSON,
+    "stop_sequences": JSON, "thinking": JSON, "stream": JSON, "metadata": JSON,
+    "response_format": JSON, "text": JSON, "output_config": JSON, "n": JSON,
+    "max_completion_tokens": JSON, "stop": JSON, "reasoning_effort": JSON,
+    "reasoning": JSON, "instructions": JSON, "user": JSON})
+FUZZ = settings(max_examples=300, deadline=None,
+                suppress_health_check=[HealthCheck.too_slow])
+
+
+class FuzzTest(unittest.TestCase):
+    def only_api_errors(self, translate, body):
+        try:
+            turn = translate(body)
+        except proxy.ProxyError as err:
+            self.assertEqual(err.status, 400, err.message)
+            return
+        self.assertIsInstance(turn, proxy.Turn)
+        self.assertIsInstance(turn.shape, str)
+
+    @FUZZ
+    @given(REQUEST)
+    def test_messages_requests(self, body):
+        self.only_api_errors(lambda b: proxy.messages_request_to_turn(b, "sonnet"), body)
+
+    @FUZZ
+    @given(REQUEST)
+    def test_chat_completions_requests(self, body):
+        self.only_api_errors(lambda b: proxy.chat_request_to_turn(b, "sonnet"), body)
+
+    @FUZZ
+    @given(REQUEST, st.one_of(st.none(), st.lists(MESSAGE, max_size=2)))
+    def test_responses_requests(self, body, previous):
+        previous = [m for m in previous or [] if isinstance(m.get("content"), list)]
+        self.only_api_errors(lambda b: proxy.responses_request_to_turn(
+            b, "sonnet", previous=previous), body)
+
+    @FUZZ
+    @given(st.binary(max_size=300) | st.builds(
+        lambda line, fields: line + b"\r\n" + b"\r\n".join(fields) + b"\r\n\r\n",
+        st.sampled_from([b"POST /v1/messages HTTP/1.1", b"GET / HTTP/1.0", b"GET  HTTP/1.1"]),
+        st.lists(st.binary(max_size=40), max_size=5)))
+    def test_request_heads(self, data):
+        try:
+            head = proxy.parse_request_head(data)
+            proxy.body_length(head)
+        except proxy.ProxyError as err:
+            self.assertIn(err.status, (400, 413, 431), err.message)
+
+    @FUZZ
+    @given(st.lists(st.binary(max_size=30), max_size=8))
+    def test_chunked_bodies(self, pieces):
+        decoder = proxy.ChunkedDecoder(1000)
+        try:
+            for piece in pieces:
+                decoder.feed(piece)
+        except proxy.ProxyError as err:
+            self.assertIn(err.status, (400, 413), err.message)
 
 
 # =============================================================================
