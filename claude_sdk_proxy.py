@@ -58,6 +58,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import math
@@ -68,6 +69,7 @@ import struct
 import sys
 import tempfile
 import time
+import urllib.parse
 import uuid
 from typing import Any, AsyncIterator, Callable, Iterable
 
@@ -88,6 +90,7 @@ DEFAULT_MAX_CONCURRENT = 5
 DEFAULT_TIMEOUT_MS = 1_800_000          # 30 min: long agentic answers stream for a while
 DEFAULT_MAX_BODY_MB = 32                # the Messages API's own request cap is 32 MB
 DEFAULT_QUEUE_TIMEOUT_S = 60.0          # then 529 + retry-after, as an overloaded API does
+DEFAULT_MAX_CONNECTIONS = 512          # open sockets; the longest idle makes room
 DEFAULT_SESSION_IDLE_S = 900.0          # chat apps pause minutes between messages
 DEFAULT_MAX_SPARES = 2                  # pre-connected CLIs, for the most recent shapes
 CLI_RSS_BYTES = 230 * 1024 * 1024       # measured resident size of one CLI (FACTS.md)
@@ -123,6 +126,7 @@ class Config:
     max_sessions: int = 16
     session_idle_s: float = DEFAULT_SESSION_IDLE_S
     max_spares: int = DEFAULT_MAX_SPARES
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
     head_hold_s: float = HEAD_HOLD_S
     ping_interval_s: float = PING_INTERVAL_S
     shutdown_grace_s: float = SHUTDOWN_GRACE_S
@@ -152,7 +156,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
         "CLAUDE_PROXY_API_KEY, CLAUDE_PROXY_MAX_CONCURRENT, CLAUDE_PROXY_TIMEOUT_MS, "
         "CLAUDE_PROXY_MAX_BODY_MB, CLAUDE_PROXY_QUEUE_TIMEOUT_S, CLAUDE_PROXY_DEFAULT_MODEL, "
         "CLAUDE_PROXY_MAX_SESSIONS, CLAUDE_PROXY_SESSION_IDLE_S, CLAUDE_PROXY_MAX_SPARES, "
-        "CLAUDE_PROXY_CLI_PATH. "
+        "CLAUDE_PROXY_MAX_CONNECTIONS, CLAUDE_PROXY_CLI_PATH. "
         "See README.md.",
     )
     parser.add_argument("-p", "--port", type=int, help=f"listen port (default {DEFAULT_PORT})")
@@ -190,6 +194,8 @@ def config_from(args: argparse.Namespace, environ: dict, memory_bytes: int = 8 <
         session_idle_s=_env_number(environ, "CLAUDE_PROXY_SESSION_IDLE_S",
                                    DEFAULT_SESSION_IDLE_S, float, 0.1),
         max_spares=_env_number(environ, "CLAUDE_PROXY_MAX_SPARES", DEFAULT_MAX_SPARES, int, 0),
+        max_connections=_env_number(environ, "CLAUDE_PROXY_MAX_CONNECTIONS",
+                                    DEFAULT_MAX_CONNECTIONS, int, 1),
         timeout_s=_env_number(environ, "CLAUDE_PROXY_TIMEOUT_MS", DEFAULT_TIMEOUT_MS,
                               int, 1) / 1000,
         max_body_bytes=int(_env_number(environ, "CLAUDE_PROXY_MAX_BODY_MB",
@@ -199,6 +205,38 @@ def config_from(args: argparse.Namespace, environ: dict, memory_bytes: int = 8 <
         default_model=default_model,
         cli_path=environ.get("CLAUDE_PROXY_CLI_PATH") or None,
     )
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def startup_problems(config: Config, environ: dict) -> tuple[list[str], list[str]]:
+    """What stops the proxy from starting, and what it warns about."""
+    errors, warnings = [], []
+    if not is_loopback(config.host) and not config.api_key:
+        errors.append(
+            f"Refusing to listen on {config.host} without an API key: anyone who can reach "
+            "it would use your Claude subscription. Set CLAUDE_PROXY_API_KEY to a long random "
+            "secret (clients send it as x-api-key or Authorization: Bearer), or listen on "
+            "127.0.0.1.")
+    if environ.get("ANTHROPIC_API_KEY"):
+        warnings.append("ANTHROPIC_API_KEY is set: the Claude Code CLI bills that API key, "
+                        "not your subscription. Unset it to use the subscription.")
+    base = environ.get("ANTHROPIC_BASE_URL")
+    if base:
+        target = urllib.parse.urlsplit(base)
+        with contextlib.suppress(ValueError):
+            if target.hostname and target.port == config.port and (
+                    is_loopback(target.hostname) or target.hostname == config.host):
+                errors.append(f"ANTHROPIC_BASE_URL={base} points at this proxy itself: the "
+                              "CLI would call the proxy in a loop. Unset it for the proxy.")
+    return errors, warnings
 
 
 # =============================================================================
@@ -3011,7 +3049,7 @@ class App:
         self.rate_limit: tuple[dict, float] | None = None    # latest info, when seen
         self.started = time.monotonic()
         self.requests = self.tokens_in = self.tokens_out = 0
-        self.idle: set[Connection] = set()      # connections between requests
+        self.idle: dict[Connection, None] = {}  # waiting for a request, oldest first
         self.busy: set[asyncio.Task] = set()    # connection tasks serving a request
         self.connections: set[asyncio.Task] = set()
         self.shutting_down = False
@@ -3025,7 +3063,7 @@ async def serve_connection(app: App, reader: asyncio.StreamReader,
     try:
         while not app.shutting_down:
             app.busy.discard(task)
-            app.idle.add(conn)
+            app.idle[conn] = None
             out = Responder(conn, "req_" + uuid.uuid4().hex[:24])
             try:
                 raw_head = await conn.read_head()
@@ -3035,7 +3073,7 @@ async def serve_connection(app: App, reader: asyncio.StreamReader,
                 break
             if raw_head is None:
                 break
-            app.idle.discard(conn)
+            app.idle.pop(conn, None)
             app.busy.add(task)
             await serve_request(app, conn, raw_head, out)
             if not out.keep_alive:
@@ -3043,7 +3081,7 @@ async def serve_connection(app: App, reader: asyncio.StreamReader,
     except ClientGone:
         pass
     finally:
-        app.idle.discard(conn)
+        app.idle.pop(conn, None)
         app.busy.discard(task)
         writer.close()
         with contextlib.suppress(Exception):
@@ -3148,6 +3186,15 @@ async def serve(config: Config, ready: Callable[[int], None] | None = None,
             loop.add_signal_handler(signum, stop.set)
 
     async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(app.connections) >= config.max_connections:
+            if not app.idle:                # every connection is mid-request: no room
+                writer.close()
+                return
+            # A flood of idle or slow sockets must not lock clients out: the one
+            # that has waited longest for a request makes room.
+            oldest = next(iter(app.idle))
+            app.idle.pop(oldest)
+            oldest.writer.close()
         task = asyncio.current_task()
         app.connections.add(task)
         try:
@@ -3197,6 +3244,12 @@ def main(argv: list[str] | None = None) -> int:
     config = config_from(args, dict(os.environ), memory)
     logging.basicConfig(level=logging.DEBUG if config.debug else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s")
+    errors, warnings = startup_problems(config, dict(os.environ))
+    for warning in warnings:
+        log.warning("%s", warning)
+    if errors:
+        print("\n".join(errors), file=sys.stderr)
+        return 2
     if not config.debug:
         logging.getLogger("claude_agent_sdk").setLevel(logging.WARNING)
     if sdk is None:

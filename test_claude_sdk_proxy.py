@@ -519,6 +519,26 @@ class ConfigTest(unittest.TestCase):
         return (cfg.port, cfg.host, cfg.debug, cfg.api_key, cfg.max_concurrent, cfg.timeout_s,
                 cfg.max_body_bytes, cfg.queue_timeout_s, cfg.default_model, cfg.cli_path)
 
+    def test_startup_problems(self):
+        def problems(argv, env):
+            errors, warnings = proxy.startup_problems(self.config(argv, env), env)
+            return [e.split(":")[0] for e in errors], [w.split(":")[0] for w in warnings]
+        table = [
+            ((), {}, ([], [])),
+            (("-H", "::1"), {}, ([], [])), (("-H", "localhost"), {}, ([], [])),
+            (("-H", "0.0.0.0"), {}, (["Refusing to listen on 0.0.0.0 without an API key"], [])),
+            (("-H", "192.168.1.5"), {"CLAUDE_PROXY_API_KEY": "k"}, ([], [])),
+            ((), {"ANTHROPIC_API_KEY": "sk-ant-x"}, ([], ["ANTHROPIC_API_KEY is set"])),
+            ((), {"ANTHROPIC_BASE_URL": "http://127.0.0.1:3456"},
+             (["ANTHROPIC_BASE_URL=http"], [])),
+            ((), {"ANTHROPIC_BASE_URL": "http://localhost:3456/"},
+             (["ANTHROPIC_BASE_URL=http"], [])),
+            ((), {"ANTHROPIC_BASE_URL": "http://127.0.0.1:9999"}, ([], [])),
+            ((), {"ANTHROPIC_BASE_URL": "https://api.anthropic.com"}, ([], []))]
+        for argv, env, expected in table:
+            with self.subTest(argv=argv, env=env):
+                self.assertEqual(problems(argv, env), expected)
+
     def test_defaults_with_no_flags_and_empty_environment(self):
         self.assertEqual(self.knobs(self.config()),
                          (3456, "127.0.0.1", False, None, 5, 1800.0, 32 * 1024 * 1024, 60.0,
@@ -2175,6 +2195,22 @@ class HttpProtocolTest(unittest.TestCase):
                 error = json.loads(responses[0][2])
                 self.assertEqual(error["type"], "error")
 
+    def test_a_flood_of_idle_and_slow_sockets_does_not_lock_clients_out(self):
+        server = ProxyThread(max_connections=4)
+        self.addCleanup(server.stop)
+        flood = []
+        for n in range(12):
+            sock = socket.create_connection(("127.0.0.1", server.port))
+            if n % 2:
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")   # a slowloris head
+            flood.append(sock)
+        self.addCleanup(lambda: [sock.close() for sock in flood])
+        raw = raw_exchange(server.port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        self.assertTrue(raw.startswith(b"HTTP/1.1 200 "), raw[:60])
+        for sock in flood[:12 - 4]:
+            sock.settimeout(5)
+            self.assertEqual(sock.recv(1), b"", "the oldest idle sockets made room")
+
     def test_head_gets_headers_without_body(self):
         raw = raw_exchange(self.proxy.port, b"HEAD / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
         head, _, rest = raw.partition(b"\r\n\r\n")
@@ -2184,6 +2220,14 @@ class HttpProtocolTest(unittest.TestCase):
 
 
 class CommandLineTest(unittest.TestCase):
+    def test_refuses_an_open_address_without_a_key(self):
+        import subprocess
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CLAUDE_PROXY_")}
+        done = subprocess.run([sys.executable, proxy.__file__, "-H", "0.0.0.0", "-p", "0"],
+                              capture_output=True, text=True, timeout=60, env=env)
+        self.assertEqual(done.returncode, 2)
+        self.assertIn("Set CLAUDE_PROXY_API_KEY", done.stderr)
+
     def test_version_names_proxy_sdk_and_cli(self):
         import subprocess
         done = subprocess.run([sys.executable, proxy.__file__, "-v"], capture_output=True,
