@@ -104,6 +104,8 @@ RETRY_AFTER_DEFAULT_S = 5               # for a throttle that came without a res
 CLI_CLOSE_TIMEOUT_S = 10.0              # the SDK's own close can wait up to ~20 s
 TOOL_WAIT_MS = 24 * 3600 * 1000         # the CLI's limit on a client tool call
 MAX_TOOL_ROUNDS = 100_000               # the CLI's turn bound when client tools exist
+AGENT_TOOLS = ("Read", "Write", "Edit", "Bash", "Glob", "Grep", "WebFetch", "WebSearch")
+AGENT_MAX_TURNS = 50                    # built-in tool rounds in one agent-mode answer
 RESPONSES_KEPT = 1000                   # responses kept for previous_response_id ...
 RESPONSES_KEEP_S = 3600.0               # ... and for how long
 
@@ -127,6 +129,7 @@ class Config:
     session_idle_s: float = DEFAULT_SESSION_IDLE_S
     max_spares: int = DEFAULT_MAX_SPARES
     max_connections: int = DEFAULT_MAX_CONNECTIONS
+    agent_dir: str | None = None        # agent mode: the CLI's built-in tools work here
     head_hold_s: float = HEAD_HOLD_S
     ping_interval_s: float = PING_INTERVAL_S
     shutdown_grace_s: float = SHUTDOWN_GRACE_S
@@ -156,12 +159,15 @@ def build_arg_parser() -> argparse.ArgumentParser:
         "CLAUDE_PROXY_API_KEY, CLAUDE_PROXY_MAX_CONCURRENT, CLAUDE_PROXY_TIMEOUT_MS, "
         "CLAUDE_PROXY_MAX_BODY_MB, CLAUDE_PROXY_QUEUE_TIMEOUT_S, CLAUDE_PROXY_DEFAULT_MODEL, "
         "CLAUDE_PROXY_MAX_SESSIONS, CLAUDE_PROXY_SESSION_IDLE_S, CLAUDE_PROXY_MAX_SPARES, "
-        "CLAUDE_PROXY_MAX_CONNECTIONS, CLAUDE_PROXY_CLI_PATH. "
+        "CLAUDE_PROXY_MAX_CONNECTIONS, CLAUDE_PROXY_CLI_PATH, CLAUDE_PROXY_AGENT_DIR. "
         "See README.md.",
     )
     parser.add_argument("-p", "--port", type=int, help=f"listen port (default {DEFAULT_PORT})")
     parser.add_argument("-H", "--host", help=f"bind address (default {DEFAULT_HOST})")
     parser.add_argument("-d", "--debug", action="store_true", help="debug logging")
+    parser.add_argument("--agent-dir", metavar="DIR",
+                        help="agent mode: let Claude use the CLI's built-in tools (Read, Write, "
+                        "Edit, Bash, Glob, Grep, WebFetch, WebSearch) in DIR; off by default")
     parser.add_argument("-v", "--version", action="store_true",
                         help="print proxy, SDK and CLI versions")
     return parser
@@ -196,6 +202,8 @@ def config_from(args: argparse.Namespace, environ: dict, memory_bytes: int = 8 <
         max_spares=_env_number(environ, "CLAUDE_PROXY_MAX_SPARES", DEFAULT_MAX_SPARES, int, 0),
         max_connections=_env_number(environ, "CLAUDE_PROXY_MAX_CONNECTIONS",
                                     DEFAULT_MAX_CONNECTIONS, int, 1),
+        agent_dir=os.path.abspath(args.agent_dir or environ["CLAUDE_PROXY_AGENT_DIR"])
+        if args.agent_dir or environ.get("CLAUDE_PROXY_AGENT_DIR") else None,
         timeout_s=_env_number(environ, "CLAUDE_PROXY_TIMEOUT_MS", DEFAULT_TIMEOUT_MS,
                               int, 1) / 1000,
         max_body_bytes=int(_env_number(environ, "CLAUDE_PROXY_MAX_BODY_MB",
@@ -225,6 +233,11 @@ def startup_problems(config: Config, environ: dict) -> tuple[list[str], list[str
             "it would use your Claude subscription. Set CLAUDE_PROXY_API_KEY to a long random "
             "secret (clients send it as x-api-key or Authorization: Bearer), or listen on "
             "127.0.0.1.")
+    if config.agent_dir is not None:
+        if not os.path.isdir(config.agent_dir):
+            errors.append(f"The agent directory {config.agent_dir} does not exist.")
+        warnings.append(f"Agent mode: Claude runs the CLI's built-in tools (Bash included) "
+                        f"as this user, file tools confined to {config.agent_dir}.")
     if environ.get("ANTHROPIC_API_KEY"):
         warnings.append("ANTHROPIC_API_KEY is set: the Claude Code CLI bills that API key, "
                         "not your subscription. Unset it to use the subscription.")
@@ -942,6 +955,59 @@ def client_event(event: dict, names: dict[str, str]) -> dict:
         return {**event, "content_block": {**block, "name": names.get(block["name"],
                                                                         block["name"])}}
     return event
+
+
+class AgentStream:
+    """The upstream messages of one agent-mode answer as one message for the client.
+
+    The CLI runs its built-in tools itself and calls the upstream again, so their
+    tool_use blocks and the seams between the messages are left out, the other
+    blocks renumbered and the output tokens summed. Without built-in tools it
+    passes every event through unchanged.
+    """
+
+    def __init__(self, builtin: set[str]):
+        self.builtin = builtin
+        self.started = False
+        self.next_index = 0
+        self.index: dict[int, int] = {}     # this message's block index -> client index
+        self.hidden: set[int] = set()
+        self.client_calls = False
+        self.in_round = False
+        self.output_tokens = 0
+
+    def feed(self, event: dict) -> list[dict]:
+        kind = event.get("type")
+        if kind == "message_start":
+            self.index, self.hidden, self.client_calls = {}, set(), False
+            first, self.started = not self.started, True
+            return [event] if first else []
+        if kind == "content_block_start":
+            block = event["content_block"]
+            if block.get("type") == "tool_use" and block.get("name") in self.builtin:
+                self.hidden.add(event["index"])
+                return []
+            self.client_calls |= block.get("type") == "tool_use"
+            self.index[event["index"]] = self.next_index
+            self.next_index += 1
+        if kind in ("content_block_start", "content_block_delta", "content_block_stop"):
+            if event["index"] in self.hidden or event["index"] not in self.index:
+                return []
+            return [{**event, "index": self.index[event["index"]]}]
+        if kind == "message_delta":
+            usage = dict(event.get("usage") or {})
+            self.output_tokens += usage.get("output_tokens") or 0
+            if (event.get("delta") or {}).get("stop_reason") == "tool_use" and \
+                    not self.client_calls and self.hidden:
+                self.in_round = True
+                return []
+            if "output_tokens" in usage:
+                usage["output_tokens"] = self.output_tokens
+            return [{**event, "usage": usage}]
+        if kind == "message_stop" and self.in_round:
+            self.in_round = False
+            return []
+        return [event]
 
 
 def tool_results(prompt: dict, pending: list[str]) -> dict[str, dict] | None:
@@ -1921,26 +1987,29 @@ def cli_options(turn: Turn, config: Config, now: dt.datetime,
         env["CLAUDE_CODE_RESUME_INTERRUPTED_TURN"] = "1"
         history = history + [{"role": "user", "content": [{"type": "text", "text": ""}]
                               + turn.prompt["content"]}]
+    cwd = config.agent_dir or config.workdir
     if history:
         session_id = str(uuid.uuid4())
         store = TranscriptStore(session_id, transcript_entries(
-            rename_tool_uses(history, upstream_names), session_id, config.workdir,
-            now, turn.model))
+            rename_tool_uses(history, upstream_names), session_id, cwd, now, turn.model))
+    agent_rules = agent_permissions(config.agent_dir) if config.agent_dir else []
     return sdk.ClaudeAgentOptions(
         model=turn.model,
         system_prompt=turn.system,
-        tools=[],                       # no built-in tool is offered or run
+        # No built-in tool is offered or run unless the operator turned agent mode on.
+        tools=list(AGENT_TOOLS) if config.agent_dir else [],
         setting_sources=[],             # no user settings, no CLAUDE.md
         strict_mcp_config=True,
-        cwd=config.workdir,             # private and empty: reveals nothing of the host
+        cwd=cwd,                        # private and empty: reveals nothing of the host
         include_partial_messages=True,  # the upstream's own stream events
         verbatim_prompts=True,          # no @file expansion of client text
         mcp_servers={MCP_SERVER: mcp_server(turn.tools, broker or ToolBroker())}
         if turn.tools else {},
-        allowed_tools=list(upstream_names.values()),
-        # Every tool round waits for the client, so the turns need no tight bound;
-        # without tools one turn is one upstream call.
-        max_turns=MAX_TOOL_ROUNDS if turn.tools else 1,
+        allowed_tools=list(upstream_names.values()) + agent_rules,
+        # Every client tool round waits for the client, so the turns need no tight
+        # bound; without tools one turn is one upstream call.
+        max_turns=MAX_TOOL_ROUNDS if turn.tools else
+        AGENT_MAX_TURNS if config.agent_dir else 1,
         # Thinking the client asked for: the CLI then keeps thinking blocks in the
         # history; the extra body carries the exact budget.
         thinking=turn.params.get("thinking"),
@@ -1950,6 +2019,14 @@ def cli_options(turn: Turn, config: Config, now: dt.datetime,
         cli_path=config.cli_path,
         stderr=(lambda line: log.debug("cli: %s", line.rstrip())) if config.debug else None,
     )
+
+
+def agent_permissions(directory: str) -> list[str]:
+    """Permission rules of agent mode: file tools inside the directory only (any
+    other path needs an approval nobody can give), the rest allowed."""
+    inside = "/" + os.path.join(os.path.abspath(directory), "**")    # "//abs/path/**"
+    return [f"Read({inside})", f"Edit({inside})", f"Write({inside})", "Glob", "Grep",
+            "Bash", "WebFetch", "WebSearch"]
 
 
 def sdk_error(exc: BaseException) -> ProxyError:
@@ -2228,10 +2305,19 @@ def turn_items(message: Any, state: dict) -> list[tuple[str, Any]]:
                 return []
             state["killed"] = True
             return [("kill", None)]
-        if event.get("type") == "message_stop":
-            state["complete"] = True
+        block = event.get("content_block") or {}
+        if event.get("type") == "message_start":
+            state["calls"] = []
+        elif event.get("type") == "content_block_start" and block.get("type") == "tool_use":
+            state.setdefault("calls", []).append(block.get("name"))
         if (event.get("delta") or {}).get("stop_reason") == "tool_use":
-            state["tool_use"] = True
+            # Built-in tools (agent mode) run in the CLI, which then calls again.
+            if set(state.get("calls", [])) <= state.get("builtin", set()):
+                state["agent_round"] = True
+            else:
+                state["tool_use"] = True
+        if event.get("type") == "message_stop":
+            state["complete"] = not state.pop("agent_round", False)
         if (event.get("delta") or {}).get("stop_reason") == "max_tokens":
             state["complete"] = state["killed"] = True
             return [("kill", None), ("stream", event), ("stream", {"type": "message_stop"})]
@@ -2322,17 +2408,20 @@ class Engine:
                 session.broker.deliver(results)
             assembler = MessageAssembler()
             complete = False
-            state: dict = {}
+            state: dict = {"builtin": set(AGENT_TOOLS) if self.config.agent_dir else set()}
+            agent = AgentStream(state["builtin"])
             async for message in session.process.receive():
                 items = turn_items(message, state)
                 if items and items[0][0] == "kill":
                     session.process.kill_now()
                     items = items[1:]
                 for kind, payload in items:
-                    if kind == "stream":
-                        payload = client_event(payload, names)
-                        assembler.feed(payload)
-                    yield kind, payload
+                    if kind != "stream":
+                        yield kind, payload
+                        continue
+                    for event in agent.feed(client_event(payload, names)):
+                        assembler.feed(event)
+                        yield kind, event
                 if state.get("killed"):
                     return
                 complete = isinstance(message, sdk.ResultMessage) or \

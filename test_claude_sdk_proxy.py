@@ -12,6 +12,7 @@ upstream received. The upstream is steered by markers in the last user text:
   [[hang]]              send message_start, then pings until the client hangs up
   [[stop max_tokens]]   end with that stop_reason
   [[tool NAME {json}]]  call the client tool NAME with that input (several: parallel)
+  [[builtin NAME {json}]]  call the CLI's built-in tool NAME (agent mode)
   [[json {...}]]        answer with exactly that JSON text
   [[limits warning]]    send the rate-limit headers of a five-hour window at 91 %
 
@@ -156,7 +157,9 @@ class ScriptedUpstream:
                     return
                 self.release.wait(0.05)
         index = 0
-        calls = re.findall(r"\[\[tool (\S+) (\{.*?\})\]\]", text)
+        calls = [(proxy.upstream_tool_name(name), arguments) for name, arguments in
+                 re.findall(r"\[\[tool (\S+) (\{.*?\})\]\]", text)] + \
+            re.findall(r"\[\[builtin (\S+) (\{.*?\})\]\]", text)
         if calls:
             return self.answer_tool_calls(event, body, calls, handler)
         json_answer = re.search(r"\[\[json (\{.*\})\]\]", text)
@@ -226,8 +229,7 @@ class ScriptedUpstream:
         event("content_block_delta", {"type": "content_block_delta", "index": 0,
                                       "delta": {"type": "text_delta", "text": "Calling."}})
         event("content_block_stop", {"type": "content_block_stop", "index": 0})
-        for index, (name, arguments) in enumerate(calls, start=1):
-            upstream_name = proxy.upstream_tool_name(name)
+        for index, (upstream_name, arguments) in enumerate(calls, start=1):
             assert upstream_name in offered, (upstream_name, offered)
             event("content_block_start", {"type": "content_block_start", "index": index,
                                           "content_block": {
@@ -534,7 +536,10 @@ class ConfigTest(unittest.TestCase):
             ((), {"ANTHROPIC_BASE_URL": "http://localhost:3456/"},
              (["ANTHROPIC_BASE_URL=http"], [])),
             ((), {"ANTHROPIC_BASE_URL": "http://127.0.0.1:9999"}, ([], [])),
-            ((), {"ANTHROPIC_BASE_URL": "https://api.anthropic.com"}, ([], []))]
+            ((), {"ANTHROPIC_BASE_URL": "https://api.anthropic.com"}, ([], [])),
+            (("--agent-dir", "/no/such/dir"), {},
+             (["The agent directory /no/such/dir does not exist."], ["Agent mode"])),
+            ((), {"CLAUDE_PROXY_AGENT_DIR": tempfile.gettempdir()}, ([], ["Agent mode"]))]
         for argv, env, expected in table:
             with self.subTest(argv=argv, env=env):
                 self.assertEqual(problems(argv, env), expected)
@@ -2540,6 +2545,48 @@ WEATHER = {"name": "get_weather", "description": "Weather for a city.",
                             "required": ["city"]}}
 LONG_TOOL = {"name": "n" * 64, "description": "A tool with the longest name the API allows.",
              "input_schema": {"type": "object", "properties": {"a": {"type": "integer"}}}}
+
+
+class AgentModeTest(unittest.TestCase):
+    """Built-in tools only when the operator turns agent mode on, inside its directory."""
+
+    def setUp(self):
+        UPSTREAM.clear()
+
+    def test_off_by_default(self):
+        server = ProxyThread()
+        self.addCleanup(server.stop)
+        server.client().messages.create(model="sonnet", max_tokens=5,
+                                        messages=[{"role": "user", "content": "x"}])
+        self.assertEqual(UPSTREAM.messages_requests()[0]["body"]["tools"], [])
+
+    def test_builtin_tools_run_in_the_agent_directory_only(self):
+        agent_dir = tempfile.mkdtemp(prefix="proxy-agent-")
+        self.addCleanup(shutil.rmtree, agent_dir, True)
+        server = ProxyThread(agent_dir=agent_dir)
+        self.addCleanup(server.stop)
+        target = os.path.join(agent_dir, "note.txt")
+        message = server.client().messages.create(model="sonnet", max_tokens=100, messages=[
+            {"role": "user", "content": f'[[builtin Write {{"file_path": "{target}", '
+                                        '"content": "written by the agent"}]]'}])
+        with open(target) as f:
+            self.assertEqual(f.read(), "written by the agent")
+        self.assertEqual(message.stop_reason, "end_turn")
+        self.assertEqual([b.type for b in message.content], ["text", "text"],
+                         "the built-in call stays inside the CLI")
+        self.assertEqual(message.content[0].text, "Calling.")
+        self.assertTrue(message.content[1].text.startswith("Results: toolu_"))
+        first, second = UPSTREAM.messages_requests()
+        self.assertLessEqual({"Read", "Write", "Edit", "Bash", "Glob", "Grep"},
+                             {t["name"] for t in first["body"]["tools"]})
+        [result] = conversation(second["body"])[-1]["content"]
+        self.assertFalse(result.get("is_error"))
+        UPSTREAM.clear()
+        outside = server.client().messages.create(model="sonnet", max_tokens=100, messages=[
+            {"role": "user", "content": '[[builtin Read {"file_path": "/etc/hostname"}]]'}])
+        [result] = conversation(UPSTREAM.messages_requests()[1]["body"])[-1]["content"]
+        self.assertTrue(result.get("is_error"), result)
+        self.assertEqual(outside.stop_reason, "end_turn")
 
 
 class ClientToolsTest(ApiAssertions, SharedProxyCase):
