@@ -2013,7 +2013,8 @@ def cli_options(turn: Turn, config: Config, now: dt.datetime,
         # Thinking the client asked for: the CLI then keeps thinking blocks in the
         # history; the extra body carries the exact budget.
         thinking=turn.params.get("thinking"),
-        env=env,
+        # Marks the CLI as this proxy's, for reap_orphans after a crash.
+        env={**env, OWNER_ENV: str(os.getpid())},
         session_store=store,
         resume=session_id,
         cli_path=config.cli_path,
@@ -2215,8 +2216,10 @@ class CliProcess:
         if self._process is None or self._process.returncode is not None:
             return False
         self._stopping = True
-        with contextlib.suppress(ProcessLookupError):
-            self._process.kill()
+        # What the CLI started (agent mode's shells) must not outlive it.
+        for pid in [*descendants(self._process.pid), self._process.pid]:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
         self._jobs.put_nowait(None)         # wake an idle owner; a busy one sees EOF
         return True
 
@@ -2279,6 +2282,57 @@ class CliProcess:
             job = self._jobs.get_nowait()
             if job is not None:
                 job[1].put_nowait(self._failure or BadGateway("The Claude Code CLI stopped."))
+
+
+OWNER_ENV = "CLAUDE_SDK_PROXY_PID"
+
+
+def _proc_parents() -> dict[int, int]:
+    """pid -> parent pid of every process (Linux /proc; empty elsewhere)."""
+    parents = {}
+    with contextlib.suppress(OSError):
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                with contextlib.suppress(OSError, IndexError, ValueError):
+                    with open(f"/proc/{entry}/stat") as stat:
+                        parents[int(entry)] = int(stat.read().rsplit(")", 1)[1].split()[1])
+    return parents
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes below `pid`, children first."""
+    parents, found, frontier = _proc_parents(), [], [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def reap_orphans() -> int:
+    """Kill CLIs a crashed earlier run of the proxy left behind (their OWNER_ENV
+    names a process that no longer exists); return how many."""
+    reaped = 0
+    for pid in _proc_parents():
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as environ:
+                marks = [v for v in environ.read().split(b"\0")
+                         if v.startswith(OWNER_ENV.encode() + b"=")]
+            if not marks:
+                continue
+            owner = int(marks[0].split(b"=", 1)[1])
+            if owner == os.getpid():
+                continue
+            try:
+                os.kill(owner, 0)
+                continue                # its proxy is alive
+            except ProcessLookupError:
+                pass
+            os.kill(pid, signal.SIGKILL)
+            reaped += 1
+        except (OSError, ValueError):
+            continue
+    return reaped
 
 
 def _starts_upstream_call(item: Any) -> bool:
@@ -3270,6 +3324,9 @@ async def serve(config: Config, ready: Callable[[int], None] | None = None,
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     logging.getLogger("claude_agent_sdk._internal.query").addFilter(not_a_killed_cli)
+    reaped = reap_orphans()
+    if reaped:
+        log.warning("Killed %d Claude Code CLI processes left by a crashed earlier run.", reaped)
     for signum in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(signum, stop.set)
