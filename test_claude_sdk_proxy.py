@@ -10,6 +10,7 @@ upstream received. The upstream is steered by markers in the last user text:
   [[thinking]]          a thinking block (with signature) before the text
   [[delay 1.5]]         wait before the first event
   [[hang]]              send message_start, then pings until the client hangs up
+  [[drop]]              send message_start, then cut the connection
   [[stop max_tokens]]   end with that stop_reason
   [[tool NAME {json}]]  call the client tool NAME with that input (several: parallel)
   [[builtin NAME {json}]]  call the CLI's built-in tool NAME (agent mode)
@@ -147,6 +148,10 @@ class ScriptedUpstream:
         event("message_start", {"type": "message_start", "message": {
             "id": "msg_scripted", "type": "message", "role": "assistant", "model": body["model"],
             "content": [], "stop_reason": None, "stop_sequence": None, "usage": usage}})
+        if "[[drop]]" in text:          # the connection dies mid-answer
+            handler.wfile.flush()
+            handler.connection.shutdown(socket.SHUT_RDWR)
+            return
         if "[[hang]]" in text:
             self.hanging.set()
             while not self.release.is_set():
@@ -2085,6 +2090,58 @@ class LifecycleTest(ApiAssertions, unittest.TestCase):
         sock.close()
         self.assertTrue(UPSTREAM.cut.wait(15), "the upstream call was cut")
         self.assertTrue(wait_until(lambda: not cli_children()), cli_children())
+
+    def test_a_cli_that_crashes_mid_answer_is_a_clean_error_and_nothing_is_stuck(self):
+        server = ProxyThread(max_concurrent=1)
+        self.addCleanup(server.stop)
+        client = server.client()
+        errors = []
+
+        def ask():
+            try:
+                with client.messages.stream(model="sonnet", max_tokens=10, messages=[
+                        {"role": "user", "content": "[[hang]]"}]) as stream:
+                    stream.get_final_message()
+            except anthropic.APIError as err:
+                errors.append(err)
+        asker = threading.Thread(target=ask)
+        asker.start()
+        self.assertTrue(UPSTREAM.hanging.wait(15))
+        [cli] = cli_children()
+        os.kill(cli, 9)                             # the CLI dies mid-answer
+        asker.join(15)
+        self.assertEqual(len(errors), 1, "the client got an error, not a silent end")
+        UPSTREAM.release.set()
+        self.assertTrue(wait_until(lambda: not cli_children()), cli_children())
+        answer = client.messages.create(model="sonnet", max_tokens=10,
+                                        messages=[{"role": "user", "content": "again"}])
+        self.assertEqual(answer.content[0].text, UPSTREAM_TEXT, "the one slot is free again")
+
+    def test_an_upstream_that_drops_the_connection_is_a_clean_error(self):
+        server = ProxyThread()
+        self.addCleanup(server.stop)
+        client = server.client()
+        with self.assertRaises(anthropic.APIStatusError) as caught:
+            client.messages.create(model="sonnet", max_tokens=10,
+                                   messages=[{"role": "user", "content": "[[drop]]"}])
+        self.assertGreaterEqual(caught.exception.status_code, 500)
+        self.assertEqual(caught.exception.body["type"], "error")
+        self.assertEqual(client.messages.create(model="sonnet", max_tokens=10, messages=[
+            {"role": "user", "content": "fine"}]).content[0].text, UPSTREAM_TEXT)
+        self.assertTrue(wait_until(lambda: len(cli_children()) <= 1), cli_children())
+
+    def test_orphaned_clis_of_a_crashed_run_are_reaped(self):
+        import subprocess
+        gone = subprocess.Popen([sys.executable, "-c", "pass"])
+        gone.wait()
+        orphan = subprocess.Popen(["sleep", "300"], env={proxy.OWNER_ENV: str(gone.pid)})
+        ours = subprocess.Popen(["sleep", "300"], env={proxy.OWNER_ENV: str(os.getpid())})
+        for process in (ours, orphan):
+            self.addCleanup(process.wait)
+            self.addCleanup(process.kill)
+        self.assertGreaterEqual(proxy.reap_orphans(), 1)
+        self.assertEqual(orphan.wait(10), -9)
+        self.assertIsNone(ours.poll(), "a CLI whose proxy lives is left alone")
 
     def test_sigterm_lets_in_flight_streams_finish_and_exits_zero(self):
         server = ProxyThread()
