@@ -2091,6 +2091,34 @@ class LifecycleTest(ApiAssertions, unittest.TestCase):
         self.assertTrue(UPSTREAM.cut.wait(15), "the upstream call was cut")
         self.assertTrue(wait_until(lambda: not cli_children()), cli_children())
 
+    def test_load_far_above_the_cap_queues_or_529s_and_the_upstream_sees_the_cap(self):
+        server = ProxyThread(max_concurrent=2, queue_timeout_s=1.0)
+        self.addCleanup(server.stop)
+        UPSTREAM.max_in_flight = 0
+        outcomes = []
+
+        def ask(n):
+            try:
+                answer = server.client().messages.create(
+                    model="sonnet", max_tokens=10,
+                    messages=[{"role": "user", "content": f"load {n} [[delay 0.3]]"}])
+                outcomes.append(answer.content[0].text)
+            except anthropic.APIStatusError as err:
+                outcomes.append((err.status_code, err.response.headers.get("retry-after")))
+        threads = [threading.Thread(target=ask, args=(n,)) for n in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        self.assertEqual(len(outcomes), 16)
+        answered = [o for o in outcomes if o == UPSTREAM_TEXT]
+        refused = [o for o in outcomes if o != UPSTREAM_TEXT]
+        self.assertGreaterEqual(len(answered), 2)
+        self.assertTrue(all(status == 529 and int(retry) >= 1 for status, retry in refused),
+                        refused)
+        self.assertLessEqual(UPSTREAM.max_in_flight, 2)
+        self.assertTrue(wait_until(lambda: len(cli_children()) <= server.config.max_sessions))
+
     def test_a_cli_that_crashes_mid_answer_is_a_clean_error_and_nothing_is_stuck(self):
         server = ProxyThread(max_concurrent=1)
         self.addCleanup(server.stop)
