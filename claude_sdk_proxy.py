@@ -64,7 +64,9 @@ import logging
 import math
 import os
 import re
+import shutil
 import signal
+import socket
 import struct
 import sys
 import tempfile
@@ -162,6 +164,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
         "CLAUDE_PROXY_MAX_CONNECTIONS, CLAUDE_PROXY_CLI_PATH, CLAUDE_PROXY_AGENT_DIR. "
         "See README.md.",
     )
+    parser.add_argument("command", nargs="?", choices=("serve", "login", "doctor"),
+                        default="serve", help="serve (the default); login: sign the CLI in "
+                        "to your Claude account; doctor: check the set-up, with one real call")
     parser.add_argument("-p", "--port", type=int, help=f"listen port (default {DEFAULT_PORT})")
     parser.add_argument("-H", "--host", help=f"bind address (default {DEFAULT_HOST})")
     parser.add_argument("-d", "--debug", action="store_true", help="debug logging")
@@ -1847,6 +1852,14 @@ _API_ERROR_RE = re.compile(r"API Error: (?:(\d{3}) )?(.*?)(?:\.? This is a serve
                            re.S)
 
 
+def cli_binary(config: Config) -> str | None:
+    """The Claude Code CLI the SDK runs: the configured one, the bundled one, or PATH's."""
+    if config.cli_path:
+        return config.cli_path
+    bundled = os.path.join(os.path.dirname(sdk.__file__), "_bundled", "claude") if sdk else ""
+    return bundled if os.path.isfile(bundled) else shutil.which("claude")
+
+
 def sdk_versions() -> dict:
     """Versions of the proxy, the SDK and its bundled CLI."""
     if sdk is None:
@@ -3377,9 +3390,84 @@ async def serve(config: Config, ready: Callable[[int], None] | None = None,
 # 12. Command line -- argument parsing and main(argv) -> int
 # =============================================================================
 
+LOGIN_HELP = """On a machine without a browser: run `claude setup-token` wherever you can log
+in, then start the proxy with CLAUDE_CODE_OAUTH_TOKEN=<that token>."""
+
+
+def login(config: Config, extra: list[str]) -> int:
+    """`login`: the CLI's own sign-in, in this terminal."""
+    binary = cli_binary(config)
+    if binary is None:
+        print("No Claude Code CLI found: pip install claude-agent-sdk.", file=sys.stderr)
+        return 2
+    print(LOGIN_HELP)
+    import subprocess
+    return subprocess.call([binary, "auth", "login", *extra])
+
+
+def doctor(config: Config) -> int:
+    """`doctor`: check what the proxy needs, end with one real one-token call."""
+    import subprocess
+    checks: list[tuple[str, bool, str]] = []
+    checks.append(("python", sys.version_info >= (3, 10), sys.version.split()[0]))
+    errors, warnings = startup_problems(config, dict(os.environ))
+    checks += [("configuration", False, error) for error in errors]
+    checks += [("note", True, warning) for warning in warnings]
+    versions = sdk_versions()
+    checks.append(("claude-agent-sdk", sdk is not None,
+                   versions["sdk"] or "missing: pip install claude-agent-sdk"))
+    binary = cli_binary(config)
+    checks.append(("Claude Code CLI", binary is not None,
+                   f"{versions['cli'] or '?'} at {binary}" if binary else "not found"))
+    if binary:
+        try:
+            status = json.loads(subprocess.run([binary, "auth", "status"], capture_output=True,
+                                               text=True, timeout=60).stdout)
+            logged_in = bool(status.get("loggedIn")) or bool(os.environ.get(
+                "CLAUDE_CODE_OAUTH_TOKEN"))
+            checks.append(("login", logged_in, status.get("authMethod", "?") if logged_in else
+                           f"not logged in: python {sys.argv[0]} login. {LOGIN_HELP}"))
+        except (OSError, ValueError, subprocess.SubprocessError) as exc:
+            checks.append(("login", False, f"could not ask the CLI: {exc}"))
+    try:
+        with socket.create_server((config.host, config.port)):
+            checks.append(("port", True, f"{config.host}:{config.port} is free"))
+    except OSError as exc:
+        checks.append(("port", False, f"{config.host}:{config.port}: {exc.strerror}"))
+    if all(ok for name, ok, _ in checks if name != "port") and not config.agent_dir:
+        checks.append(("upstream call", *asyncio.run(doctor_call(config))))
+    for name, ok, detail in checks:
+        print(f"{'ok  ' if ok else 'FAIL'} {name}: {detail}")
+    return 0 if all(ok for _, ok, _ in checks) else 1
+
+
+async def doctor_call(config: Config) -> tuple[bool, str]:
+    """One real one-token request through the engine."""
+    with tempfile.TemporaryDirectory(prefix="claude-sdk-proxy-") as workdir:
+        engine = Engine(dataclasses.replace(config, workdir=workdir, max_spares=0))
+        turn = messages_request_to_turn({"model": config.default_model, "max_tokens": 1,
+                                         "messages": [{"role": "user", "content": "Say ok."}]},
+                                        config.default_model)
+        started = time.monotonic()
+        try:
+            assembler = MessageAssembler()
+            async with contextlib.aclosing(engine.run(turn)) as items:
+                async for kind, payload in items:
+                    if kind == "stream":
+                        assembler.feed(payload)
+            model = (assembler.message or {}).get("model", "?")
+            return True, f"{model} answered in {time.monotonic() - started:.1f} s"
+        except ProxyError as err:
+            return False, f"{err.status} {err.message}"
+        finally:
+            await engine.close()
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the proxy; return the process exit code."""
-    args = build_arg_parser().parse_args(argv)
+    """Run the proxy (or login, doctor); return the process exit code."""
+    args, extra = build_arg_parser().parse_known_args(argv)
+    if extra and args.command != "login":
+        build_arg_parser().error(f"unrecognized arguments: {' '.join(extra)}")
     if args.version:
         versions = sdk_versions()
         print(f"claude-sdk-proxy {versions['proxy']}\nclaude-agent-sdk {versions['sdk']}\n"
@@ -3388,6 +3476,10 @@ def main(argv: list[str] | None = None) -> int:
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") \
         if hasattr(os, "sysconf") else 8 << 30
     config = config_from(args, dict(os.environ), memory)
+    if args.command == "login":
+        return login(config, extra)
+    if args.command == "doctor":
+        return doctor(config)
     logging.basicConfig(level=logging.DEBUG if config.debug else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s")
     errors, warnings = startup_problems(config, dict(os.environ))
@@ -3406,8 +3498,11 @@ def main(argv: list[str] | None = None) -> int:
         config = dataclasses.replace(config, workdir=workdir)
 
         def ready(port: int) -> None:
-            log.info("claude-sdk-proxy %s listening on http://%s:%d (%s)", __version__,
-                     config.host, port, "API key required" if config.api_key else "no API key")
+            url = f"http://{config.host}:{port}"
+            log.info("claude-sdk-proxy %s listening on %s (%s)\n"
+                     "  Anthropic clients: export ANTHROPIC_BASE_URL=%s\n"
+                     "  OpenAI clients:    export OPENAI_BASE_URL=%s/v1", __version__, url,
+                     "API key required" if config.api_key else "no API key", url, url)
         return asyncio.run(serve(config, ready))
 
 

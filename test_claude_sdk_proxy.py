@@ -111,6 +111,7 @@ class ScriptedUpstream:
     def clear(self):
         with self.lock:
             self.requests.clear()
+            self.max_in_flight = self.in_flight
         self.cut.clear()
         self.hanging.clear()
 
@@ -2094,7 +2095,6 @@ class LifecycleTest(ApiAssertions, unittest.TestCase):
     def test_load_far_above_the_cap_queues_or_529s_and_the_upstream_sees_the_cap(self):
         server = ProxyThread(max_concurrent=2, queue_timeout_s=1.0)
         self.addCleanup(server.stop)
-        UPSTREAM.max_in_flight = 0
         outcomes = []
 
         def ask(n):
@@ -2317,6 +2317,42 @@ class CommandLineTest(unittest.TestCase):
                               capture_output=True, text=True, timeout=60, env=env)
         self.assertEqual(done.returncode, 2)
         self.assertIn("Set CLAUDE_PROXY_API_KEY", done.stderr)
+
+    def run_command(self, *argv, **env):
+        import subprocess
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("CLAUDE_PROXY_")},
+               **env}
+        return subprocess.run([sys.executable, proxy.__file__, *argv], capture_output=True,
+                              text=True, timeout=120, env=env)
+
+    def test_doctor_checks_everything_with_one_real_call(self):
+        UPSTREAM.clear()
+        done = self.run_command("doctor", "-p", "0")
+        self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
+        lines = done.stdout.splitlines()
+        for name in ("python", "claude-agent-sdk", "Claude Code CLI", "login", "port",
+                     "upstream call"):
+            self.assertTrue(any(line.startswith(f"ok   {name}: ") for line in lines),
+                            (name, lines))
+        [call] = UPSTREAM.messages_requests()
+        self.assertEqual(call["body"]["max_tokens"], 1)
+
+    def test_doctor_says_what_to_fix(self):
+        done = self.run_command("doctor", "-p", "0", "--agent-dir", "/nonexistent")
+        self.assertEqual(done.returncode, 1)
+        self.assertIn("FAIL configuration: The agent directory /nonexistent does not exist.",
+                      done.stdout)
+        logged_out = self.run_command("doctor", "-p", "0", CLAUDE_CODE_OAUTH_TOKEN="",
+                                      HOME=tempfile.mkdtemp(prefix="proxy-test-nologin-"))
+        self.assertEqual(logged_out.returncode, 1)
+        self.assertIn("FAIL login: not logged in", logged_out.stdout)
+        self.assertIn("claude setup-token", logged_out.stdout)
+
+    def test_login_runs_the_clis_own_sign_in(self):
+        done = self.run_command("login", "--", "--help")    # the CLI's own login options
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertIn("claude setup-token", done.stdout)
+        self.assertIn("Sign in to your Anthropic account", done.stdout)
 
     def test_version_names_proxy_sdk_and_cli(self):
         import subprocess
