@@ -832,14 +832,22 @@ def messages_request_to_turn(body: dict, default_model: str, caller: str = "",
     messages = body.get("messages")
     _require(isinstance(messages, list) and messages != [],
              "messages: required, a non-empty list.")
+    notes, turns = [], []
     for i, message in enumerate(messages):
         _require(isinstance(message, dict), f"messages.{i}: must be an object.")
         role = message.get("role")
-        _require(role in ("user", "assistant"),
-                 f"messages.{i}.role: must be 'user' or 'assistant'.")
+        _require(role in ("user", "assistant", "system"),
+                 f"messages.{i}.role: must be 'user', 'assistant' or 'system'.")
         _require("content" in message, f"messages.{i}.content: required.")
+        if role == "system":
+            # The CLI has no channel for a system message between the turns (Claude
+            # Code sends its environment note so): it joins the system prompt.
+            notes.append(system_to_text(message["content"]))
+            continue
         check_content(role, message["content"], f"messages.{i}")
-    _require(messages[-1]["role"] == "user",
+        append_turn(turns, role, message["content"])
+    messages = turns
+    _require(bool(messages) and messages[-1]["role"] == "user",
              "messages: the last message must have role 'user'; prefilling the "
              "assistant's answer cannot be carried through the Claude Code CLI.")
     if "stream" in body:
@@ -857,7 +865,8 @@ def messages_request_to_turn(body: dict, default_model: str, caller: str = "",
             caller = f"{caller}/{user_id}"
     return Turn(
         model=resolve_model(model, default_model),
-        system=system_to_text(body.get("system")),
+        system="\n\n".join(text for text in [system_to_text(body.get("system"))] + notes
+                             if text),
         history=[dict(m) for m in messages[:-1]],
         prompt={"role": "user", "content": messages[-1]["content"]},
         params=params,
@@ -865,6 +874,17 @@ def messages_request_to_turn(body: dict, default_model: str, caller: str = "",
         caller=caller,
         tools=tools,
     )
+
+
+def append_turn(messages: list[dict], role: str, content: Any) -> None:
+    """Add a message; consecutive messages of one side become one (the CLI would
+    put a turn of its own between them)."""
+    if not messages or messages[-1]["role"] != role:
+        messages.append({"role": role, "content": content})
+        return
+    def blocks(value: Any) -> list:
+        return [{"type": "text", "text": value}] if isinstance(value, str) else list(value)
+    messages[-1] = {"role": role, "content": blocks(messages[-1]["content"]) + blocks(content)}
 
 
 def prompt_in_transcript(turn: Turn) -> bool:
@@ -1271,9 +1291,13 @@ def check_count_tokens_request(body: dict) -> None:
     messages = body.get("messages")
     _require(isinstance(messages, list), "messages: required, a list.")
     for i, message in enumerate(messages):
-        _require(isinstance(message, dict) and message.get("role") in ("user", "assistant"),
-                 f"messages.{i}.role: must be 'user' or 'assistant'.")
-        check_content(message["role"], message.get("content"), f"messages.{i}")
+        _require(isinstance(message, dict) and message.get("role") in ("user", "assistant",
+                                                                       "system"),
+                 f"messages.{i}.role: must be 'user', 'assistant' or 'system'.")
+        if message["role"] == "system":
+            system_to_text(message.get("content"))
+        else:
+            check_content(message["role"], message.get("content"), f"messages.{i}")
     system_to_text(body.get("system"))
     tools = body.get("tools")
     _require(tools is None or isinstance(tools, list), "tools: must be a list.")
@@ -1414,14 +1438,6 @@ def _chat_response_format(value: Any) -> dict | None:
     schema = spec.get("schema") if isinstance(spec, dict) else None
     _require(isinstance(schema, dict), "response_format.json_schema.schema: required, an object.")
     return {"type": "json_schema", "schema": schema}
-
-
-def append_turn(messages: list[dict], role: str, blocks: list[dict]) -> None:
-    """Add blocks as a message; consecutive blocks of one side make one message."""
-    if messages and messages[-1]["role"] == role:
-        messages[-1] = {"role": role, "content": messages[-1]["content"] + blocks}
-    else:
-        messages.append({"role": role, "content": blocks})
 
 
 def _check_known(body: dict, unsupported: dict, known: Iterable[str]) -> None:
@@ -2025,7 +2041,8 @@ def cli_options(turn: Turn, config: Config, now: dt.datetime,
         AGENT_MAX_TURNS if config.agent_dir else 1,
         # Thinking the client asked for: the CLI then keeps thinking blocks in the
         # history; the extra body carries the exact budget.
-        thinking=turn.params.get("thinking"),
+        thinking={k: v for k, v in turn.params["thinking"].items() if k != "display"}
+        if "thinking" in turn.params else None,     # the CLI's flag knows fewer displays
         # Marks the CLI as this proxy's, for reap_orphans after a crash.
         env={**env, OWNER_ENV: str(os.getpid())},
         session_store=store,

@@ -1000,7 +1000,8 @@ class AnthropicTranslationTest(PureAssertions, unittest.TestCase):
             ({"messages": ...}, "messages: required, a non-empty list."),
             ({"messages": []}, "messages: required"), ({"messages": "hi"}, "messages: required"),
             ({"messages": ["hi"]}, "messages.0: must be an object."),
-            (msgs(("system", "x")), "messages.0.role: must be 'user' or 'assistant'."),
+            (msgs(("bot", "x")), "messages.0.role: must be 'user', 'assistant' or 'system'."),
+            (msgs(("system", "x")), "messages: the last message must have role 'user'"),
             ({"messages": [{"role": U}]}, "messages.0.content: required."),
             (msgs((U, 5)), "messages.0.content: must be a string or a list of content blocks."),
             (msgs((U, [tool_use])),
@@ -1070,6 +1071,16 @@ class AnthropicTranslationTest(PureAssertions, unittest.TestCase):
         self.assertEqual(proxy.client_tool_names(tools),
                          {"mcp__c__get_weather": "get_weather", long_name: "y" * 64})
         self.assertNotEqual(turn.shape, proxy.messages_request_to_turn(valid_body(), "sonnet").shape)
+
+    def test_system_messages_join_the_system_prompt_and_their_neighbours_merge(self):
+        turn = proxy.messages_request_to_turn(valid_body(system="Top.", messages=[
+            {"role": "user", "content": "one"},
+            {"role": "system", "content": [{"type": "text", "text": "Env note."}]},
+            {"role": "user", "content": [{"type": "text", "text": "two"}]}]), "sonnet")
+        self.assertEqual(turn.system, "Top.\n\nEnv note.")
+        self.assertEqual(turn.history, [])
+        self.assertEqual(turn.prompt["content"], [{"type": "text", "text": "one"},
+                                                  {"type": "text", "text": "two"}])
 
     def test_prompt_in_transcript_only_for_tool_results_after_history(self):
         result = [{"type": "tool_result", "tool_use_id": "t", "content": "x"}]
@@ -1295,7 +1306,7 @@ class AnthropicTranslationTest(PureAssertions, unittest.TestCase):
                  ({"messages": ...}, "messages: required, a list."),
                  ({"messages": "hi"}, "messages: required, a list."),
                  ({"messages": ["hi"]}, "messages.0.role:"),
-                 ({"messages": [{"role": "system", "content": "x"}]}, "messages.0.role:"),
+                 ({"messages": [{"role": "bot", "content": "x"}]}, "messages.0.role:"),
                  ({"messages": [{"role": U, "content": 5}]}, "messages.0.content:"),
                  ({"messages": [{"role": U}]}, "messages.0.content:"),
                  ({"messages": [{"role": U, "content": [{"type": "bogus"}]}]},
@@ -2666,6 +2677,53 @@ WEATHER = {"name": "get_weather", "description": "Weather for a city.",
                             "required": ["city"]}}
 LONG_TOOL = {"name": "n" * 64, "description": "A tool with the longest name the API allows.",
              "input_schema": {"type": "object", "properties": {"a": {"type": "integer"}}}}
+
+
+class ClaudeCodeClientTest(unittest.TestCase):
+    """Claude Code itself (the bundled CLI) as a client of the proxy."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.server = ProxyThread()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.stop()
+
+    def setUp(self):
+        UPSTREAM.clear()
+
+    def claude(self, prompt, *flags):
+        import subprocess
+        env = {k: v for k, v in os.environ.items() if k != "CLAUDE_CODE_OAUTH_TOKEN"}
+        env.update({"ANTHROPIC_BASE_URL": self.server.url, "ANTHROPIC_API_KEY": "client-key",
+                    "HOME": tempfile.mkdtemp(prefix="proxy-test-cc-home-"),
+                    "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"})
+        return subprocess.run([proxy.cli_binary(self.server.config), "-p", prompt, *flags],
+                              capture_output=True, text=True, timeout=120, env=env,
+                              cwd=tempfile.mkdtemp(prefix="proxy-test-cc-cwd-"))
+
+    def test_print_mode_text_and_stream_json(self):
+        done = self.claude("hello", "--output-format", "text")
+        self.assertEqual((done.returncode, done.stdout.strip()), (0, UPSTREAM_TEXT), done.stderr)
+        done = self.claude("hello", "--output-format", "stream-json", "--verbose")
+        self.assertEqual(done.returncode, 0, done.stdout[-500:])
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        self.assertEqual((result["type"], result["result"]), ("result", UPSTREAM_TEXT))
+        body = UPSTREAM.messages_requests()[-1]["body"]
+        offered = {t["name"] for t in body["tools"]}
+        self.assertLessEqual({"mcp__c__Bash", "mcp__c__Read", "mcp__c__Edit"}, offered,
+                             "Claude Code's own tools reach the upstream")
+
+    def test_its_own_tool_runs_on_its_side_and_the_turn_goes_on(self):
+        done = self.claude('[[tool Bash {"command": "echo ran-in-claude-code"}]]',
+                           "--output-format", "text", "--allowedTools", "Bash")
+        self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
+        self.assertRegex(done.stdout.strip(), r"^Results: toolu_\w+=ran-in-claude-code$")
+        first, second = UPSTREAM.messages_requests()
+        self.assertEqual(first["headers"]["X-Claude-Code-Session-Id"],
+                         second["headers"]["X-Claude-Code-Session-Id"],
+                         "the parked CLI took Claude Code's tool result")
 
 
 class AgentModeTest(unittest.TestCase):
