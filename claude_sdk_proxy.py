@@ -2738,6 +2738,9 @@ async def handle_health(app: App, request: Request, out: Responder) -> None:
         "requests": app.requests, "auth": app.config.api_key is not None,
         "tokens": {"input": app.tokens_in, "output": app.tokens_out},
         "cli_processes": len(app.engine.sessions),
+        "sessions": {state: sum(1 for s in app.engine.describe() if s["state"] == state)
+                     for state in ("busy", "idle", "awaiting_tools", "spare", "starting")},
+        "agent_mode": app.config.agent_dir is not None,
     })
 
 

@@ -2437,6 +2437,10 @@ class WarmSessionTest(ApiAssertions, unittest.TestCase):
         [session] = self.sessions(server)
         self.assertEqual((session["state"], session["turns"]), ("idle", 3))
         self.assertEqual(len(cli_children()), 1)
+        health = client.get("/", cast_to=object)
+        self.assertEqual((health["sessions"]["idle"], health["cli_processes"]), (1, 1))
+        self.assertTrue(wait_until(lambda: client.get("/", cast_to=object)["tokens"]["output"]
+                                   == 3 * 42), "tokens out of the three answers")
 
     def test_edited_history_falls_back_to_the_transcript_not_the_live_session(self):
         server = ProxyThread()
@@ -2724,6 +2728,43 @@ class ClaudeCodeClientTest(unittest.TestCase):
         self.assertEqual(first["headers"]["X-Claude-Code-Session-Id"],
                          second["headers"]["X-Claude-Code-Session-Id"],
                          "the parked CLI took Claude Code's tool result")
+
+
+class ReadmeRecipesTest(unittest.TestCase):
+    """The README's curl and Python recipes run as written, against a test proxy."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.server = ProxyThread()
+        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")) as f:
+            cls.blocks = re.findall(r"```(bash|python)\n(.*?)```", f.read(), re.S)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.stop()
+
+    def recipes(self, language, start):
+        found = [code.replace("http://127.0.0.1:3456", self.server.url)
+                 for lang, code in self.blocks if lang == language and code.startswith(start)]
+        self.assertTrue(found, (language, start))
+        return found
+
+    def test_curl_recipes(self):
+        import subprocess
+        for command in self.recipes("bash", "curl "):
+            with self.subTest(command=command[:60]):
+                done = subprocess.run(["bash", "-c", command], capture_output=True, text=True,
+                                      timeout=60)
+                self.assertEqual(done.returncode, 0, done.stderr)
+                self.assertIn(UPSTREAM_TEXT[:9], done.stdout)
+
+    def test_python_recipes(self):
+        for code in self.recipes("python", "import "):
+            with self.subTest(code=code[:40]):
+                printed = io.StringIO()
+                with contextlib.redirect_stdout(printed):
+                    exec(compile(code, "README.md", "exec"), {})
+                self.assertIn(UPSTREAM_TEXT, printed.getvalue())
 
 
 class AgentModeTest(unittest.TestCase):
