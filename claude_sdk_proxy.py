@@ -2784,6 +2784,9 @@ async def run_turn(app: App, turn: Turn, out: Responder) -> AsyncIterator[tuple[
         out.headers.update(rate_limit_headers(app.rate_limit[0]))
     async with contextlib.aclosing(app.engine.run(turn)) as items:
         async for kind, payload in items:
+            if app.config.debug:
+                log.debug("%s %s %s", out.request_id, kind,
+                          payload.get("type") or payload.get("subtype") or "")
             if kind == "rate_limit":
                 app.rate_limit = (payload, time.time())
                 out.headers.update(rate_limit_headers(payload))

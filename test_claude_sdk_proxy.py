@@ -2621,6 +2621,10 @@ class ParametersTest(SharedProxyCase):
                                             extra_body={"future_knob": 1, "top_k": 3})
         [line] = [r for r in logs.output if " turn: " in r]
         self.assertIn("dropped=future_knob", line)
+        request_id = line.split(" turn: ")[0].rsplit(":", 1)[-1]
+        traced = [r.split(request_id, 1)[1].strip() for r in logs.output if request_id in r]
+        self.assertIn("stream message_start", traced)
+        self.assertIn("stream message_stop", traced)
         self.assertIn('"top_k": 3', line)
 
     def test_an_older_model_id_is_sent_exactly(self):
@@ -2961,6 +2965,35 @@ class OpenAICase(SharedProxyCase):
     @staticmethod
     def make_client(server):
         return openai.OpenAI(base_url=server.url + "/v1", api_key="k", max_retries=0)
+
+
+class AsyncClientsTest(unittest.TestCase):
+    """The official SDKs' async clients, plain and streaming."""
+
+    def test_async_anthropic_and_openai(self):
+        server = ProxyThread()
+        self.addCleanup(server.stop)
+
+        async def talk():
+            anthropic_client = anthropic.AsyncAnthropic(base_url=server.url, api_key="k",
+                                                        max_retries=0)
+            message = await anthropic_client.messages.create(
+                model="sonnet", max_tokens=10, messages=[{"role": "user", "content": "a"}])
+            async with anthropic_client.messages.stream(
+                    model="sonnet", max_tokens=10,
+                    messages=[{"role": "user", "content": "b"}]) as stream:
+                streamed = "".join([text async for text in stream.text_stream])
+            openai_client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="k",
+                                               max_retries=0)
+            chat = await openai_client.chat.completions.create(
+                model="sonnet", messages=[{"role": "user", "content": "c"}])
+            async with openai_client.chat.completions.stream(
+                    model="sonnet", messages=[{"role": "user", "content": "d"}]) as stream:
+                final = await stream.get_final_completion()
+            response = await openai_client.responses.create(model="sonnet", input="e")
+            return [message.content[0].text, streamed, chat.choices[0].message.content,
+                    final.choices[0].message.content, response.output_text]
+        self.assertEqual(asyncio.run(talk()), [UPSTREAM_TEXT] * 5)
 
 
 class OpenAIChatTest(OpenAICase):
