@@ -99,6 +99,9 @@ CLI_RSS_BYTES = 230 * 1024 * 1024       # measured resident size of one CLI (FAC
 MAX_REQUEST_LINE = 8 * 1024             # Apache and nginx default to 8 KiB
 MAX_HEAD_BYTES = 64 * 1024              # nginx allows 4 x 8 KiB, node 16 KiB: a little more
 MAX_HEADER_COUNT = 100                  # Apache's LimitRequestFields default
+HEADER_TIMEOUT_S = 30.0                 # a whole request head (nginx allows 60 s)
+BODY_TIMEOUT_S = 60.0                   # between reads of a body (nginx: 60 s)
+KEEPALIVE_IDLE_S = 75.0                 # between requests (nginx: 75 s)
 HEAD_HOLD_S = 3.0                       # a stream's head waits this long for the first event
 PING_INTERVAL_S = 15.0                  # keeps proxies and clients from idling out
 SHUTDOWN_GRACE_S = 30.0                 # in-flight requests get this long after SIGTERM
@@ -132,6 +135,9 @@ class Config:
     max_spares: int = DEFAULT_MAX_SPARES
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     agent_dir: str | None = None        # agent mode: the CLI's built-in tools work here
+    header_timeout_s: float = HEADER_TIMEOUT_S
+    body_timeout_s: float = BODY_TIMEOUT_S
+    keepalive_idle_s: float = KEEPALIVE_IDLE_S
     head_hold_s: float = HEAD_HOLD_S
     ping_interval_s: float = PING_INTERVAL_S
     shutdown_grace_s: float = SHUTDOWN_GRACE_S
@@ -3044,9 +3050,6 @@ def match_route(method: str, path: str) -> tuple[Route, dict[str, str]]:
 # is the only writer of a response and `Responder.fail` the one place that turns
 # a ProxyError into bytes, as JSON or, once a stream has begun, as an SSE error.
 
-HEADER_TIMEOUT_S = 30.0             # nginx: client_header_timeout 60 s; half of it
-BODY_TIMEOUT_S = 60.0               # nginx: client_body_timeout 60 s between reads
-KEEPALIVE_IDLE_S = 75.0             # nginx: keepalive_timeout 75 s
 WATCH_BUFFER = 1024 * 1024          # pipelined bytes read ahead while a handler runs
 
 
@@ -3057,9 +3060,11 @@ class ClientGone(Exception):
 class Connection:
     """One client socket with a read buffer that the server section alone reads."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 config: Config):
         self.reader = reader
         self.writer = writer
+        self.config = config
         self.buf = bytearray()
         self.eof = False
 
@@ -3069,6 +3074,8 @@ class Connection:
             return False
         try:
             data = await asyncio.wait_for(self.reader.read(65536), timeout)
+        except asyncio.TimeoutError:
+            raise                           # an OSError since 3.11: not a closed socket
         except (ConnectionError, OSError):
             data = b""
         if not data:
@@ -3078,8 +3085,10 @@ class Connection:
         return True
 
     async def read_head(self) -> bytes | None:
-        """The next request head, or None when the client closed or idled out."""
-        timeout = KEEPALIVE_IDLE_S
+        """The next request head, or None when the client closed or idled out. Once a
+        head has begun it must be complete within header_timeout_s, however slowly
+        its bytes trickle in."""
+        deadline = None
         while True:
             end = self.buf.find(b"\r\n\r\n")
             if end + 4 > MAX_HEAD_BYTES or (end < 0 and len(self.buf) > MAX_HEAD_BYTES):
@@ -3088,8 +3097,12 @@ class Connection:
                 head = bytes(self.buf[:end + 4])
                 del self.buf[:end + 4]
                 return head
-            if self.buf.strip(b"\r\n"):
-                timeout = HEADER_TIMEOUT_S      # a request has begun: it must finish
+            if self.buf.strip(b"\r\n") and deadline is None:
+                deadline = time.monotonic() + self.config.header_timeout_s
+            timeout = self.config.keepalive_idle_s if deadline is None else \
+                deadline - time.monotonic()
+            if timeout <= 0:
+                raise InvalidRequest("Timed out reading the request head.")
             try:
                 if not await self.fill(timeout):
                     if self.buf.strip(b"\r\n"):
@@ -3120,7 +3133,7 @@ class Connection:
 
     async def _fill_body(self) -> None:
         try:
-            if not await self.fill(BODY_TIMEOUT_S):
+            if not await self.fill(self.config.body_timeout_s):
                 raise InvalidRequest("Connection closed inside the request body.")
         except asyncio.TimeoutError:
             raise InvalidRequest("Timed out reading the request body.") from None
@@ -3237,7 +3250,7 @@ class App:
 async def serve_connection(app: App, reader: asyncio.StreamReader,
                            writer: asyncio.StreamWriter) -> None:
     """Serve requests on one connection until it closes."""
-    conn = Connection(reader, writer)
+    conn = Connection(reader, writer, app.config)
     task = asyncio.current_task()
     try:
         while not app.shutting_down:

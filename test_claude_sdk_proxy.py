@@ -2296,6 +2296,28 @@ class HttpProtocolTest(unittest.TestCase):
                 error = json.loads(responses[0][2])
                 self.assertEqual(error["type"], "error")
 
+    def test_slow_heads_slow_bodies_and_idle_sockets_are_cut(self):
+        server = ProxyThread(header_timeout_s=0.5, body_timeout_s=0.3, keepalive_idle_s=0.3)
+        self.addCleanup(server.stop)
+        trickle = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        self.addCleanup(trickle.close)
+        started = time.monotonic()
+        trickle.sendall(b"GET / HTTP/1.1\r\n")
+        with contextlib.suppress(OSError):
+            for _ in range(50):             # a byte every 0.1 s: each read is quick
+                trickle.sendall(b"X")
+                time.sleep(0.1)             # the slowness under test, not a wait
+        self.assertLess(time.monotonic() - started, 4.5, "the head had a deadline")
+        status, _, body = read_response(trickle.makefile("rb"))
+        self.assertEqual(status, 400)
+        self.assertIn(b"Timed out reading the request head.", body)
+        raw = raw_exchange(server.port, b"POST /v1/messages HTTP/1.1\r\nHost: x\r\n"
+                                        b"Content-Length: 10\r\n\r\n{}")
+        self.assertIn(b"Timed out reading the request body.", raw)
+        idle = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        self.addCleanup(idle.close)
+        self.assertEqual(idle.recv(1), b"", "an idle socket is closed")
+
     def test_a_flood_of_idle_and_slow_sockets_does_not_lock_clients_out(self):
         server = ProxyThread(max_connections=4)
         self.addCleanup(server.stop)
