@@ -3018,6 +3018,42 @@ class AsyncClientsTest(unittest.TestCase):
         self.assertEqual(asyncio.run(talk()), [UPSTREAM_TEXT] * 5)
 
 
+class LangChainTest(unittest.TestCase):
+    """LangChain's ChatAnthropic and ChatOpenAI with bind_tools, a whole tool round."""
+
+    def test_bind_tools_round_trip_with_both_chat_models(self):
+        from langchain_anthropic import ChatAnthropic
+        from langchain_core.messages import HumanMessage, ToolMessage
+        from langchain_core.tools import tool
+        from langchain_openai import ChatOpenAI
+
+        @tool
+        def get_weather(city: str) -> str:
+            """Weather for a city."""
+            return f"sunny in {city}"
+        server = ProxyThread()
+        self.addCleanup(server.stop)
+        models = [ChatAnthropic(model="claude-sonnet-5-5", base_url=server.url, api_key="k",
+                                max_retries=0),
+                  ChatOpenAI(model="claude-sonnet-5-5", base_url=server.url + "/v1",
+                             api_key="k", max_retries=0)]
+        for model in models:
+            with self.subTest(model=type(model).__name__):
+                UPSTREAM.clear()
+                chat = model.bind_tools([get_weather])
+                asked = [HumanMessage('Weather? [[tool get_weather {"city": "Oslo"}]]')]
+                called = chat.invoke(asked)
+                [call] = called.tool_calls
+                self.assertEqual((call["name"], call["args"]), ("get_weather", {"city": "Oslo"}))
+                answer = chat.invoke(asked + [called, ToolMessage(
+                    get_weather.invoke(call["args"]), tool_call_id=call["id"])])
+                self.assertEqual(answer.content if isinstance(answer.content, str) else
+                                 answer.content[0]["text"], f"Results: {call['id']}=sunny in Oslo")
+                sessions = {r["headers"]["X-Claude-Code-Session-Id"]
+                            for r in UPSTREAM.messages_requests()}
+                self.assertEqual(len(sessions), 1, "the parked CLI took the tool result")
+
+
 class OpenAIChatTest(OpenAICase):
     """Chat Completions through the official openai SDK, on the same engine."""
 
