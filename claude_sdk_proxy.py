@@ -162,7 +162,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     """The command line: `serve` is implied; every flag has an environment twin."""
     parser = argparse.ArgumentParser(
         prog="claude_sdk_proxy.py",
-        description="Anthropic Messages API proxy backed by the Claude Agent SDK.",
+        description="The Anthropic Messages API and the OpenAI Chat Completions and "
+        "Responses APIs, served from a Claude subscription through the Claude Agent SDK.",
         epilog="Environment: CLAUDE_PROXY_PORT, CLAUDE_PROXY_HOST, CLAUDE_PROXY_DEBUG, "
         "CLAUDE_PROXY_API_KEY, CLAUDE_PROXY_MAX_CONCURRENT, CLAUDE_PROXY_TIMEOUT_MS, "
         "CLAUDE_PROXY_MAX_BODY_MB, CLAUDE_PROXY_QUEUE_TIMEOUT_S, CLAUDE_PROXY_DEFAULT_MODEL, "
