@@ -749,6 +749,7 @@ def check_content(role: str, content: Any, where: str) -> None:
                     _require(isinstance(part, dict) and part.get("type") in
                              ("text", "image", "document", "search_result"),
                              f"{at}.content.{j}: must be a text, image or document block.")
+                check_content("user", inner, at)
         elif kind == "thinking":
             _require(isinstance(block.get("thinking"), str), f"{at}.thinking: required.")
 
@@ -1054,14 +1055,16 @@ def tool_results(prompt: dict, pending: list[str]) -> dict[str, dict] | None:
         parts = [{"type": "text", "text": inner}] if isinstance(inner, str) else inner or []
         mcp = []
         for part in parts:
-            source = part.get("source") or {}
-            if part["type"] == "text":
+            source = part.get("source")
+            if part.get("type") == "text" and isinstance(part.get("text"), str):
                 mcp.append({"type": "text", "text": part["text"]})
-            elif part["type"] == "image" and source.get("type") == "base64":
+            elif part.get("type") == "image" and isinstance(source, dict) and \
+                    source.get("type") == "base64" and isinstance(source.get("data"), str) \
+                    and isinstance(source.get("media_type"), str):
                 mcp.append({"type": "image", "data": source["data"],
                             "mimeType": source["media_type"]})
             else:
-                return None
+                return None             # not for MCP: the transcript carries it
         results[block["tool_use_id"]] = {"content": mcp, "is_error": bool(block.get("is_error"))}
     return results if sorted(results) == sorted(pending) else None
 
@@ -1923,23 +1926,32 @@ def cli_environment(turn: Turn) -> dict[str, str]:
 class ToolBroker:
     """Where a CLI's calls of client tools wait for the client's tool_results.
 
-    The engine tells it which tool_use blocks the upstream sent (`expect`); the
-    CLI's calls through the MCP server claim them by name and input, and wait
-    until the engine `deliver`s the client's results.
+    Each round the engine tells it which tool_use blocks the upstream sent
+    (`expect`); the CLI's calls through the MCP server claim them by name and
+    input, and wait until the engine `deliver`s the client's results. A call that
+    claims nothing makes the broker `broken`: that CLI is not to be continued.
     """
 
     def __init__(self) -> None:
         self._calls: list[dict] = []
         self._early: list[tuple[str, dict, asyncio.Future]] = []
+        self.expected = False               # this round's calls are known
+        self.broken = False
+
+    def begin(self) -> None:
+        """A new round: a prompt or results were just sent to the CLI."""
+        self._calls, self.expected = [], False
 
     def expect(self, tool_uses: list[dict]) -> None:
         """The calls of the upstream message that just ended (upstream names)."""
         loop = asyncio.get_running_loop()
         self._calls = [{"id": b["id"], "name": b["name"], "input": b["input"],
                         "claimed": False, "result": loop.create_future()} for b in tool_uses]
+        self.expected = True
         early, self._early = self._early, []
         for name, arguments, waiter in early:
-            waiter.set_result(self._claim(name, arguments))
+            if not waiter.done():           # the SDK may have cancelled the call
+                waiter.set_result(self._claim(name, arguments))
 
     @property
     def pending(self) -> list[str]:
@@ -1952,21 +1964,24 @@ class ToolBroker:
                 call["result"].set_result(results[call["id"]])
 
     def _claim(self, name: str, arguments: dict) -> dict | None:
-        for call in self._calls:
-            if not call["claimed"] and call["name"] == name and call["input"] == arguments:
-                call["claimed"] = True
-                return call
-        return None
+        """The first unclaimed call of that name and input, else of that name: the
+        CLI is JavaScript, so a large integer in an input can arrive changed."""
+        free = [c for c in self._calls if not c["claimed"] and c["name"] == name]
+        call = next((c for c in free if c["input"] == arguments), free[0] if free else None)
+        if call is not None:
+            call["claimed"] = True
+        return call
 
     async def call(self, name: str, arguments: dict) -> dict:
         """The MCP handler's side: the client's result for this call. The CLI may
         call as soon as a tool_use block ends, before the engine saw the message end."""
         call = self._claim(name, arguments)
-        if call is None:
+        if call is None and not self.expected:
             waiter = asyncio.get_running_loop().create_future()
             self._early.append((name, arguments, waiter))
             call = await waiter
         if call is None:
+            self.broken = True
             return {"content": [{"type": "text", "text": f"No pending call of {name}."}],
                     "is_error": True}
         return await call["result"]
@@ -2492,11 +2507,13 @@ class Engine:
         try:
             session, results, spawned = await self._session_for(turn)
             if results is None:
+                session.broker.begin()
                 session.process.send(None if spawned and prompt_in_transcript(turn)
                                      else turn.prompt)
             else:                       # the parked turn goes on with the client's results
                 session.process.parked = False
                 session.broker.deliver(results)
+                session.broker.begin()
             assembler = MessageAssembler()
             complete = False
             state: dict = {"builtin": set(AGENT_TOOLS) if self.config.agent_dir else set()}
@@ -2550,13 +2567,13 @@ class Engine:
         """The live session, spare or new CLI that will answer this Turn, the tool
         results it gets when it is parked at the client's tool calls, and whether
         it was started for this Turn."""
-        self._recent_shapes.pop(turn.shape, None)
-        self._recent_shapes[turn.shape] = turn
+        self.note_shape(turn)
         key = (turn.shape, conversation_digest(turn.history))
         session = self._idle.pop(key, None)
         results = None
         if session is not None and session.process.parked:
-            results = tool_results(turn.prompt, session.broker.pending)
+            results = None if session.broker.broken else \
+                tool_results(turn.prompt, session.broker.pending)
             if results is None:         # it waits for results this request does not give
                 self._retire(session)
                 session = None
@@ -2571,6 +2588,14 @@ class Engine:
         session.busy = True
         session.turns += 1
         return session, results, spawned
+
+    def note_shape(self, turn: Turn) -> None:
+        """Remember a Turn's shape as the most recent, keeping only as many as there
+        may be spares (and no conversation)."""
+        self._recent_shapes.pop(turn.shape, None)
+        self._recent_shapes[turn.shape] = dataclasses.replace(turn, history=[])
+        while len(self._recent_shapes) > max(self.config.max_spares, 1):
+            del self._recent_shapes[next(iter(self._recent_shapes))]
 
     def _park(self, session: LiveSession, digest: str) -> None:
         """Keep a session that answered, indexed by the conversation it now holds."""
@@ -2876,6 +2901,12 @@ async def paced(items: AsyncIterator[Any], first_wait: float,
                 await pending
 
 
+def paced_stream(items: AsyncIterator[Any], config: Config) -> Any:
+    """A streaming handler's items, `paced` by the config, closed with the handler
+    (so a failed write never leaves the engine's generator running)."""
+    return contextlib.aclosing(paced(items, config.head_hold_s, config.ping_interval_s))
+
+
 async def stream_anthropic(items: AsyncIterator[tuple[str, Any]], out: Responder,
                            config: Config) -> None:
     """Forward the upstream's events as SSE.
@@ -2883,18 +2914,19 @@ async def stream_anthropic(items: AsyncIterator[tuple[str, Any]], out: Responder
     The head waits for the first event (so an early 429 or 529 is a real status)
     but never longer than `head_hold_s`; pings fill every silence of `ping_interval_s`.
     """
-    async for item in paced(items, config.head_hold_s, config.ping_interval_s):
-        if item is None:
-            if not out.head_sent:
-                await out.start_stream()
-            await out.write(encode_sse({"type": "ping"}, "ping"))
-            continue
-        kind, payload = item
-        if kind == "stream":
-            if not out.head_sent:
-                await out.start_stream()
-            note_usage(out, payload)
-            await out.write(encode_sse(payload, payload.get("type")))
+    async with paced_stream(items, config) as ticks:
+        async for item in ticks:
+            if item is None:
+                if not out.head_sent:
+                    await out.start_stream()
+                await out.write(encode_sse({"type": "ping"}, "ping"))
+                continue
+            kind, payload = item
+            if kind == "stream":
+                if not out.head_sent:
+                    await out.start_stream()
+                note_usage(out, payload)
+                await out.write(encode_sse(payload, payload.get("type")))
     if not out.head_sent:
         raise BadGateway("The upstream returned no message.")
     await out.end_stream()
@@ -2914,15 +2946,16 @@ async def handle_chat_completions(app: App, request: Request, out: Responder) ->
             return
         options = body.get("stream_options") or {}
         chunks = ChunkTranslator(completion_id, created, bool(options.get("include_usage")))
-        async for item in paced(items, app.config.head_hold_s, app.config.ping_interval_s):
-            if not out.head_sent:
-                await out.start_stream()
-            if item is None:
-                await out.write(b": ping\n\n")     # an SSE comment: OpenAI clients skip it
-            elif item[0] == "stream":
-                note_usage(out, item[1])
-                for chunk in chunks.feed(item[1]):
-                    await out.write(encode_sse(chunk))
+        async with paced_stream(items, app.config) as ticks:
+            async for item in ticks:
+                if not out.head_sent:
+                    await out.start_stream()
+                if item is None:
+                    await out.write(b": ping\n\n")     # an SSE comment: clients skip it
+                elif item[0] == "stream":
+                    note_usage(out, item[1])
+                    for chunk in chunks.feed(item[1]):
+                        await out.write(encode_sse(chunk))
         if not out.head_sent:
             raise BadGateway("The upstream returned no message.")
         await out.write(encode_sse("[DONE]"))
@@ -2972,16 +3005,17 @@ async def handle_responses(app: App, request: Request, out: Responder) -> None:
             if translator.assembler.message is None:
                 raise BadGateway("The upstream returned no message.")
         else:
-            async for item in paced(items, app.config.head_hold_s, app.config.ping_interval_s):
-                if not out.head_sent:
-                    await out.start_stream()
-                if item is None:
-                    await out.write(b": ping\n\n")
-                elif item[0] == "stream":
-                    note_usage(out, item[1])
-                    for event in translator.feed(item[1]):
-                        await out.write(encode_sse(event, event["type"]))
-            if not out.head_sent:
+            async with paced_stream(items, app.config) as ticks:
+                async for item in ticks:
+                    if not out.head_sent:
+                        await out.start_stream()
+                    if item is None:
+                        await out.write(b": ping\n\n")
+                    elif item[0] == "stream":
+                        note_usage(out, item[1])
+                        for event in translator.feed(item[1]):
+                            await out.write(encode_sse(event, event["type"]))
+            if translator.assembler.message is None:
                 raise BadGateway("The upstream returned no message.")
     if body.get("store") is not False:
         app.responses.put(translator.response_id, turn.history + [turn.prompt, {

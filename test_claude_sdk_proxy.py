@@ -2508,6 +2508,17 @@ class WarmSessionTest(ApiAssertions, unittest.TestCase):
                          "the evicted conversation was resumed from its transcript")
         self.assertTrue(wait_until(lambda: len(cli_children()) <= 2), cli_children())
 
+    def test_only_the_recent_shapes_are_remembered(self):
+        engine = proxy.Engine(proxy.Config(max_spares=2))
+        turns = [proxy.messages_request_to_turn(valid_body(system=f"app {n}", messages=[
+            {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
+            {"role": "user", "content": "q2"}]), "sonnet") for n in range(5)]
+        for turn in turns + [turns[2]]:
+            engine.note_shape(turn)
+        kept = list(engine._recent_shapes.values())
+        self.assertEqual([turn.system for turn in kept], ["app 4", "app 2"])
+        self.assertEqual([turn.history for turn in kept], [[], []], "no conversation kept")
+
     def test_many_conversations_at_once_never_exceed_the_cap(self):
         server = ProxyThread(max_sessions=2, max_concurrent=2, max_spares=1)
         self.addCleanup(server.stop)
@@ -2926,6 +2937,34 @@ class ClientToolsTest(ApiAssertions, SharedProxyCase):
                          [(calls[0].id, True), (calls[1].id, False)])
         image = results[1]["content"][1]
         self.assertEqual((image["type"], image["source"]["data"]), ("image", png))
+
+    def test_an_input_the_cli_cannot_hold_exactly_still_continues_the_turn(self):
+        lookup = {"name": "lookup", "input_schema": {"type": "object", "properties": {
+            "id": {"type": "integer"}}}}
+        # JavaScript rounds this integer: the CLI's call differs from the tool_use.
+        ask = [{"role": "user", "content": '[[tool lookup {"id": 12345678901234567890}]]'}]
+        message = self.create(ask, tools=(lookup,))
+        call = message.content[1]
+        self.assertEqual(call.input, {"id": 12345678901234567890})
+        final = self.create(self.answered(ask, message, [
+            {"type": "tool_result", "tool_use_id": call.id, "content": "found"}]),
+            tools=(lookup,))
+        self.assertEqual(final.content[0].text, f"Results: {call.id}=found")
+        self.assertEqual(len(UPSTREAM.messages_requests()), 2)
+
+    def test_malformed_tool_results_are_400s(self):
+        ask = [{"role": "user", "content": '[[tool get_weather {"city": "Ulm"}]]'}]
+        message = self.create(ask)
+        for part in ({"type": "text"}, {"type": "image", "source": "abc"}):
+            with self.subTest(part=part):
+                with self.assertRaises(anthropic.BadRequestError):
+                    self.create(self.answered(ask, message, [
+                        {"type": "tool_result", "tool_use_id": message.content[1].id,
+                         "content": [part]}]))
+        final = self.create(self.answered(ask, message, [
+            {"type": "tool_result", "tool_use_id": message.content[1].id, "content": "ok"}]))
+        self.assertEqual(final.content[0].text, f"Results: {message.content[1].id}=ok",
+                         "the parked CLI still waits for the good answer")
 
     def test_tool_choice_reaches_the_upstream(self):
         self.create([{"role": "user", "content": "[[tool get_weather {\"city\": \"Nice\"}]]"}],
