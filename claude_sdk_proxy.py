@@ -1572,7 +1572,10 @@ def responses_request_to_turn(body: dict, default_model: str, caller: str = "",
     if isinstance(items, str):
         items = [{"role": "user", "content": items}]
     _require(isinstance(items, list) and items, "input: required, a string or a non-empty list.")
-    system = [body["instructions"]] if body.get("instructions") else []
+    instructions = body.get("instructions")
+    _require(instructions is None or isinstance(instructions, str),
+             "instructions: must be a string.")
+    system = [instructions] if instructions else []
     messages = [dict(m) for m in previous or []]
     for i, item in enumerate(items):
         where = f"input.{i}"
@@ -1939,8 +1942,9 @@ class ToolBroker:
         self.broken = False
 
     def begin(self) -> None:
-        """A new round: a prompt or results were just sent to the CLI."""
-        self._calls, self.expected = [], False
+        """A new round: a prompt or results were just sent to the CLI. The last
+        round's calls stay claimable: the CLI may make them one after another."""
+        self.expected = False
 
     def expect(self, tool_uses: list[dict]) -> None:
         """The calls of the upstream message that just ended (upstream names)."""
