@@ -2313,9 +2313,13 @@ class CliProcess:
                 if message is not None:
                     await client.query(_single(message))
                 async for item in client.receive_response():
-                    if self.parked and _starts_upstream_call(item):
-                        # The CLI went on without the client's results (say, a tool
-                        # input the SDK's schema check refused): never reuse it.
+                    # Killed here, not where the turn is read, to win the race
+                    # with the CLI's next upstream call: after a max_tokens stop
+                    # it makes "recovery" calls; parked, it went on without the
+                    # client's results (say, a tool input the SDK's schema check
+                    # refused). Either way it is never reused.
+                    if _stops_at_max_tokens(item) or \
+                            (self.parked and _starts_upstream_call(item)):
                         self.kill_now()
                     self._outbox.put_nowait(item)
                 self._outbox.put_nowait(_CLOSED)
@@ -2395,6 +2399,11 @@ def _starts_upstream_call(item: Any) -> bool:
     return isinstance(item, sdk.StreamEvent) and item.event.get("type") == "message_start"
 
 
+def _stops_at_max_tokens(item: Any) -> bool:
+    return isinstance(item, sdk.StreamEvent) and \
+        (item.event.get("delta") or {}).get("stop_reason") == "max_tokens"
+
+
 async def _single(message: dict) -> AsyncIterator[dict]:
     yield {"type": "user", "message": message, "parent_tool_use_id": None}
 
@@ -2405,8 +2414,8 @@ def turn_items(message: Any, state: dict) -> list[tuple[str, Any]]:
     `state` carries what one turn has seen: the latest rate-limit information and
     whether the answer is complete. The CLI answers a `max_tokens` stop with up to
     three "recovery" calls of its own and has no switch for it, so a `max_tokens`
-    stop ends the turn at once with ("kill", None) (the CLI must die before it
-    sends the next call); any later upstream message is dropped the same way.
+    stop ends the turn at once (the CLI's owner task has killed it: see
+    `CliProcess._own`); any later upstream message ends it with ("kill", None).
     """
     if isinstance(message, sdk.StreamEvent):
         event = message.event
@@ -2428,9 +2437,9 @@ def turn_items(message: Any, state: dict) -> list[tuple[str, Any]]:
                 state["tool_use"] = True
         if event.get("type") == "message_stop":
             state["complete"] = not state.pop("agent_round", False)
-        if (event.get("delta") or {}).get("stop_reason") == "max_tokens":
+        if _stops_at_max_tokens(message):
             state["complete"] = state["killed"] = True
-            return [("kill", None), ("stream", event), ("stream", {"type": "message_stop"})]
+            return [("stream", event), ("stream", {"type": "message_stop"})]
         return [("stream", event)]
     if isinstance(message, sdk.RateLimitEvent):
         info = dict(message.rate_limit_info.raw or {})

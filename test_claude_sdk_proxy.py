@@ -36,6 +36,7 @@ import http.server
 import json
 import os
 import re
+import select
 import shutil
 import socket
 import sys
@@ -220,11 +221,17 @@ class ScriptedUpstream:
         event("content_block_stop", {"type": "content_block_stop", "index": 0})
         self.finish(event, stop_reason, handler)
 
-    @staticmethod
-    def finish(event, stop_reason, handler):
+    def finish(self, event, stop_reason, handler):
         event("message_delta", {"type": "message_delta",
                                 "delta": {"stop_reason": stop_reason, "stop_sequence": None},
                                 "usage": {"output_tokens": 42}})
+        if stop_reason == "max_tokens":
+            # The CLI makes its "recovery" call once the stream ends; the proxy must
+            # have stopped it at the message_delta. The real API sends message_stop
+            # right away (a loaded machine can lose that race: README, Limits).
+            readable, _, _ = select.select([handler.connection], [], [], 10)
+            if readable and not handler.connection.recv(1, socket.MSG_PEEK):
+                self.cut.set()
         event("message_stop", {"type": "message_stop"})
         handler.wfile.write(b"0\r\n\r\n")
 
@@ -1867,6 +1874,7 @@ class MessagesEndToEndTest(ApiAssertions, unittest.TestCase):
         self.assertEqual(final.content[0].text, UPSTREAM_TEXT)
         self.assertEqual(final.stop_reason, "max_tokens")
         self.assertEqual(final.usage.output_tokens, 42)
+        self.assertTrue(UPSTREAM.cut.wait(10), "the CLI was stopped at the max_tokens stop")
         self.only_upstream_request()
 
     def test_upstream_errors_arrive_as_real_statuses(self):
