@@ -2104,12 +2104,18 @@ class LifecycleTest(ApiAssertions, unittest.TestCase):
         self.assertEqual(UPSTREAM.max_in_flight, 1)
 
     def test_request_timeout_is_504_and_stops_the_cli(self):
-        server = ProxyThread(timeout_s=1.0)
+        server = ProxyThread(timeout_s=4.0)
         self.addCleanup(server.stop)
+        client = server.client()
+        # A follow-up, so a warm CLI reaches the upstream well within the timeout
+        # even on a loaded machine (where a cold start can take seconds).
+        ask = [{"role": "user", "content": "hi"}]
+        first = client.messages.create(model="claude-sonnet-5-5", max_tokens=10, messages=ask)
         with self.assertRaises(anthropic.APIStatusError) as caught:
-            server.client().messages.create(
-                model="claude-sonnet-5-5", max_tokens=10,
-                messages=[{"role": "user", "content": "[[hang]]"}])
+            client.messages.create(
+                model="claude-sonnet-5-5", max_tokens=10, messages=ask + [
+                    {"role": "assistant", "content": first.content[0].text},
+                    {"role": "user", "content": "[[hang]]"}])
         self.assertApiError(caught.exception, 504, "timeout_error")
         self.assertTrue(UPSTREAM.cut.wait(15), "the upstream call was cut")
         self.assertTrue(wait_until(lambda: not cli_children()), cli_children())
