@@ -2400,7 +2400,7 @@ def _starts_upstream_call(item: Any) -> bool:
 
 
 def _stops_at_max_tokens(item: Any) -> bool:
-    return isinstance(item, sdk.StreamEvent) and \
+    return isinstance(item, sdk.StreamEvent) and not item.parent_tool_use_id and \
         (item.event.get("delta") or {}).get("stop_reason") == "max_tokens"
 
 
