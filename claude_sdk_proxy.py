@@ -56,6 +56,7 @@ import binascii
 import contextlib
 import dataclasses
 import datetime as dt
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -424,6 +425,9 @@ class RequestHead:
         return "close" not in tokens
 
 
+HEADER_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")     # all but HTAB
+
+
 def parse_request_head(data: bytes) -> RequestHead:
     """Parse `request-line CRLF *(field-line CRLF) CRLF`; raise 400 or 431 errors."""
     lines = data.split(b"\r\n")
@@ -456,7 +460,7 @@ def parse_request_head(data: bytes) -> RequestHead:
         if len(headers) >= MAX_HEADER_COUNT:
             raise HeadersTooLarge(f"More than {MAX_HEADER_COUNT} header fields.")
         value = value.strip(b" \t")
-        if any(c < 0x20 and c != 0x09 or c == 0x7f for c in value):
+        if HEADER_CONTROL.search(value):
             raise InvalidRequest("Control character in a header value.")
         headers.append((name.decode("ascii").lower(), value.decode("latin-1")))
     return RequestHead(method.decode("ascii"), target.decode("ascii"),
@@ -676,7 +680,7 @@ class Turn:
     tools: list[dict] = dataclasses.field(default_factory=list)  # client tools, as sent
     betas: str = ""                 # the client's anthropic-beta header
 
-    @property
+    @functools.cached_property
     def shape(self) -> str:
         """What a CLI is fixed to for its life: a session serves only its own shape."""
         fixed = [self.model, self.system, self.params, self.caller, self.tools, self.betas]
@@ -1094,14 +1098,19 @@ def echoed_blocks(content: Any) -> list:
     return echoed
 
 
-def conversation_digest(messages: list[dict]) -> str:
-    """A digest of a conversation as the client echoes it (see echoed_blocks)."""
-    digest = hashlib.sha256()
+SORTED_JSON = json.JSONEncoder(sort_keys=True)     # json.dumps(sort_keys=True), built once
+
+
+def conversation_hash(messages: list[dict], before: Any = None) -> Any:
+    """The running sha256 of a conversation as the client echoes it (see
+    echoed_blocks), going on from `before`, the hash of the messages before these;
+    its hexdigest() keys live sessions."""
+    digest = before.copy() if before is not None else hashlib.sha256()
     for message in messages:
-        digest.update(json.dumps([message["role"], echoed_blocks(message["content"])],
-                                 sort_keys=True).encode())
+        digest.update(SORTED_JSON.encode([message["role"],
+                                          echoed_blocks(message["content"])]).encode())
         digest.update(b"\x00")
-    return digest.hexdigest()
+    return digest
 
 
 def transcript_entries(history: list[dict], session_id: str, cwd: str,
@@ -2446,7 +2455,7 @@ def turn_items(message: Any, state: dict) -> list[tuple[str, Any]]:
         state["rate_limit"] = info
         return [("rate_limit", info)]
     if isinstance(message, sdk.ResultMessage):
-        data = dataclasses.asdict(message)
+        data = {f.name: getattr(message, f.name) for f in dataclasses.fields(message)}
         if message.is_error:
             raise result_error(data, state.get("rate_limit"), time.time())
         return [("result", data)]
@@ -2459,7 +2468,7 @@ def turn_items(message: Any, state: dict) -> list[tuple[str, Any]]:
 # `Engine.run(turn)` is the one path every API dialect takes. It waits for a
 # concurrency slot (529 after the queue timeout), then finds the CLI to answer on:
 #   - a live session of the same shape whose conversation is exactly the
-#     request's history (matched by `conversation_digest`): only the new turn
+#     request's history (matched by `conversation_hash`): only the new turn
 #     is sent, on a CLI that is already warm;
 #   - for a new chat, a spare CLI pre-connected for that shape;
 #   - otherwise a new CLI that resumes the history as a transcript.
@@ -2517,8 +2526,9 @@ class Engine:
         await self._acquire_slot()
         session = None
         names = client_tool_names(turn.tools)
+        held = conversation_hash(turn.history)      # what a live session must hold
         try:
-            session, results, spawned = await self._session_for(turn)
+            session, results, spawned = await self._session_for(turn, held.hexdigest())
             if results is None:
                 session.broker.begin()
                 session.process.send(None if spawned and prompt_in_transcript(turn)
@@ -2555,8 +2565,8 @@ class Engine:
                     session.broker.expect([{**b, "name": upstream_tool_name(b["name"])}
                                            for b in content if b["type"] == "tool_use"])
                     session.process.parked = True
-                answered = turn.history + [turn.prompt, {"role": "assistant", "content": content}]
-                self._park(session, conversation_digest(answered))
+                answered = [turn.prompt, {"role": "assistant", "content": content}]
+                self._park(session, conversation_hash(answered, held).hexdigest())
                 session = None
         finally:
             self._slots.release()
@@ -2576,12 +2586,13 @@ class Engine:
         finally:
             self._waiting -= 1
 
-    async def _session_for(self, turn: Turn) -> tuple[LiveSession, dict | None, bool]:
-        """The live session, spare or new CLI that will answer this Turn, the tool
-        results it gets when it is parked at the client's tool calls, and whether
-        it was started for this Turn."""
+    async def _session_for(self, turn: Turn, digest: str
+                           ) -> tuple[LiveSession, dict | None, bool]:
+        """The live session, spare or new CLI that will answer this Turn (whose
+        history has this `digest`), the tool results it gets when it is parked at
+        the client's tool calls, and whether it was started for this Turn."""
         self.note_shape(turn)
-        key = (turn.shape, conversation_digest(turn.history))
+        key = (turn.shape, digest)
         session = self._idle.pop(key, None)
         results = None
         if session is not None and session.process.parked:
