@@ -3349,8 +3349,12 @@ def bench_chat(client, messages, system):
     started = time.perf_counter()
     message = client.messages.create(model=BENCH_MODEL, max_tokens=50, system=system,
                                      messages=messages)
-    seconds = time.perf_counter() - started
-    return seconds, messages + [{"role": "assistant", "content": [
+    return time.perf_counter() - started, bench_answered(messages, message)
+
+
+def bench_answered(messages, message):
+    """The history with the answer appended, as a stateless client sends it next."""
+    return messages + [{"role": "assistant", "content": [
         block.model_dump(exclude_none=True) for block in message.content]}]
 
 
@@ -3453,18 +3457,25 @@ def bench_conversations(server, count: int, system: str) -> list[list[dict]]:
             for n in range(count)]
 
 
-def bench_follow_ups(clients, histories, system) -> float:
-    """One follow-up on every conversation at once, a client each; return the wall time."""
-    def follow_up(n):
-        _, histories[n] = bench_chat(clients[n], histories[n] + [
-            {"role": "user", "content": "and then?"}], system)
-    started = time.perf_counter()
-    threads = [threading.Thread(target=follow_up, args=(n,)) for n in range(len(histories))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return time.perf_counter() - started
+def bench_bursts(server, histories, system, rounds: int) -> list[float]:
+    """`rounds` times, one follow-up on every conversation at once, from one event
+    loop as the direct SDK turns are; return the wall times to the last answer."""
+    async def follow_up(client, n):
+        messages = histories[n] + [{"role": "user", "content": "and then?"}]
+        message = await client.messages.create(model=BENCH_MODEL, max_tokens=50,
+                                               system=system, messages=messages)
+        histories[n] = bench_answered(messages, message)
+
+    async def run() -> list[float]:
+        async with anthropic.AsyncAnthropic(base_url=server.url, api_key="bench",
+                                            max_retries=0, timeout=120) as client:
+            walls = []
+            for _ in range(rounds):
+                started = time.perf_counter()
+                await asyncio.gather(*[follow_up(client, n) for n in range(len(histories))])
+                walls.append(time.perf_counter() - started)
+            return walls
+    return asyncio.run(run())
 
 
 def bench_throughput(server, workers: int, seconds: float) -> float:
@@ -3555,8 +3566,7 @@ def bench(rounds: int = 7) -> None:
         direct, direct_eight = bench_direct_sdk(3 * rounds)
         eight = bench_conversations(server, 8, "eight")
         bench_settle(server)
-        clients = [server.client() for _ in eight]
-        bursts = [bench_follow_ups(clients, eight, "eight") for _ in range(rounds)]
+        bursts = bench_bursts(server, eight, "eight", rounds)
         rates = {w: bench_throughput(server, w, 5.0) for w in (1, 4, 8)}
         pids = server.clis()
         clis, rss = len(pids), bench_rss_mb(pids)
