@@ -324,6 +324,11 @@ class BadGateway(ProxyError):
     status, error_type = 502, "api_error"
 
 
+class CliWentOn(BadGateway):
+    """A CLI answered a client tool call without the client: the engine starts the
+    turn again on a new CLI, from the transcript."""
+
+
 class ServiceUnavailable(ProxyError):
     status, error_type = 503, "api_error"
 
@@ -1941,7 +1946,8 @@ class ToolBroker:
     Each round the engine tells it which tool_use blocks the upstream sent
     (`expect`); the CLI's calls through the MCP server claim them by name and
     input, and wait until the engine `deliver`s the client's results. A call that
-    claims nothing makes the broker `broken`: that CLI is not to be continued.
+    claims nothing, or a CLI that goes on although a call never reached the broker
+    (`watch`), makes the broker `broken`: that CLI is not to be continued.
     """
 
     def __init__(self) -> None:
@@ -1949,6 +1955,24 @@ class ToolBroker:
         self._early: list[tuple[str, dict, asyncio.Future]] = []
         self.expected = False               # this round's calls are known
         self.broken = False
+        self._sent = self._reached = 0      # client tool calls of the last upstream message
+
+    def watch(self, item: Any) -> bool:
+        """Follow the CLI's SDK items in order (its owner task calls this): True when
+        it starts an upstream call although a client tool call of the last message
+        never reached the broker. The SDK answers a call whose input fails the
+        tool's schema itself, so the CLI went on without the client's result."""
+        if not isinstance(item, sdk.StreamEvent) or item.parent_tool_use_id:
+            return False
+        block = item.event.get("content_block") or {}
+        if block.get("type") == "tool_use" and str(block.get("name")).startswith(MCP_PREFIX):
+            self._sent += 1
+        elif item.event.get("type") == "message_start":
+            went_on = self._reached < self._sent
+            self._sent = self._reached = 0
+            self.broken = self.broken or went_on
+            return went_on
+        return False
 
     def begin(self) -> None:
         """A new round: a prompt or results were just sent to the CLI. The last
@@ -1988,6 +2012,7 @@ class ToolBroker:
     async def call(self, name: str, arguments: dict) -> dict:
         """The MCP handler's side: the client's result for this call. The CLI may
         call as soon as a tool_use block ends, before the engine saw the message end."""
+        self._reached += 1
         call = self._claim(name, arguments)
         if call is None and not self.expected:
             waiter = asyncio.get_running_loop().create_future()
@@ -2207,6 +2232,7 @@ class CliProcess:
         self._stopping = False              # close or kill asked: no new turns
         self._reading: asyncio.Queue | None = None    # the current turn's outbox
         self.parked = False                 # mid-turn, waiting for client tool results
+        self.watch: Callable[[Any], bool] = lambda item: False   # True: kill the CLI
 
     async def start(self) -> None:
         """Spawn and connect the CLI; raise a ProxyError when it cannot start."""
@@ -2324,11 +2350,9 @@ class CliProcess:
                 async for item in client.receive_response():
                     # Killed here, not where the turn is read, to win the race
                     # with the CLI's next upstream call: after a max_tokens stop
-                    # it makes "recovery" calls; parked, it went on without the
-                    # client's results (say, a tool input the SDK's schema check
-                    # refused). Either way it is never reused.
-                    if _stops_at_max_tokens(item) or \
-                            (self.parked and _starts_upstream_call(item)):
+                    # it makes "recovery" calls; `watch` sees it go on without
+                    # the client's tool results. Either way it is never reused.
+                    if _stops_at_max_tokens(item) or self.watch(item):
                         self.kill_now()
                     self._outbox.put_nowait(item)
                 self._outbox.put_nowait(_CLOSED)
@@ -2402,10 +2426,6 @@ def reap_orphans() -> int:
         except (OSError, ValueError):
             continue
     return reaped
-
-
-def _starts_upstream_call(item: Any) -> bool:
-    return isinstance(item, sdk.StreamEvent) and item.event.get("type") == "message_start"
 
 
 def _stops_at_max_tokens(item: Any) -> bool:
@@ -2524,6 +2544,21 @@ class Engine:
     async def run(self, turn: Turn) -> AsyncIterator[tuple[str, Any]]:
         """Yield ("stream" | "rate_limit" | "result", payload) for one Turn."""
         await self._acquire_slot()
+        try:
+            try:
+                async with contextlib.aclosing(self._answer(turn)) as items:
+                    async for item in items:
+                        yield item
+            except CliWentOn:           # before anything was yielded: once more, cold
+                async with contextlib.aclosing(self._answer(turn)) as items:
+                    async for item in items:
+                        yield item
+        finally:
+            self._slots.release()
+            self._refill_spare(turn)
+
+    async def _answer(self, turn: Turn) -> AsyncIterator[tuple[str, Any]]:
+        """One try at a Turn, on the session `_session_for` finds."""
         session = None
         names = client_tool_names(turn.tools)
         held = conversation_hash(turn.history)      # what a live session must hold
@@ -2542,6 +2577,9 @@ class Engine:
             state: dict = {"builtin": set(AGENT_TOOLS) if self.config.agent_dir else set()}
             agent = AgentStream(state["builtin"])
             async for message in session.process.receive():
+                if session.broker.broken and assembler.message is None:
+                    raise CliWentOn("The Claude Code CLI went on without the client's "
+                                    "tool results.")
                 items = turn_items(message, state)
                 if items and items[0][0] == "kill":
                     session.process.kill_now()
@@ -2569,10 +2607,8 @@ class Engine:
                 self._park(session, conversation_hash(answered, held).hexdigest())
                 session = None
         finally:
-            self._slots.release()
             if session is not None:
                 self._retire(session)
-            self._refill_spare(turn)
 
     async def _acquire_slot(self) -> None:
         self._waiting += 1
@@ -2648,6 +2684,7 @@ class Engine:
         process = CliProcess(cli_options(
             dataclasses.replace(turn, history=[]) if spare else turn,
             self.config, dt.datetime.now(dt.timezone.utc), broker))
+        process.watch = broker.watch
         session = LiveSession(process, turn, broker, busy=not spare)
         self.sessions[session.id] = session
         self._ensure_reaper()

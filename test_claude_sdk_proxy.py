@@ -230,8 +230,12 @@ class ScriptedUpstream:
             # have stopped it at the message_delta. The real API sends message_stop
             # right away (a loaded machine can lose that race: README, Limits).
             readable, _, _ = select.select([handler.connection], [], [], 10)
-            if readable and not handler.connection.recv(1, socket.MSG_PEEK):
+            try:
+                if readable and not handler.connection.recv(1, socket.MSG_PEEK):
+                    self.cut.set()
+            except ConnectionResetError:
                 self.cut.set()
+                raise
         event("message_stop", {"type": "message_stop"})
         handler.wfile.write(b"0\r\n\r\n")
 
@@ -2981,6 +2985,27 @@ class ClientToolsTest(ApiAssertions, SharedProxyCase):
             tools=(lookup,))
         self.assertEqual(final.content[0].text, f"Results: {call.id}=found")
         self.assertEqual(len(UPSTREAM.messages_requests()), 2)
+
+    def test_calls_the_sdk_answers_itself_never_replace_the_clients_results(self):
+        # {"town": ...} lacks the schema's required "city": the SDK's schema check
+        # answers such a call itself, and the CLI would go on without the client.
+        for asked in ('[[tool get_weather {"town": "Bonn"}]]',
+                      '[[tool get_weather {"city": "Ulm"}]] [[tool get_weather {"town": "Bonn"}]]'):
+            with self.subTest(asked=asked):
+                UPSTREAM.clear()
+                ask = [{"role": "user", "content": asked}]
+                message = self.create(ask)
+                calls = [b for b in message.content if b.type == "tool_use"]
+                answers = ["rainy", "sunny"][:len(calls)]
+                final = self.create(self.answered(ask, message, [
+                    {"type": "tool_result", "tool_use_id": call.id, "content": answer}
+                    for call, answer in zip(calls, answers)]))
+                self.assertEqual(final.content[0].text, "Results: " + ", ".join(
+                    f"{call.id}={answer}" for call, answer in zip(calls, answers)))
+                sent = conversation(UPSTREAM.messages_requests()[-1]["body"])[-1]["content"]
+                self.assertEqual([(r["tool_use_id"], r["content"]) for r in sent
+                                  if r["type"] == "tool_result"],
+                                 list(zip([call.id for call in calls], answers)))
 
     def test_malformed_tool_results_are_400s(self):
         ask = [{"role": "user", "content": '[[tool get_weather {"city": "Ulm"}]]'}]
