@@ -1669,6 +1669,42 @@ class OpenAIMalformedValuesTest(PureAssertions, unittest.TestCase):
 
 
 # =============================================================================
+# 8. SDK adapter: what the CLI's owner task watches for
+# =============================================================================
+
+def stream_event(event: dict, parent: str | None = None):
+    return proxy.sdk.StreamEvent(uuid="u", session_id="s", event=event,
+                                 parent_tool_use_id=parent)
+
+
+class SdkAdapterTest(unittest.TestCase):
+    def test_a_cli_going_on_without_a_client_call_is_seen_at_its_next_upstream_call(self):
+        start = stream_event({"type": "message_start", "message": {}})
+        call = stream_event({"type": "content_block_start", "index": 1, "content_block": {
+            "type": "tool_use", "id": "toolu_1", "name": "mcp__c__f", "input": {}}})
+
+        async def next_call_after(reached: bool):
+            broker = proxy.ToolBroker()
+            self.assertFalse(broker.watch(start) or broker.watch(call))
+            broker.expect([{"id": "toolu_1", "name": "mcp__c__f", "input": {}}])
+            broker.deliver({"toolu_1": {"content": [], "is_error": False}})
+            if reached:                 # the MCP handler's call gets the client's result
+                self.assertEqual(await broker.call("mcp__c__f", {}),
+                                 {"content": [], "is_error": False})
+            return broker.watch(start), broker.broken
+        self.assertEqual(asyncio.run(next_call_after(True)), (False, False))
+        self.assertEqual(asyncio.run(next_call_after(False)), (True, True))
+        self.assertFalse(proxy.ToolBroker().watch(stream_event(start.event, parent="toolu_0")))
+
+    def test_only_a_top_level_max_tokens_stop_kills(self):
+        delta = {"type": "message_delta", "delta": {"stop_reason": "max_tokens"}}
+        self.assertTrue(proxy._stops_at_max_tokens(stream_event(delta)))
+        self.assertFalse(proxy._stops_at_max_tokens(stream_event(delta, parent="toolu_0")))
+        self.assertFalse(proxy._stops_at_max_tokens(stream_event(
+            {"type": "message_delta", "delta": {"stop_reason": "end_turn"}})))
+
+
+# =============================================================================
 # Fuzzing: arbitrary bytes and JSON give API errors, never anything else
 # =============================================================================
 
