@@ -2026,20 +2026,23 @@ class ToolBroker:
 
 
 def mcp_server(tools: list[dict], broker: ToolBroker) -> Any:
-    """The in-process MCP server that offers the client's tools to the CLI."""
-    def defined(tool: dict) -> Any:
-        name = upstream_tool_name(tool["name"])
+    """The in-process MCP server that offers the client's tools to the CLI, schemas
+    as sent. Every call goes to the broker unchecked: the client validates its own
+    tools' input, as with the real API (the SDK's `create_sdk_mcp_server` answers a
+    call that fails its schema check by itself, so the CLI would go on without the
+    client). The SDK's server builder serves both mcp majors."""
+    from claude_agent_sdk._internal._mcp_compat import build_tool_server
+    from mcp.types import CallToolResult, Tool
 
-        async def handler(arguments: dict) -> dict:
-            return await broker.call(name, arguments)
-        # The SDK sends a dict schema unchanged when it has "properties"; one
-        # without them means the same with an empty "properties".
-        schema = tool["input_schema"]
-        return sdk.SdkMcpTool(name=name[len(MCP_PREFIX):],
-                              description=tool.get("description", ""),
-                              input_schema=schema if "properties" in schema else
-                              {**schema, "properties": {}}, handler=handler)
-    return sdk.create_sdk_mcp_server(MCP_SERVER, tools=[defined(t) for t in tools])
+    async def call(name: str, arguments: dict) -> Any:
+        result = await broker.call(MCP_PREFIX + name, arguments)
+        return CallToolResult.model_validate({"content": result["content"],
+                                              "isError": result["is_error"]})
+    listed = [Tool.model_validate({"name": upstream_tool_name(tool["name"])[len(MCP_PREFIX):],
+                                   "description": tool.get("description", ""),
+                                   "inputSchema": tool["input_schema"]}) for tool in tools]
+    return sdk.McpSdkServerConfig(type="sdk", name=MCP_SERVER,
+                                  instance=build_tool_server(MCP_SERVER, __version__, listed, call))
 
 
 class TranscriptStore:

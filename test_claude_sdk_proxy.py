@@ -13,7 +13,7 @@ upstream received. The upstream is steered by markers in the last user text:
   [[drop]]              send message_start, then cut the connection
   [[stop max_tokens]]   end with that stop_reason
   [[tool NAME {json}]]  call the client tool NAME with that input (several: parallel)
-  [[builtin NAME {json}]]  call the CLI's built-in tool NAME (agent mode)
+  [[builtin NAME {json}]]  call the tool NAME as named, offered or not (agent mode)
   [[json {...}]]        answer with exactly that JSON text
   [[limits warning]]    send the rate-limit headers of a five-hour window at 91 %
 
@@ -167,8 +167,10 @@ class ScriptedUpstream:
                 self.release.wait(0.05)
         index = 0
         calls = [(proxy.upstream_tool_name(name), arguments) for name, arguments in
-                 re.findall(r"\[\[tool (\S+) (\{.*?\})\]\]", text)] + \
-            re.findall(r"\[\[builtin (\S+) (\{.*?\})\]\]", text)
+                 re.findall(r"\[\[tool (\S+) (\{.*?\})\]\]", text)]
+        offered = {t["name"] for t in body.get("tools", [])}
+        assert all(name in offered for name, _ in calls), (calls, offered)
+        calls += re.findall(r"\[\[builtin (\S+) (\{.*?\})\]\]", text)
         if calls:
             return self.answer_tool_calls(event, body, calls, handler)
         json_answer = re.search(r"\[\[json (\{.*\})\]\]", text)
@@ -242,14 +244,12 @@ class ScriptedUpstream:
     def answer_tool_calls(self, event, body, calls, handler):
         """A text block, then one tool_use per [[tool NAME {json}]] marker, streamed with
         input_json_delta fragments, under the name the upstream was offered."""
-        offered = {t["name"] for t in body.get("tools", [])}
         event("content_block_start", {"type": "content_block_start", "index": 0,
                                       "content_block": {"type": "text", "text": ""}})
         event("content_block_delta", {"type": "content_block_delta", "index": 0,
                                       "delta": {"type": "text_delta", "text": "Calling."}})
         event("content_block_stop", {"type": "content_block_stop", "index": 0})
         for index, (upstream_name, arguments) in enumerate(calls, start=1):
-            assert upstream_name in offered, (upstream_name, offered)
             event("content_block_start", {"type": "content_block_start", "index": index,
                                           "content_block": {
                                               "type": "tool_use", "name": upstream_name,
@@ -3022,9 +3022,9 @@ class ClientToolsTest(ApiAssertions, SharedProxyCase):
         self.assertEqual(final.content[0].text, f"Results: {call.id}=found")
         self.assertEqual(len(UPSTREAM.messages_requests()), 2)
 
-    def test_calls_the_sdk_answers_itself_never_replace_the_clients_results(self):
-        # {"town": ...} lacks the schema's required "city": the SDK's schema check
-        # answers such a call itself, and the CLI would go on without the client.
+    def test_inputs_that_break_their_schema_are_the_clients_to_answer(self):
+        # {"town": ...} lacks the schema's required "city": as with the real API, the
+        # client gets the call and its result continues the turn on the same CLI.
         for asked in ('[[tool get_weather {"town": "Bonn"}]]',
                       '[[tool get_weather {"city": "Ulm"}]] [[tool get_weather {"town": "Bonn"}]]'):
             with self.subTest(asked=asked):
@@ -3038,10 +3038,36 @@ class ClientToolsTest(ApiAssertions, SharedProxyCase):
                     for call, answer in zip(calls, answers)]))
                 self.assertEqual(final.content[0].text, "Results: " + ", ".join(
                     f"{call.id}={answer}" for call, answer in zip(calls, answers)))
+                first, second = UPSTREAM.messages_requests()
+                self.assertEqual(first["headers"]["X-Claude-Code-Session-Id"],
+                                 second["headers"]["X-Claude-Code-Session-Id"])
+                sent = conversation(second["body"])[-1]["content"]
+                self.assertEqual([(r["tool_use_id"], r["content"]) for r in sent
+                                  if r["type"] == "tool_result"],
+                                 [(call.id, [{"type": "text", "text": answer}])
+                                  for call, answer in zip(calls, answers)])
+
+    def test_a_call_the_cli_answers_itself_never_replaces_the_clients_result(self):
+        # A client tool the client did not offer: the CLI answers that call with its
+        # own error and would go on without the client.
+        for asked in ('[[builtin mcp__c__ghost {"x": 1}]]',
+                      '[[tool get_weather {"city": "Ulm"}]] [[builtin mcp__c__ghost {"x": 1}]]'):
+            with self.subTest(asked=asked):
+                UPSTREAM.clear()
+                ask = [{"role": "user", "content": asked}]
+                message = self.create(ask)
+                calls = [b for b in message.content if b.type == "tool_use"]
+                answers = ["sunny", "no such tool"][-len(calls):]
+                final = self.create(self.answered(ask, message, [
+                    {"type": "tool_result", "tool_use_id": call.id, "content": answer}
+                    for call, answer in zip(calls, answers)]))
+                self.assertEqual(final.content[0].text, "Results: " + ", ".join(
+                    f"{call.id}={answer}" for call, answer in zip(calls, answers)))
                 sent = conversation(UPSTREAM.messages_requests()[-1]["body"])[-1]["content"]
                 self.assertEqual([(r["tool_use_id"], r["content"]) for r in sent
                                   if r["type"] == "tool_result"],
-                                 list(zip([call.id for call in calls], answers)))
+                                 list(zip([call.id for call in calls], answers)),
+                                 "the client's results, resumed from the transcript")
 
     def test_malformed_tool_results_are_400s(self):
         ask = [{"role": "user", "content": '[[tool get_weather {"city": "Ulm"}]]'}]
