@@ -3022,52 +3022,47 @@ class ClientToolsTest(ApiAssertions, SharedProxyCase):
         self.assertEqual(final.content[0].text, f"Results: {call.id}=found")
         self.assertEqual(len(UPSTREAM.messages_requests()), 2)
 
+    def round_trip(self, asked: str, answers: list[str]) -> tuple[list[tuple], list]:
+        """Ask for the calls in `asked`, answer them with `answers` in order; check
+        the final answer quotes exactly those; return the (tool_use_id, answer)
+        pairs and the tool_results the last upstream request carried."""
+        UPSTREAM.clear()
+        ask = [{"role": "user", "content": asked}]
+        message = self.create(ask)
+        pairs = [(b.id, answer) for b, answer in
+                 zip([b for b in message.content if b.type == "tool_use"], answers)]
+        final = self.create(self.answered(ask, message, [
+            {"type": "tool_result", "tool_use_id": id_, "content": answer}
+            for id_, answer in pairs]))
+        self.assertEqual(final.content[0].text,
+                         "Results: " + ", ".join(f"{id_}={answer}" for id_, answer in pairs))
+        sent = conversation(UPSTREAM.messages_requests()[-1]["body"])[-1]["content"]
+        return pairs, [(r["tool_use_id"], r["content"]) for r in sent
+                       if r["type"] == "tool_result"]
+
     def test_inputs_that_break_their_schema_are_the_clients_to_answer(self):
         # {"town": ...} lacks the schema's required "city": as with the real API, the
         # client gets the call and its result continues the turn on the same CLI.
-        for asked in ('[[tool get_weather {"town": "Bonn"}]]',
-                      '[[tool get_weather {"city": "Ulm"}]] [[tool get_weather {"town": "Bonn"}]]'):
+        for asked, answers in (('[[tool get_weather {"town": "Bonn"}]]', ["rainy"]), (
+                '[[tool get_weather {"city": "Ulm"}]] [[tool get_weather {"town": "Bonn"}]]',
+                ["sunny", "rainy"])):
             with self.subTest(asked=asked):
-                UPSTREAM.clear()
-                ask = [{"role": "user", "content": asked}]
-                message = self.create(ask)
-                calls = [b for b in message.content if b.type == "tool_use"]
-                answers = ["rainy", "sunny"][:len(calls)]
-                final = self.create(self.answered(ask, message, [
-                    {"type": "tool_result", "tool_use_id": call.id, "content": answer}
-                    for call, answer in zip(calls, answers)]))
-                self.assertEqual(final.content[0].text, "Results: " + ", ".join(
-                    f"{call.id}={answer}" for call, answer in zip(calls, answers)))
+                pairs, sent = self.round_trip(asked, answers)
+                self.assertEqual(sent, [(id_, [{"type": "text", "text": answer}])
+                                        for id_, answer in pairs])
                 first, second = UPSTREAM.messages_requests()
                 self.assertEqual(first["headers"]["X-Claude-Code-Session-Id"],
                                  second["headers"]["X-Claude-Code-Session-Id"])
-                sent = conversation(second["body"])[-1]["content"]
-                self.assertEqual([(r["tool_use_id"], r["content"]) for r in sent
-                                  if r["type"] == "tool_result"],
-                                 [(call.id, [{"type": "text", "text": answer}])
-                                  for call, answer in zip(calls, answers)])
 
     def test_a_call_the_cli_answers_itself_never_replaces_the_clients_result(self):
         # A client tool the client did not offer: the CLI answers that call with its
         # own error and would go on without the client.
-        for asked in ('[[builtin mcp__c__ghost {"x": 1}]]',
-                      '[[tool get_weather {"city": "Ulm"}]] [[builtin mcp__c__ghost {"x": 1}]]'):
+        for asked, answers in (('[[builtin mcp__c__ghost {"x": 1}]]', ["no such tool"]), (
+                '[[tool get_weather {"city": "Ulm"}]] [[builtin mcp__c__ghost {"x": 1}]]',
+                ["sunny", "no such tool"])):
             with self.subTest(asked=asked):
-                UPSTREAM.clear()
-                ask = [{"role": "user", "content": asked}]
-                message = self.create(ask)
-                calls = [b for b in message.content if b.type == "tool_use"]
-                answers = ["sunny", "no such tool"][-len(calls):]
-                final = self.create(self.answered(ask, message, [
-                    {"type": "tool_result", "tool_use_id": call.id, "content": answer}
-                    for call, answer in zip(calls, answers)]))
-                self.assertEqual(final.content[0].text, "Results: " + ", ".join(
-                    f"{call.id}={answer}" for call, answer in zip(calls, answers)))
-                sent = conversation(UPSTREAM.messages_requests()[-1]["body"])[-1]["content"]
-                self.assertEqual([(r["tool_use_id"], r["content"]) for r in sent
-                                  if r["type"] == "tool_result"],
-                                 list(zip([call.id for call in calls], answers)),
-                                 "the client's results, resumed from the transcript")
+                pairs, sent = self.round_trip(asked, answers)
+                self.assertEqual(sent, pairs, "the client's results, from the transcript")
 
     def test_malformed_tool_results_are_400s(self):
         ask = [{"role": "user", "content": '[[tool get_weather {"city": "Ulm"}]]'}]
