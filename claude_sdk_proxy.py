@@ -2505,7 +2505,7 @@ class LiveSession:
     """A CLI process and the conversation it holds."""
 
     process: CliProcess
-    turn: Turn                      # the shape it serves (its first request)
+    turn: Turn                      # the shape it serves (its first request, no history)
     broker: ToolBroker = dataclasses.field(default_factory=ToolBroker)
     id: str = dataclasses.field(default_factory=lambda: "sess_" + uuid.uuid4().hex[:20])
     digest: str | None = None       # conversation held; None for a spare
@@ -2536,7 +2536,7 @@ class Engine:
         self._waiting = 0
         self.sessions: dict[str, LiveSession] = {}
         self._idle: dict[tuple[str, str], LiveSession] = {}     # (shape, digest) -> session
-        self._recent_shapes: dict[str, Turn] = {}               # insertion order = recency
+        self._recent_shapes: dict[str, None] = {}               # insertion order = recency
         self._background: set[asyncio.Task] = set()
         self._exits: set[asyncio.Task] = set()    # CLIs retired but not yet gone
         self._reaper: asyncio.Task | None = None
@@ -2548,14 +2548,15 @@ class Engine:
         """Yield ("stream" | "rate_limit" | "result", payload) for one Turn."""
         await self._acquire_slot()
         try:
-            try:
-                async with contextlib.aclosing(self._answer(turn)) as items:
-                    async for item in items:
-                        yield item
-            except CliWentOn:           # before anything was yielded: once more, cold
-                async with contextlib.aclosing(self._answer(turn)) as items:
-                    async for item in items:
-                        yield item
+            for last_try in (False, True):
+                try:
+                    async with contextlib.aclosing(self._answer(turn)) as items:
+                        async for item in items:
+                            yield item
+                    return
+                except CliWentOn:       # before anything was yielded: once more, cold
+                    if last_try:
+                        raise
         finally:
             self._slots.release()
             self._refill_spare(turn)
@@ -2653,11 +2654,11 @@ class Engine:
         return session, results, spawned
 
     def note_shape(self, turn: Turn) -> None:
-        """Remember a Turn's shape as the most recent, keeping only as many as there
-        may be spares (and no conversation)."""
+        """Remember a Turn's shape as the most recent, keeping as many as there may
+        be spares."""
         self._recent_shapes.pop(turn.shape, None)
-        self._recent_shapes[turn.shape] = dataclasses.replace(turn, history=[])
-        while len(self._recent_shapes) > max(self.config.max_spares, 1):
+        self._recent_shapes[turn.shape] = None
+        while len(self._recent_shapes) > self.config.max_spares:
             del self._recent_shapes[next(iter(self._recent_shapes))]
 
     def _park(self, session: LiveSession, digest: str) -> None:
@@ -2684,11 +2685,11 @@ class Engine:
         else:
             await self._make_room()
         broker = ToolBroker()
-        process = CliProcess(cli_options(
-            dataclasses.replace(turn, history=[]) if spare else turn,
-            self.config, dt.datetime.now(dt.timezone.utc), broker))
+        shape = dataclasses.replace(turn, history=[])
+        process = CliProcess(cli_options(shape if spare else turn, self.config,
+                                         dt.datetime.now(dt.timezone.utc), broker))
         process.watch = broker.watch
-        session = LiveSession(process, turn, broker, busy=not spare)
+        session = LiveSession(process, shape, broker, busy=not spare)
         self.sessions[session.id] = session
         self._ensure_reaper()
         try:
@@ -2750,7 +2751,7 @@ class Engine:
         """Pre-connect a CLI for a recent shape, off the request path."""
         if self.closing or self.config.max_spares == 0:
             return
-        recent = list(self._recent_shapes)[-self.config.max_spares:]
+        recent = self._recent_shapes
         if turn.shape not in recent or self._take_spare(turn.shape) is not None:
             return
         busy = sum(1 for s in self.sessions.values() if s.busy)

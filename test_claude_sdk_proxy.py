@@ -2585,9 +2585,7 @@ class WarmSessionTest(ApiAssertions, unittest.TestCase):
             {"role": "user", "content": "q2"}]), "sonnet") for n in range(5)]
         for turn in turns + [turns[2]]:
             engine.note_shape(turn)
-        kept = list(engine._recent_shapes.values())
-        self.assertEqual([turn.system for turn in kept], ["app 4", "app 2"])
-        self.assertEqual([turn.history for turn in kept], [[], []], "no conversation kept")
+        self.assertEqual(list(engine._recent_shapes), [turns[4].shape, turns[2].shape])
 
     def test_many_conversations_at_once_never_exceed_the_cap(self):
         server = ProxyThread(max_sessions=2, max_concurrent=2, max_spares=1)
@@ -3040,29 +3038,24 @@ class ClientToolsTest(ApiAssertions, SharedProxyCase):
         return pairs, [(r["tool_use_id"], r["content"]) for r in sent
                        if r["type"] == "tool_result"]
 
-    def test_inputs_that_break_their_schema_are_the_clients_to_answer(self):
-        # {"town": ...} lacks the schema's required "city": as with the real API, the
-        # client gets the call and its result continues the turn on the same CLI.
-        for asked, answers in (('[[tool get_weather {"town": "Bonn"}]]', ["rainy"]), (
-                '[[tool get_weather {"city": "Ulm"}]] [[tool get_weather {"town": "Bonn"}]]',
-                ["sunny", "rainy"])):
+    def test_calls_the_cli_would_not_pass_on_get_the_clients_results(self):
+        # {"town": ...} lacks the schema's required "city": as with the real API the
+        # client answers it, on the same warm CLI. A tool the client never offered
+        # the CLI answers itself and would go on: the turn resumes from the transcript.
+        ulm, bonn, ghost = ('[[tool get_weather {"city": "Ulm"}]]',
+                            '[[tool get_weather {"town": "Bonn"}]]',
+                            '[[builtin mcp__c__ghost {"x": 1}]]')
+        for asked, answers, warm in ((bonn, ["rainy"], True),
+                                     (ulm + bonn, ["sunny", "rainy"], True),
+                                     (ghost, ["no such tool"], False),
+                                     (ulm + ghost, ["sunny", "no such tool"], False)):
             with self.subTest(asked=asked):
                 pairs, sent = self.round_trip(asked, answers)
-                self.assertEqual(sent, [(id_, [{"type": "text", "text": answer}])
-                                        for id_, answer in pairs])
-                first, second = UPSTREAM.messages_requests()
-                self.assertEqual(first["headers"]["X-Claude-Code-Session-Id"],
-                                 second["headers"]["X-Claude-Code-Session-Id"])
-
-    def test_a_call_the_cli_answers_itself_never_replaces_the_clients_result(self):
-        # A client tool the client did not offer: the CLI answers that call with its
-        # own error and would go on without the client.
-        for asked, answers in (('[[builtin mcp__c__ghost {"x": 1}]]', ["no such tool"]), (
-                '[[tool get_weather {"city": "Ulm"}]] [[builtin mcp__c__ghost {"x": 1}]]',
-                ["sunny", "no such tool"])):
-            with self.subTest(asked=asked):
-                pairs, sent = self.round_trip(asked, answers)
-                self.assertEqual(sent, pairs, "the client's results, from the transcript")
+                self.assertEqual(sent, [(id_, [{"type": "text", "text": answer}] if warm
+                                         else answer) for id_, answer in pairs])
+                sessions = {r["headers"]["X-Claude-Code-Session-Id"]
+                            for r in UPSTREAM.messages_requests()}
+                self.assertEqual(len(sessions) == 1, warm, sessions)
 
     def test_malformed_tool_results_are_400s(self):
         ask = [{"role": "user", "content": '[[tool get_weather {"city": "Ulm"}]]'}]
