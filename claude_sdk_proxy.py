@@ -26,7 +26,7 @@ Map (numbered sections, in the order data flows):
   6. Anthropic translation  -- request validation, transcripts, events -> Message, token estimate
   7. OpenAI translation     -- Chat Completions requests in, completions and chunks out
   8. SDK adapter            -- ClaudeAgentOptions, client tools, one CLI process per task
-  9. Conversation engine    -- live sessions, tool calls parked, warm spares, the caps
+  9. Conversation engine    -- live sessions, tool calls parked, spares, recycling at the cap
  10. Routes and handlers    -- the route table and one coroutine per route
  11. Server                 -- connections, keep-alive, streaming, errors into responses
  12. Command line           -- argument parsing and main(argv) -> int
@@ -108,6 +108,7 @@ PING_INTERVAL_S = 15.0                  # keeps proxies and clients from idling 
 SHUTDOWN_GRACE_S = 30.0                 # in-flight requests get this long after SIGTERM
 RETRY_AFTER_DEFAULT_S = 5               # for a throttle that came without a reset time
 CLI_CLOSE_TIMEOUT_S = 10.0              # the SDK's own close can wait up to ~20 s
+CLI_REWIND_TIMEOUT_S = 5.0              # a rewind is the CLI's own: milliseconds
 TOOL_WAIT_MS = 24 * 3600 * 1000         # the CLI's limit on a client tool call
 MAX_TOOL_ROUNDS = 100_000               # the CLI's turn bound when client tools exist
 AGENT_TOOLS = ("Read", "Write", "Edit", "Bash", "Glob", "Grep", "WebFetch", "WebSearch")
@@ -2236,6 +2237,10 @@ class CliProcess:
         self._reading: asyncio.Queue | None = None    # the current turn's outbox
         self.parked = False                 # mid-turn, waiting for client tool results
         self.watch: Callable[[Any], bool] = lambda item: False   # True: kill the CLI
+        # Ids of the first and the latest prompt of the CLI's conversation, which a
+        # rewind names; no first one when it began with a resumed transcript.
+        self.first_message: str | None = None
+        self._last_message: str | None = None
 
     async def start(self) -> None:
         """Spawn and connect the CLI; raise a ProxyError when it cannot start."""
@@ -2252,8 +2257,24 @@ class CliProcess:
         by itself (`prompt_in_transcript`); `receive` yields what follows."""
         if self._owner is None or self._owner.done() or self._stopping:
             raise self._failure or BadGateway("The Claude Code CLI stopped.")
+        message_id = self._last_message = str(uuid.uuid4()) if message else None
+        if self.first_message is None and self.options.resume is None:
+            self.first_message = message_id
         self._reading = asyncio.Queue()
-        self._jobs.put_nowait((message, self._reading))
+        self._jobs.put_nowait((message, message_id, self._reading))
+
+    async def rewind(self) -> bool:
+        """Make the idle CLI forget its whole conversation, as if it was never
+        sent; False if it cannot (it began with a transcript) or refused."""
+        if self._owner is None or self._owner.done() or self._stopping \
+                or self.first_message is None or self._last_message is None:
+            return False
+        done = asyncio.get_running_loop().create_future()
+        self._jobs.put_nowait((REWIND, (self.first_message, self._last_message), done))
+        if not await done:
+            return False
+        self.first_message = self._last_message = None
+        return True
 
     async def receive(self) -> AsyncIterator[Any]:
         """The current turn's SDK messages up to its ResultMessage, from where the
@@ -2347,9 +2368,12 @@ class CliProcess:
         ready.set_result(None)
         try:
             while (job := await self._jobs.get()) is not None:
-                message, self._outbox = job
+                if job[0] is REWIND:
+                    job[2].set_result(await _rewind(client, job[1]))
+                    continue
+                message, message_id, self._outbox = job
                 if message is not None:
-                    await client.query(_single(message))
+                    await client.query(_single(message, message_id))
                 async for item in client.receive_response():
                     # Killed here, not where the turn is read, to win the race
                     # with the CLI's next upstream call: after a max_tokens stop
@@ -2376,8 +2400,10 @@ class CliProcess:
         self._stopping = True
         while not self._jobs.empty():
             job = self._jobs.get_nowait()
-            if job is not None:
-                job[1].put_nowait(self._failure or BadGateway("The Claude Code CLI stopped."))
+            if job is not None and job[0] is REWIND:
+                job[2].set_result(False)
+            elif job is not None:
+                job[2].put_nowait(self._failure or BadGateway("The Claude Code CLI stopped."))
 
 
 OWNER_ENV = "CLAUDE_SDK_PROXY_PID"
@@ -2436,8 +2462,27 @@ def _stops_at_max_tokens(item: Any) -> bool:
         (item.event.get("delta") or {}).get("stop_reason") == "max_tokens"
 
 
-async def _single(message: dict) -> AsyncIterator[dict]:
-    yield {"type": "user", "message": message, "parent_tool_use_id": None}
+async def _single(message: dict, message_id: str | None) -> AsyncIterator[dict]:
+    yield {"type": "user", "message": message, "parent_tool_use_id": None,
+           **({"uuid": message_id} if message_id else {})}
+
+
+REWIND = object()       # a CliProcess job: rewind the conversation
+
+
+async def _rewind(client: Any, messages: tuple[str, str]) -> bool:
+    """The CLI's own rewind to before the first of `messages` (the control request
+    behind its "rewind conversation", which the SDK has no method for); the CLI
+    refuses (`rewound: false`) unless the second is its latest prompt."""
+    first, latest = messages
+    try:
+        answer = await client._query._send_control_request(
+            {"subtype": "rewind_conversation", "target_message_uuid": first,
+             "last_seen_user_message_uuid": latest}, timeout=CLI_REWIND_TIMEOUT_S)
+    except Exception as exc:
+        log.debug("rewind refused: %s", exc)
+        return False
+    return isinstance(answer, dict) and answer.get("rewound") is True
 
 
 def turn_items(message: Any, state: dict) -> list[tuple[str, Any]]:
@@ -2498,7 +2543,11 @@ def turn_items(message: Any, state: dict) -> list[tuple[str, Any]]:
 # After a complete answer the session stays live, indexed by the conversation it
 # now holds; a session that failed, was cut short or is evicted is killed. The
 # number of CLI processes never exceeds `max_sessions`: spares go first, then the
-# least recently used idle sessions. Items are those of section 8.
+# least recently used idle sessions. At the cap a new chat with no spare gets a
+# recycled CLI instead of a killed one and a cold start: the least recently used
+# idle session of its shape rewinds to before its first message (only one that
+# started without history can), warm and past the CLI's first-turn work.
+# Items are those of section 8.
 
 @dataclasses.dataclass(eq=False)
 class LiveSession:
@@ -2643,6 +2692,8 @@ class Engine:
                 session = None
         if session is None and not turn.history:
             session = self._take_spare(turn.shape)
+            if session is None and self._processes() >= self.config.max_sessions:
+                session = await self._recycle(turn.shape)
         spawned = session is None or not session.process.alive
         if spawned:
             if session is not None:
@@ -2765,6 +2816,30 @@ class Engine:
             with contextlib.suppress(ProxyError):
                 await self._spawn(turn, spare=True)
         self._in_background(spawn())
+
+    async def _recycle(self, shape: str) -> LiveSession | None:
+        """Make the least recently used idle session of this shape a spare, its CLI
+        rewound to before its first message: no new process, and warm; None when
+        no session can be, or its CLI refuses (then it is retired)."""
+        if self.closing or self.config.agent_dir:   # agent tools remember what they read
+            return None
+        candidates = [s for s in self.sessions.values()
+                      if s.turn.shape == shape and s.digest is not None
+                      and s.process.first_message is not None
+                      and not s.busy and not s.process.parked and s.process.alive]
+        if not candidates:
+            return None
+        session = min(candidates, key=lambda s: s.last_used)
+        del self._idle[(shape, session.digest)]
+        session.busy = True
+        if not await session.process.rewind() or self.closing:
+            self._retire(session)
+            return None
+        session.busy = False
+        session.digest = None
+        session.turns = 0
+        session.last_used = time.monotonic()
+        return session
 
     # -- housekeeping --------------------------------------------------------
 

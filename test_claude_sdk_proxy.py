@@ -2578,6 +2578,71 @@ class WarmSessionTest(ApiAssertions, unittest.TestCase):
                          "the evicted conversation was resumed from its transcript")
         self.assertTrue(wait_until(lambda: len(cli_children()) <= 2), cli_children())
 
+    def test_at_the_cap_a_new_chat_gets_a_recycled_cli_that_forgot_its_conversation(self):
+        server = ProxyThread(max_sessions=2, max_concurrent=1, max_spares=0)
+        self.addCleanup(server.stop)
+        client = server.client()
+        other = self.chat(client, [{"role": "user", "content": "other app"}], system="Other.")
+        [other_session] = self.upstream_sessions()
+        old = self.chat(client, [{"role": "user", "content": "OLD private words"}])
+        self.chat(client, old + [{"role": "user", "content": "OLD follow-up"}])
+        recycled = UPSTREAM.messages_requests()[-1]["headers"]["X-Claude-Code-Session-Id"]
+        clis = cli_children()
+        UPSTREAM.clear()
+        self.chat(client, [{"role": "user", "content": "a new chat"}])
+        self.chat(client, other + [{"role": "user", "content": "other follow-up"}],
+                  system="Other.")
+        new_chat, follow_up = UPSTREAM.messages_requests()
+        self.assertEqual([m["role"] for m in conversation(new_chat["body"])], ["user"])
+        self.assertEqual(ScriptedUpstream.last_text(new_chat["body"]), "a new chat")
+        self.assertNotIn("OLD", json.dumps(new_chat["body"]))
+        self.assertEqual(new_chat["headers"]["X-Claude-Code-Session-Id"], recycled,
+                         "the idle CLI of the same shape answered, rewound")
+        self.assertEqual(follow_up["headers"]["X-Claude-Code-Session-Id"], other_session,
+                         "the least recently used session, of another shape, stayed live")
+        self.assertEqual(sorted(cli_children()), sorted(clis), "no CLI was started or killed")
+        self.assertEqual(sorted((s["turns"], s["state"]) for s in self.sessions(server)),
+                         [(1, "idle"), (2, "idle")])
+
+    def test_a_recycled_cli_forgets_a_tool_round_too(self):
+        server = ProxyThread(max_sessions=1, max_concurrent=1, max_spares=0)
+        self.addCleanup(server.stop)
+        client = server.client()
+
+        def create(messages):
+            return client.messages.create(model="claude-sonnet-5-5", max_tokens=50,
+                                          tools=[WEATHER], messages=messages)
+        ask = [{"role": "user", "content": '[[tool get_weather {"city": "Ulm"}]]'}]
+        message = create(ask)
+        [call] = [block for block in message.content if block.type == "tool_use"]
+        create(ask + [{"role": "assistant", "content": message.content},
+                      {"role": "user", "content": [{"type": "tool_result",
+                                                    "tool_use_id": call.id,
+                                                    "content": "OLD sunny"}]}])
+        [recycled] = set(self.upstream_sessions())
+        UPSTREAM.clear()
+        create([{"role": "user", "content": "a new chat"}])
+        [new_chat] = UPSTREAM.messages_requests()
+        self.assertEqual(new_chat["headers"]["X-Claude-Code-Session-Id"], recycled)
+        self.assertEqual([m["role"] for m in conversation(new_chat["body"])], ["user"])
+        self.assertNotIn("OLD", json.dumps(new_chat["body"]))
+        self.assertNotIn("Ulm", json.dumps(new_chat["body"]))
+
+    def test_a_cli_that_began_from_a_transcript_is_evicted_not_recycled(self):
+        server = ProxyThread(max_sessions=1, max_concurrent=1, max_spares=0)
+        self.addCleanup(server.stop)
+        client = server.client()
+        self.chat(client, [{"role": "user", "content": "OLD question"},
+                           {"role": "assistant", "content": "OLD answer"},
+                           {"role": "user", "content": "OLD again"}])
+        [resumed] = self.upstream_sessions()
+        UPSTREAM.clear()
+        self.chat(client, [{"role": "user", "content": "a new chat"}])
+        [new_chat] = UPSTREAM.messages_requests()
+        self.assertNotEqual(new_chat["headers"]["X-Claude-Code-Session-Id"], resumed)
+        self.assertNotIn("OLD", json.dumps(new_chat["body"]))
+        self.assertTrue(wait_until(lambda: len(cli_children()) == 1), cli_children())
+
     def test_only_the_recent_shapes_are_remembered(self):
         engine = proxy.Engine(proxy.Config(max_spares=2))
         turns = [proxy.messages_request_to_turn(valid_body(system=f"app {n}", messages=[
@@ -3610,6 +3675,23 @@ def bench_cap(conversations: int, cap: int) -> tuple[int, int]:
         capped.stop()
 
 
+def bench_recycled(rounds: int) -> list[float]:
+    """New chats of one shape at a cap of 2 CLIs and no spares: each answered on
+    the least recently used session's CLI, rewound."""
+    server = BenchProxy(max_spares=0, max_concurrent=1, max_sessions=2)
+    try:
+        client = server.client()
+        bench_conversations(server, 2, "recycled")
+        times = []
+        for i in range(rounds):
+            bench_settle(server)
+            times.append(bench_chat(client, [{"role": "user", "content": f"chat {i}"}],
+                                    "recycled")[0])
+        return times
+    finally:
+        server.stop()
+
+
 def bench(rounds: int = 7) -> None:
     """Print the warm-session benchmark table: medians, ratios to a cold start."""
     import statistics
@@ -3647,6 +3729,7 @@ def bench(rounds: int = 7) -> None:
         clis, rss = len(pids), bench_rss_mb(pids)
     finally:
         server.stop()
+    recycled = bench_recycled(rounds)
     peak, left = bench_cap(50, 8)
 
     c = median(cold)
@@ -3657,6 +3740,7 @@ def bench(rounds: int = 7) -> None:
         row("cold first turn (new shape)", c),
         row("warm follow-up, stateless client", median(follow)),
         row("new chat, familiar shape (spare)", median(fresh)),
+        row("new chat at the session cap (recycled CLI)", median(recycled)),
         row("direct warm SDK call, no proxy", median(direct)),
         row("proxy overhead over the direct call", median(follow) - median(direct)),
         row("8 concurrent follow-ups, last answer", median(bursts)),
