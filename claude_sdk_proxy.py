@@ -2826,7 +2826,8 @@ class Engine:
         candidates = [s for s in self.sessions.values()
                       if s.turn.shape == shape and s.digest is not None
                       and s.process.first_message is not None
-                      and not s.busy and not s.process.parked and s.process.alive]
+                      and not s.busy and not s.process.parked and not s.broker.broken
+                      and s.process.alive]
         if not candidates:
             return None
         session = min(candidates, key=lambda s: s.last_used)
