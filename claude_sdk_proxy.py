@@ -2111,6 +2111,9 @@ def cli_options(turn: Turn, config: Config, now: dt.datetime,
         env={**env, OWNER_ENV: str(os.getpid())},
         session_store=store,
         resume=session_id,
+        # No transcript of the client's conversation under ~/.claude: the client
+        # holds it; and the CLI saves ~3 ms of CPU a turn.
+        extra_args={"no-session-persistence": None},
         cli_path=config.cli_path,
         stderr=(lambda line: log.debug("cli: %s", line.rstrip())) if config.debug else None,
     )

@@ -2643,6 +2643,24 @@ class WarmSessionTest(ApiAssertions, unittest.TestCase):
         self.assertNotIn("OLD", json.dumps(new_chat["body"]))
         self.assertTrue(wait_until(lambda: len(cli_children()) == 1), cli_children())
 
+    def test_no_conversation_is_written_to_disk(self):
+        server = ProxyThread()
+        self.addCleanup(server.stop)
+        client = server.client()
+        secret = "DISK-MARKER-" + uuid.uuid4().hex
+        history = self.chat(client, [{"role": "user", "content": secret}])
+        self.chat(client, history + [{"role": "user", "content": "warm " + secret}])
+        self.chat(client, history + [{"role": "assistant", "content": "x"},
+                                     {"role": "user", "content": "cold " + secret}])
+        self.assertEqual(len(set(self.upstream_sessions())), 2)
+        written = [os.path.join(root, name)
+                   for top in (os.environ["HOME"], server.config.workdir)
+                   for root, _, names in os.walk(top) for name in names]
+        self.assertTrue(written, "the CLI keeps its own files there")
+        for path in written:
+            with open(path, "rb") as f:
+                self.assertNotIn(secret.encode(), f.read(), path)
+
     def test_only_the_recent_shapes_are_remembered(self):
         engine = proxy.Engine(proxy.Config(max_spares=2))
         turns = [proxy.messages_request_to_turn(valid_body(system=f"app {n}", messages=[
