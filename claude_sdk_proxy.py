@@ -2274,7 +2274,7 @@ class CliProcess:
             return False
         done = asyncio.get_running_loop().create_future()
         self._jobs.put_nowait((REWIND, (self.first_message, self._last_message), done))
-        if not await done:
+        if not await asyncio.shield(done):      # the owner task sets it, whoever waits
             return False
         self.first_message = self._last_message = None
         return True
@@ -2483,9 +2483,12 @@ async def _rewind(client: Any, messages: tuple[str, str]) -> bool:
             {"subtype": "rewind_conversation", "target_message_uuid": first,
              "last_seen_user_message_uuid": latest}, timeout=CLI_REWIND_TIMEOUT_S)
     except Exception as exc:
-        log.debug("rewind refused: %s", exc)
+        log.debug("rewind failed: %s", exc)
         return False
-    return isinstance(answer, dict) and answer.get("rewound") is True
+    if isinstance(answer, dict) and answer.get("rewound") is True:
+        return True
+    log.debug("rewind refused: %s", answer.get("reason") if isinstance(answer, dict) else answer)
+    return False
 
 
 def turn_items(message: Any, state: dict) -> list[tuple[str, Any]]:
@@ -2546,11 +2549,10 @@ def turn_items(message: Any, state: dict) -> list[tuple[str, Any]]:
 # After a complete answer the session stays live, indexed by the conversation it
 # now holds; a session that failed, was cut short or is evicted is killed. The
 # number of CLI processes never exceeds `max_sessions`: spares go first, then the
-# least recently used idle sessions. At the cap a new chat with no spare gets a
-# recycled CLI instead of a killed one and a cold start: the least recently used
-# idle session of its shape rewinds to before its first message (only one that
-# started without history can), warm and past the CLI's first-turn work.
-# Items are those of section 8.
+# least recently used idle sessions. When that session is of a new chat's shape,
+# the new chat gets its CLI rewound to before its first message (only one that
+# started without history can) instead of a killed CLI and a cold start: warm,
+# and past the CLI's first-turn work. Items are those of section 8.
 
 @dataclasses.dataclass(eq=False)
 class LiveSession:
@@ -2694,9 +2696,7 @@ class Engine:
                 self._retire(session)
                 session = None
         if session is None and not turn.history:
-            session = self._take_spare(turn.shape)
-            if session is None and self._processes() >= self.config.max_sessions:
-                session = await self._recycle(turn.shape)
+            session = self._take_spare(turn.shape) or await self._recycle(turn.shape)
         spawned = session is None or not session.process.alive
         if spawned:
             if session is not None:
@@ -2739,7 +2739,8 @@ class Engine:
         else:
             await self._make_room()
         broker = ToolBroker()
-        shape = dataclasses.replace(turn, history=[])
+        # Only the shape's fields are kept: nothing of the conversation.
+        shape = dataclasses.replace(turn, history=[], prompt={"role": "user", "content": ""})
         process = CliProcess(cli_options(shape if spare else turn, self.config,
                                          dt.datetime.now(dt.timezone.utc), broker))
         process.watch = broker.watch
@@ -2761,14 +2762,19 @@ class Engine:
         """Kill spares, then least recently used idle sessions, until one more CLI
         fits under max_sessions, and wait for them to be gone."""
         while self._processes() >= self.config.max_sessions:
-            idle = [s for s in self.sessions.values() if not s.busy]
-            if idle and len(self.sessions) >= self.config.max_sessions:
-                self._retire(min(idle, key=lambda s: (s.digest is not None, s.last_used)),
-                             now=True)
+            evicted = self._next_evicted()
+            if evicted is not None and len(self.sessions) >= self.config.max_sessions:
+                self._retire(evicted, now=True)
             elif self._exits:
                 await asyncio.wait(list(self._exits), return_when=asyncio.FIRST_COMPLETED)
             else:
                 return      # all busy: cannot happen while max_sessions >= max_concurrent
+
+    def _next_evicted(self) -> LiveSession | None:
+        """The session that room is made from first: a spare, else the least
+        recently used idle session."""
+        return min((s for s in self.sessions.values() if not s.busy),
+                   key=lambda s: (s.digest is not None, s.last_used), default=None)
 
     def _retire(self, session: LiveSession, now: bool = False) -> None:
         """Forget a session and stop its CLI in the background: an idle one may
@@ -2821,22 +2827,25 @@ class Engine:
         self._in_background(spawn())
 
     async def _recycle(self, shape: str) -> LiveSession | None:
-        """Make the least recently used idle session of this shape a spare, its CLI
-        rewound to before its first message: no new process, and warm; None when
-        no session can be, or its CLI refuses (then it is retired)."""
-        if self.closing or self.config.agent_dir:   # agent tools remember what they read
-            return None
-        candidates = [s for s in self.sessions.values()
-                      if s.turn.shape == shape and s.digest is not None
-                      and s.process.first_message is not None
-                      and not s.busy and not s.process.parked and not s.broker.broken
-                      and s.process.alive]
-        if not candidates:
-            return None
-        session = min(candidates, key=lambda s: s.last_used)
-        del self._idle[(shape, session.digest)]
+        """At the cap, when the session room would be made from is an idle one of
+        this shape, make it a spare instead: its CLI rewound to before its first
+        message, no new process, and warm. None when it is not such a session or
+        its CLI refuses (then it is retired)."""
+        session = self._next_evicted()
+        if self._processes() < self.config.max_sessions or session is None \
+                or self.closing or self.config.agent_dir \
+                or session.digest is None or session.turn.shape != shape \
+                or session.process.first_message is None or session.process.parked \
+                or session.broker.broken or not session.process.alive:
+            return None         # (agent mode's tools remember the files they read)
+        self._idle.pop((shape, session.digest), None)
         session.busy = True
-        if not await session.process.rewind() or self.closing:
+        try:
+            rewound = await session.process.rewind()
+        except BaseException:   # the request was cancelled: nothing may keep it busy
+            self._retire(session)
+            raise
+        if not rewound or self.closing:
             self._retire(session)
             return None
         session.busy = False

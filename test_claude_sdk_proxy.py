@@ -2582,11 +2582,11 @@ class WarmSessionTest(ApiAssertions, unittest.TestCase):
         server = ProxyThread(max_sessions=2, max_concurrent=1, max_spares=0)
         self.addCleanup(server.stop)
         client = server.client()
-        other = self.chat(client, [{"role": "user", "content": "other app"}], system="Other.")
-        [other_session] = self.upstream_sessions()
         old = self.chat(client, [{"role": "user", "content": "OLD private words"}])
         self.chat(client, old + [{"role": "user", "content": "OLD follow-up"}])
         recycled = UPSTREAM.messages_requests()[-1]["headers"]["X-Claude-Code-Session-Id"]
+        other = self.chat(client, [{"role": "user", "content": "other app"}], system="Other.")
+        other_session = UPSTREAM.messages_requests()[-1]["headers"]["X-Claude-Code-Session-Id"]
         clis = cli_children()
         UPSTREAM.clear()
         self.chat(client, [{"role": "user", "content": "a new chat"}])
@@ -2597,12 +2597,53 @@ class WarmSessionTest(ApiAssertions, unittest.TestCase):
         self.assertEqual(ScriptedUpstream.last_text(new_chat["body"]), "a new chat")
         self.assertNotIn("OLD", json.dumps(new_chat["body"]))
         self.assertEqual(new_chat["headers"]["X-Claude-Code-Session-Id"], recycled,
-                         "the idle CLI of the same shape answered, rewound")
+                         "the least recently used CLI, of the same shape, answered, rewound")
         self.assertEqual(follow_up["headers"]["X-Claude-Code-Session-Id"], other_session,
-                         "the least recently used session, of another shape, stayed live")
+                         "the session of another shape stayed live")
         self.assertEqual(sorted(cli_children()), sorted(clis), "no CLI was started or killed")
         self.assertEqual(sorted((s["turns"], s["state"]) for s in self.sessions(server)),
                          [(1, "idle"), (2, "idle")])
+
+    def test_at_the_cap_the_least_recently_used_session_of_another_shape_is_evicted(self):
+        server = ProxyThread(max_sessions=2, max_concurrent=1, max_spares=0)
+        self.addCleanup(server.stop)
+        client = server.client()
+        self.chat(client, [{"role": "user", "content": "other app"}], system="Other.")
+        history = self.chat(client, [{"role": "user", "content": "this app"}])
+        [_, kept] = self.upstream_sessions()
+        self.chat(client, [{"role": "user", "content": "a new chat"}])
+        self.chat(client, history + [{"role": "user", "content": "follow-up"}])
+        _, _, new_chat, follow_up = self.upstream_sessions()
+        self.assertNotEqual(new_chat, kept)
+        self.assertEqual(follow_up, kept, "the more recent session of the shape stayed live")
+
+    def test_a_request_cancelled_while_a_cli_rewinds_leaves_no_busy_session(self):
+        async def scenario():
+            engine = proxy.Engine(proxy.Config(
+                workdir=tempfile.mkdtemp(prefix="proxy-test-cwd-"), max_sessions=1,
+                max_concurrent=1, max_spares=0))
+
+            def turn(text):
+                return proxy.messages_request_to_turn(
+                    valid_body(messages=[{"role": "user", "content": text}]), "sonnet")
+            try:
+                async for _ in engine.run(turn("first chat")):
+                    pass
+                [session] = engine.sessions.values()
+                recycling = asyncio.ensure_future(engine._recycle(turn("next").shape))
+                while not session.busy:
+                    await asyncio.sleep(0)
+                recycling.cancel()
+                with self.assertRaises(asyncio.CancelledError):
+                    await recycling
+                self.assertNotIn(session.id, engine.sessions)
+                kinds = [kind async for kind, _ in engine.run(turn("second chat"))]
+                self.assertEqual(kinds[-1], "result")
+                self.assertEqual([s.busy for s in engine.sessions.values()], [False])
+            finally:
+                await engine.close()
+        asyncio.run(scenario())
+        self.assertTrue(wait_until(lambda: not cli_children()), cli_children())
 
     def test_a_recycled_cli_forgets_a_tool_round_too(self):
         server = ProxyThread(max_sessions=1, max_concurrent=1, max_spares=0)
