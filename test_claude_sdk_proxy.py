@@ -3604,38 +3604,37 @@ def bench_rss_mb(pids) -> float:
     return total
 
 
-def bench_direct_sdk(rounds: int) -> tuple[list[float], list[float]]:
-    """Warm turns on connected ClaudeSDKClients with the proxy's options, no proxy:
-    the times of single turns on one client, and of one turn on 8 clients at once."""
-    config = proxy.Config(workdir=tempfile.mkdtemp(prefix="proxy-bench-"))
+def bench_direct_clients(count: int, config) -> list:
+    """`count` ClaudeSDKClients with the proxy's options, not yet connected: the
+    same CLIs the proxy drives, without the proxy."""
     turn = proxy.messages_request_to_turn(
         {"model": BENCH_MODEL, "max_tokens": 50, "system": "direct",
          "messages": [{"role": "user", "content": "hi"}]}, config.default_model)
+    return [proxy.sdk.ClaudeSDKClient(proxy.cli_options(
+        turn, config, dt.datetime.now(dt.timezone.utc))) for _ in range(count)]
 
-    async def timed(client, text) -> float:
-        started = time.perf_counter()
-        await client.query(text)
-        async for _ in client.receive_response():
-            pass
-        return time.perf_counter() - started
 
-    async def run() -> tuple[list[float], list[float]]:
-        clients = [proxy.sdk.ClaudeSDKClient(proxy.cli_options(
-            turn, config, dt.datetime.now(dt.timezone.utc))) for _ in range(8)]
-        for client in clients:
-            await client.connect()
-            await timed(client, "the first turn pays the CLI's lazy start")
+async def bench_direct_turn(client, text) -> float:
+    """One turn on a connected client, in seconds."""
+    started = time.perf_counter()
+    await client.query(text)
+    async for _ in client.receive_response():
+        pass
+    return time.perf_counter() - started
+
+
+def bench_direct_sdk(rounds: int) -> list[float]:
+    """Warm turns on one connected ClaudeSDKClient, no proxy."""
+    config = proxy.Config(workdir=tempfile.mkdtemp(prefix="proxy-bench-"))
+
+    async def run() -> list[float]:
+        [client] = bench_direct_clients(1, config)
+        await client.connect()
         try:
-            single = [await timed(clients[0], f"direct {i}") for i in range(rounds)]
-            parallel = []
-            for i in range(max(3, rounds // 3)):
-                started = time.perf_counter()
-                await asyncio.gather(*[timed(c, f"parallel {i}") for c in clients])
-                parallel.append(time.perf_counter() - started)
-            return single, parallel
+            await bench_direct_turn(client, "the first turn pays the CLI's lazy start")
+            return [await bench_direct_turn(client, f"direct {i}") for i in range(rounds)]
         finally:
-            for client in clients:
-                await client.disconnect()
+            await client.disconnect()
     try:
         return asyncio.run(run())
     finally:
@@ -3656,25 +3655,46 @@ def bench_conversations(server, count: int, system: str) -> list[list[dict]]:
             for n in range(count)]
 
 
-def bench_bursts(server, histories, system, rounds: int) -> list[float]:
-    """`rounds` times, one follow-up on every conversation at once, from one event
-    loop as the direct SDK turns are; return the wall times to the last answer."""
+def bench_bursts(server, histories, system, rounds: int) -> tuple[list[float], list[float]]:
+    """`rounds` times, one follow-up on every conversation at once, each round
+    beside one turn on as many direct SDK clients at once (from the same event
+    loop, alternating, so both see the same machine); return both wall times to
+    the last answer."""
+    config = proxy.Config(workdir=tempfile.mkdtemp(prefix="proxy-bench-"))
+
     async def follow_up(client, n):
         messages = histories[n] + [{"role": "user", "content": "and then?"}]
         message = await client.messages.create(model=BENCH_MODEL, max_tokens=50,
                                                system=system, messages=messages)
         histories[n] = bench_answered(messages, message)
 
-    async def run() -> list[float]:
-        async with anthropic.AsyncAnthropic(base_url=server.url, api_key="bench",
-                                            max_retries=0, timeout=120) as client:
-            walls = []
-            for _ in range(rounds):
-                started = time.perf_counter()
-                await asyncio.gather(*[follow_up(client, n) for n in range(len(histories))])
-                walls.append(time.perf_counter() - started)
-            return walls
-    return asyncio.run(run())
+    async def timed(burst) -> float:
+        started = time.perf_counter()
+        await asyncio.gather(*burst)
+        return time.perf_counter() - started
+
+    async def run() -> tuple[list[float], list[float]]:
+        direct = bench_direct_clients(len(histories), config)
+        for client in direct:
+            await client.connect()
+            await bench_direct_turn(client, "the first turn pays the CLI's lazy start")
+        try:
+            async with anthropic.AsyncAnthropic(base_url=server.url, api_key="bench",
+                                                max_retries=0, timeout=120) as client:
+                proxied, alone = [], []
+                for i in range(rounds):
+                    proxied.append(await timed(follow_up(client, n)
+                                               for n in range(len(histories))))
+                    alone.append(await timed(bench_direct_turn(c, f"parallel {i}")
+                                             for c in direct))
+                return proxied, alone
+        finally:
+            for client in direct:
+                await client.disconnect()
+    try:
+        return asyncio.run(run())
+    finally:
+        shutil.rmtree(config.workdir, ignore_errors=True)
 
 
 def bench_throughput(server, workers: int, seconds: float) -> float:
@@ -3734,6 +3754,16 @@ def bench_cap(conversations: int, cap: int) -> tuple[int, int]:
         capped.stop()
 
 
+def bench_cold(rounds: int, label: str) -> list[float]:
+    """First turns of new shapes: each a new CLI, resuming nothing."""
+    server = BenchProxy(max_spares=0)       # no spare starting beside a cold request
+    try:
+        return [bench_chat(server.client(), [{"role": "user", "content": "hi"}],
+                           f"cold shape {label} {i}")[0] for i in range(rounds)]
+    finally:
+        server.stop()
+
+
 def bench_recycled(rounds: int) -> list[float]:
     """New chats of one shape at a cap of 2 CLIs and no spares: each answered on
     the least recently used session's CLI, rewound."""
@@ -3756,12 +3786,7 @@ def bench(rounds: int = 7) -> None:
     import statistics
     median = statistics.median
     setUpModule()
-    server = BenchProxy(max_spares=0)       # no spare starting beside a cold request
-    try:
-        cold = [bench_chat(server.client(), [{"role": "user", "content": "hi"}],
-                           f"cold shape {i}")[0] for i in range(rounds)]
-    finally:
-        server.stop()
+    cold = bench_cold(rounds, "first")
     server = BenchProxy(max_spares=2, max_concurrent=8, max_sessions=32)
     try:
         client = server.client()
@@ -3779,10 +3804,15 @@ def bench(rounds: int = 7) -> None:
             fresh.append(bench_chat(client, [{"role": "user", "content": f"new chat {i}"}],
                                     "app")[0])
         bench_settle(server)
-        direct, direct_eight = bench_direct_sdk(3 * rounds)
+        direct = bench_direct_sdk(3 * rounds)
+    finally:
+        server.stop()
+    # A proxy of its own, without the sessions above: every idle CLI costs ~11 ms
+    # of CPU a second (its timers), which the concurrent rounds would share.
+    server = BenchProxy(max_spares=0, max_concurrent=8, max_sessions=32)
+    try:
         eight = bench_conversations(server, 8, "eight")
-        bench_settle(server)
-        bursts = bench_bursts(server, eight, "eight", rounds)
+        bursts, direct_eight = bench_bursts(server, eight, "eight", 2 * rounds)
         rates = {w: bench_throughput(server, w, 5.0) for w in (1, 4, 8)}
         pids = server.clis()
         clis, rss = len(pids), bench_rss_mb(pids)
@@ -3790,6 +3820,7 @@ def bench(rounds: int = 7) -> None:
         server.stop()
     recycled = bench_recycled(rounds)
     peak, left = bench_cap(50, 8)
+    cold += bench_cold(rounds, "last")      # half at each end: the machine drifts
 
     c = median(cold)
 
@@ -3803,13 +3834,14 @@ def bench(rounds: int = 7) -> None:
         row("direct warm SDK call, no proxy", median(direct)),
         row("proxy overhead over the direct call", median(follow) - median(direct)),
         row("8 concurrent follow-ups, last answer", median(bursts)),
-        row("8 concurrent direct SDK turns, no proxy", median(direct_eight)),
+        row("8 concurrent direct SDK turns, no proxy (rounds alternate)", median(direct_eight)),
         *[(f"follow-ups/s at concurrency {w}", f"{r:.1f}/s", "") for w, r in rates.items()],
         ("CLI processes / RSS after the runs", f"{clis} / {rss:.0f} MB", ""),
         ("50 conversations at once, cap 8: peak CLIs", f"{peak}", ""),
         ("CLIs left after they idled out", f"{left}", ""),
     ]
-    print(f"\nmedians of {rounds} runs ({3 * rounds} for warm turns); scripted upstream on "
+    print(f"\nmedians of {rounds} runs ({3 * rounds} for warm turns, {2 * rounds} for cold "
+          f"starts and concurrent rounds); scripted upstream on "
           f"loopback; {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, "
           f"claude-agent-sdk {proxy.sdk_versions()['sdk']}\n")
     print("| measure | value | × cold |\n|---|---:|---:|")
