@@ -2832,12 +2832,12 @@ class Engine:
         message, no new process, and warm. None when it is not such a session or
         its CLI refuses (then it is retired)."""
         session = self._next_evicted()
-        if self._processes() < self.config.max_sessions or session is None \
-                or self.closing or self.config.agent_dir \
-                or session.digest is None or session.turn.shape != shape \
-                or session.process.first_message is None or session.process.parked \
-                or session.broker.broken or not session.process.alive:
-            return None         # (agent mode's tools remember the files they read)
+        if (self._processes() < self.config.max_sessions or self.closing or session is None
+                or session.digest is None or session.turn.shape != shape
+                or session.process.first_message is None or session.process.parked
+                or session.broker.broken or not session.process.alive
+                or self.config.agent_dir):      # agent tools remember the files they read
+            return None
         self._idle.pop((shape, session.digest), None)
         session.busy = True
         try:
