@@ -3038,6 +3038,21 @@ class AgentModeTest(unittest.TestCase):
         self.assertEqual(outside.stop_reason, "end_turn")
 
 
+    def test_at_the_cap_an_agent_cli_is_evicted_not_recycled(self):
+        # Its tools remember the files they read: a rewound CLI would still know.
+        agent_dir = tempfile.mkdtemp(prefix="proxy-agent-")
+        self.addCleanup(shutil.rmtree, agent_dir, True)
+        server = ProxyThread(agent_dir=agent_dir, max_sessions=1, max_concurrent=1,
+                             max_spares=0)
+        self.addCleanup(server.stop)
+        for text in ("first chat", "second chat"):
+            server.client().messages.create(model="sonnet", max_tokens=5,
+                                            messages=[{"role": "user", "content": text}])
+        first, second = [r["headers"]["X-Claude-Code-Session-Id"]
+                         for r in UPSTREAM.messages_requests()]
+        self.assertNotEqual(first, second)
+
+
 class ClientToolsTest(ApiAssertions, SharedProxyCase):
     """Client tools: tool_use out, tool_result back, on the parked live CLI."""
 
