@@ -2372,7 +2372,11 @@ class CliProcess:
         try:
             while (job := await self._jobs.get()) is not None:
                 if job[0] is REWIND:
-                    job[2].set_result(await _rewind(client, job[1]))
+                    rewound = False
+                    try:
+                        rewound = await _rewind(client, job[1])
+                    finally:            # also when the owner is cancelled mid-rewind
+                        job[2].set_result(rewound)
                     continue
                 message, message_id, self._outbox = job
                 if message is not None:
