@@ -109,6 +109,7 @@ SHUTDOWN_GRACE_S = 30.0                 # in-flight requests get this long after
 RETRY_AFTER_DEFAULT_S = 5               # for a throttle that came without a reset time
 CLI_CLOSE_TIMEOUT_S = 10.0              # the SDK's own close can wait up to ~20 s
 CLI_REWIND_TIMEOUT_S = 5.0              # a rewind is the CLI's own: milliseconds
+CLI_FREEZE_AFTER_S = 2.0                # an idle CLI is stopped after this (its timers cost CPU)
 TOOL_WAIT_MS = 24 * 3600 * 1000         # the CLI's limit on a client tool call
 MAX_TOOL_ROUNDS = 100_000               # the CLI's turn bound when client tools exist
 AGENT_TOOLS = ("Read", "Write", "Edit", "Bash", "Glob", "Grep", "WebFetch", "WebSearch")
@@ -2244,6 +2245,7 @@ class CliProcess:
         # rewind names; no first one when it began with a resumed transcript.
         self.first_message: str | None = None
         self._last_message: str | None = None
+        self.frozen = False                 # stopped (SIGSTOP) while it waits for a job
 
     async def start(self) -> None:
         """Spawn and connect the CLI; raise a ProxyError when it cannot start."""
@@ -2370,7 +2372,7 @@ class CliProcess:
         self._process = getattr(getattr(client, "_transport", None), "_process", None)
         ready.set_result(None)
         try:
-            while (job := await self._jobs.get()) is not None:
+            while (job := await self._next_job()) is not None:
                 if job[0] is REWIND:
                     rewound = False
                     try:
@@ -2401,6 +2403,32 @@ class CliProcess:
             self._refuse_queued_turns()
             with contextlib.suppress(BaseException):
                 await asyncio.wait_for(client.disconnect(), CLI_CLOSE_TIMEOUT_S)
+
+    async def _next_job(self) -> Any:
+        """The next job. A CLI that waits for one longer than CLI_FREEZE_AFTER_S is
+        stopped until it comes: an idle CLI's own timers cost 10-20 ms of CPU a
+        second, beside the requests; a stopped one costs nothing and answers as fast."""
+        timer = asyncio.get_running_loop().call_later(CLI_FREEZE_AFTER_S, self._freeze)
+        try:
+            return await self._jobs.get()
+        finally:               # whatever comes next, a close or kill included, runs
+            timer.cancel()
+            if self.frozen:
+                self.frozen = False
+                self._signal(signal.SIGCONT)
+
+    def _freeze(self) -> None:
+        self.frozen = self._signal(signal.SIGSTOP)
+
+    def _signal(self, sig: int) -> bool:
+        """Send `sig` to the CLI itself (not what it started); False if it is gone."""
+        if self._process is None or self._process.returncode is not None:
+            return False
+        try:
+            os.kill(self._process.pid, sig)
+        except OSError:
+            return False
+        return True
 
     def _refuse_queued_turns(self) -> None:
         """Fail turns still queued when the owner stops, so no caller waits forever."""
@@ -2438,30 +2466,66 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def cli_owners() -> dict[int, int]:
+    """pid -> the proxy's pid, for every CLI a proxy started (its OWNER_ENV mark)."""
+    owners = {}
+    for pid in _proc_parents():
+        with contextlib.suppress(OSError, ValueError):
+            with open(f"/proc/{pid}/environ", "rb") as environ:
+                marks = [v for v in environ.read().split(b"\0")
+                         if v.startswith(OWNER_ENV.encode() + b"=")]
+            if marks:
+                owners[pid] = int(marks[0].split(b"=", 1)[1])
+    return owners
+
+
 def reap_orphans() -> int:
     """Kill CLIs a crashed earlier run of the proxy left behind (their OWNER_ENV
     names a process that no longer exists); return how many."""
     reaped = 0
-    for pid in _proc_parents():
+    for pid, owner in cli_owners().items():
+        if owner == os.getpid():
+            continue
         try:
-            with open(f"/proc/{pid}/environ", "rb") as environ:
-                marks = [v for v in environ.read().split(b"\0")
-                         if v.startswith(OWNER_ENV.encode() + b"=")]
-            if not marks:
-                continue
-            owner = int(marks[0].split(b"=", 1)[1])
-            if owner == os.getpid():
-                continue
-            try:
-                os.kill(owner, 0)
-                continue                # its proxy is alive
-            except ProcessLookupError:
-                pass
+            os.kill(owner, 0)
+            continue                    # its proxy is alive
+        except ProcessLookupError:
+            pass
+        with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
             reaped += 1
-        except (OSError, ValueError):
-            continue
     return reaped
+
+
+def kill_clis_of(owner: int) -> None:
+    """SIGKILL every CLI the proxy with pid `owner` started (also a stopped one)."""
+    for pid, marked in cli_owners().items():
+        if marked == owner:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
+# The watchdog waits for EOF on a pipe only this process writes to: the proxy is
+# gone, however it ended; then it kills the proxy's CLIs. Running CLIs would exit
+# at their own stdin's EOF, but an idle one is stopped (`CliProcess._next_job`).
+WATCHDOG = """import runpy, sys
+sys.stdin.buffer.read()
+runpy.run_path(sys.argv[1])["kill_clis_of"](int(sys.argv[2]))
+"""
+_watchdog_pipe: int | None = None       # never closed: this process's end does it
+
+
+def start_watchdog() -> None:
+    """Start this process's watchdog, once; its own session keeps it out of the
+    terminal's Ctrl-C and hang-up."""
+    global _watchdog_pipe
+    if _watchdog_pipe is None:
+        read_end, _watchdog_pipe = os.pipe()        # both close on exec: no CLI holds them
+        os.posix_spawn(sys.executable, [sys.executable, "-c", WATCHDOG,
+                                        os.path.abspath(__file__), str(os.getpid())],
+                       os.environ, file_actions=[(os.POSIX_SPAWN_DUP2, read_end, 0)],
+                       setsid=True)
+        os.close(read_end)
 
 
 def _stops_at_max_tokens(item: Any) -> bool:
@@ -2582,7 +2646,7 @@ class LiveSession:
                           "params": sorted(self.turn.params),
                           "tools": len(self.turn.tools)},
                 "turns": self.turns, "idle_s": round(now - self.last_used, 1),
-                "rss_mb": self.process.rss_mb()}
+                "frozen": self.process.frozen, "rss_mb": self.process.rss_mb()}
 
 
 class Engine:
@@ -3568,6 +3632,7 @@ async def serve(config: Config, ready: Callable[[int], None] | None = None,
     reaped = reap_orphans()
     if reaped:
         log.warning("Killed %d Claude Code CLI processes left by a crashed earlier run.", reaped)
+    start_watchdog()
     for signum in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(signum, stop.set)

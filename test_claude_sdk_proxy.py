@@ -38,6 +38,7 @@ import os
 import re
 import select
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -430,10 +431,19 @@ def cli_children() -> list[int]:
     found = []
     for pid in mine - {os.getpid()}:
         with contextlib.suppress(OSError):
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"claude" in f.read() and parents[pid][1] != "Z":
+            with open(f"/proc/{pid}/comm") as f:
+                if f.read().strip() == "claude" and parents[pid][1] != "Z":
                     found.append(pid)
     return found
+
+
+def process_state(pid: int) -> str:
+    """A process's state letter from /proc ("T": stopped); "" once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return ""
 
 
 def wait_until(condition, timeout=15.0, interval=0.05) -> bool:
@@ -2253,6 +2263,25 @@ class LifecycleTest(ApiAssertions, unittest.TestCase):
         self.assertEqual(orphan.wait(10), -9)
         self.assertIsNone(ours.poll(), "a CLI whose proxy lives is left alone")
 
+    def test_a_killed_proxy_leaves_no_cli_behind_not_even_a_stopped_one(self):
+        server = BenchProxy(max_spares=1)
+        self.addCleanup(server.process.kill)
+        bench_chat(server.client(), [{"role": "user", "content": "hi"}], "app")
+        self.assertTrue(wait_until(lambda: len(server.clis()) == 2 and all(
+            process_state(pid) == "T" for pid in server.clis()), timeout=30),
+            [process_state(pid) for pid in server.clis()])
+        clis = server.clis()
+
+        def kill_clis():
+            for pid in clis:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+        self.addCleanup(kill_clis)
+        server.process.kill()
+        server.process.wait()
+        self.assertTrue(wait_until(lambda: all(process_state(pid) in ("", "Z") for pid in clis),
+                                   timeout=30), [process_state(pid) for pid in clis])
+
     def test_sigterm_lets_in_flight_streams_finish_and_exits_zero(self):
         server = ProxyThread()
         client = server.client()
@@ -2701,6 +2730,23 @@ class WarmSessionTest(ApiAssertions, unittest.TestCase):
         for path in written:
             with open(path, "rb") as f:
                 self.assertNotIn(secret.encode(), f.read(), path)
+
+    def test_an_idle_cli_is_stopped_until_its_next_turn(self):
+        server = ProxyThread(max_spares=0)
+        self.addCleanup(server.stop)
+        client = server.client()
+        history = self.chat(client, [{"role": "user", "content": "before"}])
+        [pid] = cli_children()
+        for turn in ("after", "and again"):
+            self.assertTrue(wait_until(lambda: process_state(pid) == "T"), process_state(pid))
+            [session] = self.sessions(server)
+            self.assertTrue(session["frozen"])
+            history = self.chat(client, history + [{"role": "user", "content": turn}])
+        self.assertEqual(len(set(self.upstream_sessions())), 1, "the same CLI answered")
+        self.assertEqual(cli_children(), [pid])
+        self.assertTrue(wait_until(lambda: process_state(pid) == "T"), process_state(pid))
+        client.delete(f"/sessions/{session['id']}", cast_to=object)
+        self.assertTrue(wait_until(lambda: not cli_children()), "a stopped CLI still exits")
 
     def test_only_the_recent_shapes_are_remembered(self):
         engine = proxy.Engine(proxy.Config(max_spares=2))
