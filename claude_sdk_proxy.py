@@ -2336,6 +2336,7 @@ class CliProcess:
         if self._process is None or self._process.returncode is not None:
             return False
         self._stopping = True
+        self.frozen = False                 # a killed CLI is not continued
         # What the CLI started (agent mode's shells) must not outlive it.
         for pid in [*descendants(self._process.pid), self._process.pid]:
             with contextlib.suppress(OSError):
@@ -2416,9 +2417,12 @@ class CliProcess:
             if self.frozen:
                 self.frozen = False
                 self._signal(signal.SIGCONT)
+                tell_watchdog(f"-{self._process.pid}\n")
 
     def _freeze(self) -> None:
-        self.frozen = self._signal(signal.SIGSTOP)
+        """Stop the idle CLI, once a watchdog knows to continue it should the proxy die."""
+        if self._process is not None and tell_watchdog(f"+{self._process.pid}\n"):
+            self.frozen = self._signal(signal.SIGSTOP)
 
     def _signal(self, sig: int) -> bool:
         """Send `sig` to the CLI itself (not what it started); False if it is gone."""
@@ -2466,66 +2470,81 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def cli_owners() -> dict[int, int]:
-    """pid -> the proxy's pid, for every CLI a proxy started (its OWNER_ENV mark)."""
-    owners = {}
-    for pid in _proc_parents():
-        with contextlib.suppress(OSError, ValueError):
-            with open(f"/proc/{pid}/environ", "rb") as environ:
-                marks = [v for v in environ.read().split(b"\0")
-                         if v.startswith(OWNER_ENV.encode() + b"=")]
-            if marks:
-                owners[pid] = int(marks[0].split(b"=", 1)[1])
-    return owners
-
-
 def reap_orphans() -> int:
     """Kill CLIs a crashed earlier run of the proxy left behind (their OWNER_ENV
     names a process that no longer exists); return how many."""
     reaped = 0
-    for pid, owner in cli_owners().items():
-        if owner == os.getpid():
-            continue
+    for pid in _proc_parents():
         try:
-            os.kill(owner, 0)
-            continue                    # its proxy is alive
-        except ProcessLookupError:
-            pass
-        with contextlib.suppress(OSError):
+            with open(f"/proc/{pid}/environ", "rb") as environ:
+                marks = [v for v in environ.read().split(b"\0")
+                         if v.startswith(OWNER_ENV.encode() + b"=")]
+            if not marks:
+                continue
+            owner = int(marks[0].split(b"=", 1)[1])
+            if owner == os.getpid():
+                continue
+            try:
+                os.kill(owner, 0)
+                continue                # its proxy is alive
+            except ProcessLookupError:
+                pass
             os.kill(pid, signal.SIGKILL)
             reaped += 1
+        except (OSError, ValueError):
+            continue
     return reaped
 
 
-def kill_clis_of(owner: int) -> None:
-    """SIGKILL every CLI the proxy with pid `owner` started (also a stopped one)."""
-    for pid, marked in cli_owners().items():
-        if marked == owner:
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-
-
-# The watchdog waits for EOF on a pipe only this process writes to: the proxy is
-# gone, however it ended; then it kills the proxy's CLIs. Running CLIs would exit
-# at their own stdin's EOF, but an idle one is stopped (`CliProcess._next_job`).
-WATCHDOG = """import runpy, sys
-sys.stdin.buffer.read()
-runpy.run_path(sys.argv[1])["kill_clis_of"](int(sys.argv[2]))
+# A stopped CLI cannot see its stdin close when the proxy dies. So each proxy
+# process tells a watchdog which CLIs it stopped ("+pid" and "-pid" lines on a
+# pipe only it writes to); at EOF -- the proxy is gone, however it ended -- the
+# watchdog continues them, and they exit at their stdin's EOF as running ones do.
+WATCHDOG = """import os, signal, sys
+stopped = set()
+for line in sys.stdin:
+    (stopped.add if line[0] == "+" else stopped.discard)(int(line[1:]))
+for pid in stopped:
+    try:
+        os.kill(pid, signal.SIGCONT)
+    except OSError:
+        pass
 """
-_watchdog_pipe: int | None = None       # never closed: this process's end does it
+_watchdog: tuple[int, int] | None = None    # (the pid it watches, its pipe's write end)
 
 
 def start_watchdog() -> None:
-    """Start this process's watchdog, once; its own session keeps it out of the
-    terminal's Ctrl-C and hang-up."""
-    global _watchdog_pipe
-    if _watchdog_pipe is None:
-        read_end, _watchdog_pipe = os.pipe()        # both close on exec: no CLI holds them
-        os.posix_spawn(sys.executable, [sys.executable, "-c", WATCHDOG,
-                                        os.path.abspath(__file__), str(os.getpid())],
-                       os.environ, file_actions=[(os.POSIX_SPAWN_DUP2, read_end, 0)],
-                       setsid=True)
+    """Start this process's watchdog, once (a forked child gets its own); its own
+    session keeps it out of the terminal's Ctrl-C and hang-up. Without a watchdog
+    idle CLIs are not stopped."""
+    global _watchdog
+    if _watchdog is not None and _watchdog[0] == os.getpid():
+        return
+    read_end, write_end = os.pipe()             # both close on exec: no CLI holds them
+    try:
+        os.posix_spawn(sys.executable, [sys.executable, "-I", "-S", "-c", WATCHDOG],
+                       os.environ, setsid=True, file_actions=[
+                           (os.POSIX_SPAWN_DUP2, read_end, 0),
+                           (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
+                           (os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_WRONLY, 0)])
+    except (AttributeError, OSError) as exc:    # no posix_spawn here
+        os.close(write_end)
+        log.debug("no watchdog, so idle CLIs keep running: %s", exc)
+        return
+    finally:
         os.close(read_end)
+    _watchdog = (os.getpid(), write_end)
+
+
+def tell_watchdog(line: str) -> bool:
+    """Send the watchdog one line; False when this process has none."""
+    if _watchdog is None or _watchdog[0] != os.getpid():
+        return False
+    try:
+        os.write(_watchdog[1], line.encode())
+    except OSError:
+        return False
+    return True
 
 
 def _stops_at_max_tokens(item: Any) -> bool:
