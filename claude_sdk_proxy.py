@@ -2439,9 +2439,11 @@ class CliProcess:
         self._stopping = True
         while not self._jobs.empty():
             job = self._jobs.get_nowait()
-            if job is not None and job[0] is REWIND:
+            if job is None:
+                continue
+            if job[0] is REWIND:
                 job[2].set_result(False)
-            elif job is not None:
+            else:
                 job[2].put_nowait(self._failure or BadGateway("The Claude Code CLI stopped."))
 
 
@@ -2552,9 +2554,8 @@ def _stops_at_max_tokens(item: Any) -> bool:
         (item.event.get("delta") or {}).get("stop_reason") == "max_tokens"
 
 
-async def _single(message: dict, message_id: str | None) -> AsyncIterator[dict]:
-    yield {"type": "user", "message": message, "parent_tool_use_id": None,
-           **({"uuid": message_id} if message_id else {})}
+async def _single(message: dict, message_id: str) -> AsyncIterator[dict]:
+    yield {"type": "user", "message": message, "parent_tool_use_id": None, "uuid": message_id}
 
 
 REWIND = object()       # a CliProcess job: rewind the conversation
