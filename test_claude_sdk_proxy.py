@@ -446,6 +446,18 @@ def process_state(pid: int) -> str:
         return ""
 
 
+def thread_policies(pid: int) -> dict[str, set[int]]:
+    """A process's scheduling policies (os.SCHED_*) by thread name, from /proc."""
+    policies: dict[str, set[int]] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{pid}/task/{tid}/comm") as comm, \
+                    open(f"/proc/{pid}/task/{tid}/stat") as stat:
+                policy = int(stat.read().rsplit(")", 1)[1].split()[38])
+                policies.setdefault(comm.read().strip(), set()).add(policy)
+    return policies
+
+
 def wait_until(condition, timeout=15.0, interval=0.05) -> bool:
     """Poll a condition until it holds or the deadline passes."""
     deadline = time.monotonic() + timeout
@@ -2747,6 +2759,19 @@ class WarmSessionTest(ApiAssertions, unittest.TestCase):
         self.assertTrue(wait_until(lambda: process_state(pid) == "T"), process_state(pid))
         client.delete(f"/sessions/{session['id']}", cast_to=object)
         self.assertTrue(wait_until(lambda: not cli_children()), "a stopped CLI still exits")
+
+    def test_a_cli_compiles_its_javascript_on_idle_cpu_only(self):
+        server = ProxyThread(max_spares=0)
+        self.addCleanup(server.stop)
+        client = server.client()
+        history = self.chat(client, [{"role": "user", "content": "one"}])
+        self.chat(client, history + [{"role": "user", "content": "two"}])
+        [pid] = cli_children()
+        policies = thread_policies(pid)
+        self.assertEqual(policies.pop("JITWorker"), {os.SCHED_IDLE})
+        self.assertIn("claude", policies)
+        self.assertEqual({name: {os.SCHED_OTHER} for name in policies}, policies,
+                         "the rest (its own thread, its GC's helpers) runs as usual")
 
     def test_only_the_recent_shapes_are_remembered(self):
         engine = proxy.Engine(proxy.Config(max_spares=2))
