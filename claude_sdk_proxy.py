@@ -2250,7 +2250,7 @@ class CliProcess:
         self.first_message: str | None = None
         self._last_message: str | None = None
         self.frozen = False                 # stopped (SIGSTOP) while it waits for a job
-        self._seen_threads: set[int] = set()    # thread ids already looked at
+        self._seen_threads: set[int] = set()    # its thread ids at the last look
 
     async def start(self) -> None:
         """Spawn and connect the CLI; raise a ProxyError when it cannot start."""
@@ -2438,15 +2438,15 @@ class CliProcess:
             threads = os.listdir(f"/proc/{self._process.pid}/task")
         except OSError:
             return
-        for tid in set(map(int, threads)) - self._seen_threads:
-            self._seen_threads.add(tid)
+        current = {int(tid) for tid in threads}
+        for tid in current - self._seen_threads:
             try:
                 with open(f"/proc/{self._process.pid}/task/{tid}/comm") as comm:
-                    if comm.read().strip() not in CLI_IDLE_PRIORITY_THREADS:
-                        continue
-                os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+                    if comm.read().strip() in CLI_IDLE_PRIORITY_THREADS:
+                        os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
             except OSError:             # it ended meanwhile
-                continue
+                pass
+        self._seen_threads = current
 
     def _freeze(self) -> None:
         """Stop the idle CLI, once a watchdog knows to continue it should the proxy die."""
