@@ -110,10 +110,6 @@ RETRY_AFTER_DEFAULT_S = 5               # for a throttle that came without a res
 CLI_CLOSE_TIMEOUT_S = 10.0              # the SDK's own close can wait up to ~20 s
 CLI_REWIND_TIMEOUT_S = 5.0              # a rewind is the CLI's own: milliseconds
 CLI_FREEZE_AFTER_S = 2.0                # an idle CLI is stopped after this (its timers cost CPU)
-# Threads of the CLI's JavaScript engine (JavaScriptCore, in Bun) that run on idle
-# CPU only: its optimizing JIT compiles the same code in every CLI, a fifth of a
-# young CLI's CPU a turn, and nothing waits for it (the code runs unoptimized meanwhile).
-CLI_IDLE_PRIORITY_THREADS = frozenset({"JITWorker"})
 TOOL_WAIT_MS = 24 * 3600 * 1000         # the CLI's limit on a client tool call
 MAX_TOOL_ROUNDS = 100_000               # the CLI's turn bound when client tools exist
 AGENT_TOOLS = ("Read", "Write", "Edit", "Bash", "Glob", "Grep", "WebFetch", "WebSearch")
@@ -2250,7 +2246,6 @@ class CliProcess:
         self.first_message: str | None = None
         self._last_message: str | None = None
         self.frozen = False                 # stopped (SIGSTOP) while it waits for a job
-        self._seen_threads: set[int] = set()    # its thread ids at the last look
 
     async def start(self) -> None:
         """Spawn and connect the CLI; raise a ProxyError when it cannot start."""
@@ -2376,7 +2371,6 @@ class CliProcess:
             return
         # The SDK keeps the process on its transport; holding it lets kill() cut it.
         self._process = getattr(getattr(client, "_transport", None), "_process", None)
-        self._deprioritize_compilers()
         ready.set_result(None)
         try:
             while (job := await self._next_job()) is not None:
@@ -2424,29 +2418,6 @@ class CliProcess:
                 self.frozen = False
                 self._signal(signal.SIGCONT)
                 tell_watchdog(f"-{self._process.pid}\n")
-            self._deprioritize_compilers()
-
-    def _deprioritize_compilers(self) -> None:
-        """Put the CLI's JIT compiler threads on SCHED_IDLE (Linux): when CLIs answer
-        side by side on few cores, the cores go to the answers (8 concurrent turns:
-        ~20 % sooner), and the compilers catch up when the machine idles. Looked for
-        at every job: the engine ends a compiler thread after ~10 s without work and
-        starts a new one when there is (one turn at normal priority, then idle)."""
-        if self._process is None or not hasattr(os, "SCHED_IDLE"):
-            return
-        try:
-            threads = os.listdir(f"/proc/{self._process.pid}/task")
-        except OSError:
-            return
-        current = {int(tid) for tid in threads}
-        for tid in current - self._seen_threads:
-            try:
-                with open(f"/proc/{self._process.pid}/task/{tid}/comm") as comm:
-                    if comm.read().strip() in CLI_IDLE_PRIORITY_THREADS:
-                        os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
-            except OSError:             # it ended meanwhile
-                pass
-        self._seen_threads = current
 
     def _freeze(self) -> None:
         """Stop the idle CLI, once a watchdog knows to continue it should the proxy die."""
