@@ -279,6 +279,7 @@ class ProxyError(Exception):
 
     status = 500
     error_type = "api_error"
+    openai_code: str | None = None
 
     def __init__(self, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
@@ -288,6 +289,11 @@ class ProxyError(Exception):
 
 class InvalidRequest(ProxyError):
     status, error_type = 400, "invalid_request_error"
+
+
+class PromptTooLong(InvalidRequest):
+    """The conversation does not fit the model's context window."""
+    openai_code = "context_length_exceeded"     # what OpenAI clients look for
 
 
 class AuthenticationFailed(ProxyError):
@@ -1868,7 +1874,7 @@ class ResponseTranslator:
 def error_to_openai(err: ProxyError) -> dict:
     """OpenAI's error body, with the same statuses as the Anthropic side."""
     return {"error": {"message": err.message, "type": err.error_type, "param": None,
-                      "code": None}}
+                      "code": err.openai_code}}
 
 
 # =============================================================================
@@ -1927,6 +1933,13 @@ def cli_environment(turn: Turn) -> dict[str, str]:
         "CLAUDE_CODE_DISABLE_LEGACY_MODEL_REMAP": "1",
         # Only the betas the CLI needs to talk to the API at all.
         "CLAUDE_CODE_DISABLE_EXPERIMENTAL_BETAS": "1",
+        # The conversation as the client sent it, however long: without these the
+        # CLI summarises it near the context window (before a turn, after an
+        # upstream "prompt is too long", or while idle), in extra upstream calls,
+        # and sends the summary instead; or refuses the turn by its own estimate.
+        # The upstream alone decides what is too long.
+        "DISABLE_COMPACT": "1",
+        "CLAUDE_CODE_BLOCKING_LIMIT_OVERRIDE": str(10**12),
         # The client's parameters, merged last into every upstream body.
         "CLAUDE_CODE_EXTRA_BODY": json.dumps(turn.params, separators=(",", ":")),
     }
@@ -2217,6 +2230,10 @@ def result_error(data: dict, rate_limit: dict | None, now: float) -> ProxyError:
         # client's SDK not to retry (the anthropic SDKs honour x-should-retry).
         return RateLimited(message, {**retry_after_header(retry_after or RETRY_AFTER_DEFAULT_S),
                                      "x-should-retry": "false"})
+    if data.get("terminal_reason") == "prompt_too_long":
+        # The CLI keeps only its own words of the upstream's 400; clients match the prefix.
+        return PromptTooLong("prompt is too long: the conversation exceeds the model's "
+                             "context window (the proxy never shortens it)")
     if status is None:
         return BadGateway(f"The Claude Code CLI reported an error: {text}")
     return error_for_upstream_status(status, upstream_message)

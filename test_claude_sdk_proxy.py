@@ -7,6 +7,8 @@ every request it receives. Tests assert on what the client got and what the
 upstream received. The upstream is steered by markers in the last user text:
 
   [[error 429]] [[error 429 window]] [[error 529]] ...  answer with that error
+  [[error 400 too long]]  the API's 400 for a conversation past the context window
+  [[context 990000]]    report that many input tokens (the conversation's length)
   [[thinking]]          a thinking block (with signature) before the text
   [[delay 1.5]]         wait before the first event
   [[hang]]              send message_start, then pings until the client hangs up
@@ -129,9 +131,9 @@ class ScriptedUpstream:
 
     def answer(self, handler, body):
         text = self.last_text(body)
-        marker = re.search(r"\[\[error (\d{3})( window)?\]\]", text)
+        marker = re.search(r"\[\[error (\d{3})( window| too long)?\]\]", text)
         if marker:
-            return self.send_error(handler, int(marker.group(1)), bool(marker.group(2)))
+            return self.send_error(handler, int(marker.group(1)), marker.group(2))
         delay = re.search(r"\[\[delay ([0-9.]+)\]\]", text)
         if delay:
             time.sleep(float(delay.group(1)))     # scripted slowness, not synchronisation
@@ -148,7 +150,8 @@ class ScriptedUpstream:
             handler.wfile.write(b"%x\r\n%s\r\n" % (len(frame), frame))
             handler.wfile.flush()
 
-        usage = {"input_tokens": 17, "output_tokens": 1,
+        context = re.search(r"\[\[context (\d+)\]\]", text)
+        usage = {"input_tokens": int(context.group(1)) if context else 17, "output_tokens": 1,
                  "cache_read_input_tokens": 3, "cache_creation_input_tokens": 2}
         event("message_start", {"type": "message_start", "message": {
             "id": "msg_scripted", "type": "message", "role": "assistant", "model": body["model"],
@@ -278,13 +281,15 @@ class ScriptedUpstream:
             handler.send_header(f"anthropic-ratelimit-unified-{name}", value)
 
     @staticmethod
-    def send_error(handler, status, window):
+    def send_error(handler, status, variant):
         kinds = {400: "invalid_request_error", 401: "authentication_error",
                  429: "rate_limit_error", 500: "api_error", 529: "overloaded_error"}
+        message = "prompt is too long: 1000123 tokens > 1000000 maximum" \
+            if variant == " too long" else f"scripted {status}"
         body = json.dumps({"type": "error", "error": {
-            "type": kinds.get(status, "api_error"), "message": f"scripted {status}"}}).encode()
+            "type": kinds.get(status, "api_error"), "message": message}}).encode()
         handler.send_response(status)
-        if window:
+        if variant == " window":
             ScriptedUpstream.limit_headers(handler, "rejected", 1.0)
         handler.send_header("content-type", "application/json")
         handler.send_header("content-length", str(len(body)))
@@ -1955,6 +1960,41 @@ class MessagesEndToEndTest(ApiAssertions, unittest.TestCase):
             self.client.messages.create(model="claude-sonnet-5-5", max_tokens=10,
                                         messages=[{"role": "user", "content": "[[error 400]]"}])
         self.assertIn("scripted 400", caught.exception.body["error"]["message"])
+
+    def test_a_conversation_past_the_context_window_is_sent_whole_never_summarised(self):
+        # Each answer reports a 1.5M-token conversation: past every window, so the
+        # CLI would compact it (summary calls, then the summary instead) or refuse.
+        history = [{"role": "user", "content": "first [[context 1500000]]"}]
+        for follow_up in ("second [[context 1500000]]", "third"):
+            message = self.client.messages.create(model="claude-sonnet-5-5", max_tokens=50,
+                                                  messages=history)
+            history += [{"role": "assistant", "content": message.content[0].text},
+                        {"role": "user", "content": follow_up}]
+        self.assertEqual(self.client.messages.create(
+            model="claude-sonnet-5-5", max_tokens=50, messages=history).content[0].text,
+            UPSTREAM_TEXT)
+        requests = UPSTREAM.messages_requests()
+        self.assertEqual(len(requests), 3, "one upstream call a request, no summary call")
+        self.assertEqual(len({r["headers"]["X-Claude-Code-Session-Id"] for r in requests}), 1)
+        sent = conversation(requests[-1]["body"])
+        self.assertEqual([ScriptedUpstream.last_text({"messages": sent[:n + 1]})
+                          for n in range(len(sent))], [m["content"] for m in history])
+
+    def test_prompt_too_long_is_a_400_clients_recognise_and_never_a_compaction(self):
+        marker = [{"role": "user", "content": "[[error 400 too long]]"}]
+        with self.assertRaises(anthropic.BadRequestError) as caught:
+            self.client.messages.create(model="claude-sonnet-5-5", max_tokens=10,
+                                        messages=marker)
+        self.assertApiError(caught.exception, 400, "invalid_request_error")
+        self.assertTrue(caught.exception.body["error"]["message"].startswith(
+            "prompt is too long"))
+        self.only_upstream_request()
+        UPSTREAM.clear()
+        with self.assertRaises(openai.BadRequestError) as caught:
+            self.proxy.openai_client().chat.completions.create(model="sonnet",
+                                                               messages=marker)
+        self.assertEqual(caught.exception.code, "context_length_exceeded")
+        self.only_upstream_request()
 
     def test_throttle_429_has_retry_after(self):
         with self.assertRaises(anthropic.RateLimitError) as caught:
