@@ -930,6 +930,10 @@ def prompt_in_transcript(turn: Turn) -> bool:
 TOOL_NAME_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 MCP_SERVER = "c"
 MCP_PREFIX = f"mcp__{MCP_SERVER}__"
+# The longest text result of an MCP tool a CLI keeps in the conversation (the
+# ceiling of the tool's `anthropic/maxResultSizeChars`, in UTF-16 units): a longer
+# one it saves to a file and replaces with a preview and the file's path.
+MCP_RESULT_MAX_CHARS = 500_000
 
 
 def check_tools(tools: Any) -> list[dict]:
@@ -1062,7 +1066,8 @@ class AgentStream:
 
 def tool_results(prompt: dict, pending: list[str]) -> dict[str, dict] | None:
     """The MCP results for the `pending` tool calls, when the prompt is exactly their
-    tool_results; None when it holds anything else or a result MCP cannot carry."""
+    tool_results; None when it holds anything else or a result MCP cannot carry
+    whole (the transcript then carries it)."""
     content = prompt["content"]
     if not isinstance(content, list) or any(b["type"] != "tool_result" for b in content):
         return None
@@ -1081,7 +1086,10 @@ def tool_results(prompt: dict, pending: list[str]) -> dict[str, dict] | None:
                 mcp.append({"type": "image", "data": source["data"],
                             "mimeType": source["media_type"]})
             else:
-                return None             # not for MCP: the transcript carries it
+                return None
+        if all(part["type"] == "text" for part in mcp) and MCP_RESULT_MAX_CHARS < sum(
+                len(part["text"].encode("utf-16-le")) // 2 for part in mcp):
+            return None
         results[block["tool_use_id"]] = {"content": mcp, "is_error": bool(block.get("is_error"))}
     return results if sorted(results) == sorted(pending) else None
 
@@ -2055,7 +2063,10 @@ def mcp_server(tools: list[dict], broker: ToolBroker) -> Any:
                                               "isError": result["is_error"]})
     listed = [Tool.model_validate({"name": upstream_tool_name(tool["name"])[len(MCP_PREFIX):],
                                    "description": tool.get("description", ""),
-                                   "inputSchema": tool["input_schema"]}) for tool in tools]
+                                   "inputSchema": tool["input_schema"],
+                                   "_meta": {"anthropic/maxResultSizeChars":
+                                             MCP_RESULT_MAX_CHARS}})
+              for tool in tools]
     return sdk.McpSdkServerConfig(type="sdk", name=MCP_SERVER,
                                   instance=build_tool_server(MCP_SERVER, __version__, listed, call))
 
@@ -2129,6 +2140,9 @@ def cli_options(turn: Turn, config: Config, now: dt.datetime,
         # holds it; and the CLI saves ~3 ms of CPU a turn.
         extra_args={"no-session-persistence": None},
         cli_path=config.cli_path,
+        # One line of the CLI's output can hold a whole client message (it echoes
+        # tool results), which the SDK's default 1 MB line limit would refuse.
+        max_buffer_size=2 * config.max_body_bytes,
         stderr=(lambda line: log.debug("cli: %s", line.rstrip())) if config.debug else None,
     )
 

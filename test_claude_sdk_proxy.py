@@ -3204,6 +3204,33 @@ class ClientToolsTest(ApiAssertions, SharedProxyCase):
             self.assertEqual(stream.get_final_message().content[0].text,
                              f"Results: {message.content[1].id}=cold")
 
+    def test_long_tool_results_reach_the_upstream_whole(self):
+        # The parked CLI keeps a result inline up to its ceiling (UTF-16 units) and
+        # would send a longer one as a file path and a preview: those go by the
+        # transcript. The CLI echoes a result in one output line: 1.1 MB is over the
+        # SDK's default limit for a line.
+        limit = proxy.MCP_RESULT_MAX_CHARS
+        cases = [("at the ceiling", ["a" * limit], True),
+                 ("one UTF-16 unit past it", ["\U0001F600" + "b" * (limit - 1)], False),
+                 ("two at the ceiling", ["c" * limit, "d" * limit], True),
+                 ("1.1 MB", ["e" * 1_100_000], False)]
+        for name, outputs, warm in cases:
+            with self.subTest(name):
+                UPSTREAM.clear()
+                ask = [{"role": "user", "content": name + " [[tool get_weather {}]]" * len(outputs)}]
+                message = self.create(ask)
+                calls = [block for block in message.content if block.type == "tool_use"]
+                self.create(self.answered(ask, message, [
+                    {"type": "tool_result", "tool_use_id": call.id, "content": output}
+                    for call, output in zip(calls, outputs)]))
+                first, second = UPSTREAM.messages_requests()
+                sent = [block["content"] if isinstance(block["content"], str) else
+                        "".join(part["text"] for part in block["content"])
+                        for block in conversation(second["body"])[-1]["content"]]
+                self.assertTrue(sent == outputs, f"{name}: the results arrived whole")
+                self.assertEqual(first["headers"]["X-Claude-Code-Session-Id"]
+                                 == second["headers"]["X-Claude-Code-Session-Id"], warm)
+
     def test_parallel_calls_long_names_error_and_image_results(self):
         ask = [{"role": "user", "content": 'Both [[tool get_weather {"city": "Rome"}]] '
                                            f'[[tool {LONG_TOOL["name"]} {{"a": 7}}]]'}]
