@@ -931,8 +931,7 @@ TOOL_NAME_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 MCP_SERVER = "c"
 MCP_PREFIX = f"mcp__{MCP_SERVER}__"
 # The longest text result of an MCP tool a CLI keeps in the conversation (the
-# ceiling of the tool's `anthropic/maxResultSizeChars`, in UTF-16 units): a longer
-# one it saves to a file and replaces with a preview and the file's path.
+# ceiling of the tool's `anthropic/maxResultSizeChars`, in UTF-16 units).
 MCP_RESULT_MAX_CHARS = 500_000
 
 
@@ -1087,11 +1086,24 @@ def tool_results(prompt: dict, pending: list[str]) -> dict[str, dict] | None:
                             "mimeType": source["media_type"]})
             else:
                 return None
-        if all(part["type"] == "text" for part in mcp) and MCP_RESULT_MAX_CHARS < sum(
-                len(part["text"].encode("utf-16-le")) // 2 for part in mcp):
+        if not mcp_carries_whole(mcp):
             return None
         results[block["tool_use_id"]] = {"content": mcp, "is_error": bool(block.get("is_error"))}
     return results if sorted(results) == sorted(pending) else None
+
+
+def mcp_carries_whole(content: list[dict]) -> bool:
+    """Whether a parked CLI passes this MCP tool result on as it is. In place of a
+    blank text result it sends words of its own ("(mcp__c__x completed with no
+    output)", "Command failed with no output"), and in place of one longer than
+    MCP_RESULT_MAX_CHARS a file path and a preview. A result with an image is
+    never replaced."""
+    texts = [part["text"] for part in content if part["type"] == "text"]
+    if len(texts) < len(content):
+        return True
+    # JavaScript's trim() also removes U+FEFF; Python's strip() removes a little more.
+    return any(text.replace("\ufeff", "").strip() for text in texts) and \
+        sum(len(text.encode("utf-16-le")) // 2 for text in texts) <= MCP_RESULT_MAX_CHARS
 
 
 def echoed_blocks(content: Any) -> list:

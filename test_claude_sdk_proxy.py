@@ -1176,6 +1176,25 @@ class AnthropicTranslationTest(PureAssertions, unittest.TestCase):
                 self.assertIsNone(proxy.tool_results({"role": "user", "content": content},
                                                      pending))
 
+    def test_mcp_carries_whole_what_the_cli_passes_on_unchanged(self):
+        limit = proxy.MCP_RESULT_MAX_CHARS
+        image = {"type": "image", "data": "AAAA", "mimeType": "image/png"}
+        table = [([{"type": "text", "text": "sunny"}], True),
+                 ([], False),
+                 ([{"type": "text", "text": ""}], False),
+                 ([{"type": "text", "text": " \n\t\ufeff\u3000"}, {"type": "text", "text": ""}],
+                  False),
+                 ([image], True), ([{"type": "text", "text": ""}, image], True),
+                 ([{"type": "text", "text": "a" * limit}], True),
+                 ([{"type": "text", "text": "a" * (limit - 1)}, {"type": "text", "text": "é"}],
+                  True),
+                 ([{"type": "text", "text": "\U0001F600" * (limit // 2)}], True),
+                 ([{"type": "text", "text": "\U0001F600" + "a" * (limit - 1)}], False),
+                 ([{"type": "text", "text": "a" * (limit + 1)}, image], True)]
+        for content, whole in table:
+            with self.subTest(content=[(p["type"], len(p.get("text", ""))) for p in content]):
+                self.assertIs(proxy.mcp_carries_whole(content), whole)
+
     def test_parse_json_body(self):
         self.assertEqual(proxy.parse_json_body(b'{"a": [1, "\xc3\xa9"]}'), {"a": [1, "é"]})
         table = [(b"", "Request body is empty; expected a JSON object."),
@@ -3230,6 +3249,22 @@ class ClientToolsTest(ApiAssertions, SharedProxyCase):
                 self.assertTrue(sent == outputs, f"{name}: the results arrived whole")
                 self.assertEqual(first["headers"]["X-Claude-Code-Session-Id"]
                                  == second["headers"]["X-Claude-Code-Session-Id"], warm)
+
+    def test_blank_tool_results_reach_the_upstream_as_sent(self):
+        # The parked CLI would send "(mcp__c__get_weather completed with no output)"
+        # or "Command failed with no output": these go by the transcript.
+        for blank in ({}, {"content": ""}, {"content": []}, {"content": " \n"},
+                      {"content": "", "is_error": True}):
+            with self.subTest(blank):
+                UPSTREAM.clear()
+                ask = [{"role": "user", "content": f"{blank} [[tool get_weather {{}}]]"}]
+                message = self.create(ask)
+                call = message.content[1]
+                self.create(self.answered(ask, message, [
+                    {"type": "tool_result", "tool_use_id": call.id, **blank}]))
+                [sent] = conversation(UPSTREAM.messages_requests()[-1]["body"])[-1]["content"]
+                self.assertEqual({k: sent[k] for k in ("content", "is_error") if k in sent},
+                                 blank)
 
     def test_parallel_calls_long_names_error_and_image_results(self):
         ask = [{"role": "user", "content": 'Both [[tool get_weather {"city": "Rome"}]] '
