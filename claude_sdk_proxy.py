@@ -766,6 +766,9 @@ def check_content(role: str, content: Any, where: str) -> None:
                     _require(isinstance(part, dict) and part.get("type") in
                              ("text", "image", "document", "search_result"),
                              f"{at}.content.{j}: must be a text, image or document block.")
+                    _require(part["type"] == "text" or not block.get("is_error"),
+                             f"{at}.content: all content must be type 'text' if 'is_error' "
+                             "is true.")       # as the API says
                 check_content("user", inner, at)
         elif kind == "thinking":
             _require(isinstance(block.get("thinking"), str), f"{at}.thinking: required.")
@@ -931,8 +934,10 @@ TOOL_NAME_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 MCP_SERVER = "c"
 MCP_PREFIX = f"mcp__{MCP_SERVER}__"
 # The longest text result of an MCP tool a CLI keeps in the conversation (the
-# ceiling of the tool's `anthropic/maxResultSizeChars`, in UTF-16 units).
+# ceiling of the tool's `anthropic/maxResultSizeChars`, in UTF-16 units), and the
+# longest error text it keeps whole (measured: 11,000 whole, 11,500 cut).
 MCP_RESULT_MAX_CHARS = 500_000
+MCP_ERROR_MAX_CHARS = 10_000
 
 
 def check_tools(tools: Any) -> list[dict]:
@@ -1086,24 +1091,36 @@ def tool_results(prompt: dict, pending: list[str]) -> dict[str, dict] | None:
                             "mimeType": source["media_type"]})
             else:
                 return None
-        if not mcp_carries_whole(mcp):
+        is_error = bool(block.get("is_error"))
+        if not mcp_carries_whole(mcp, is_error):
             return None
-        results[block["tool_use_id"]] = {"content": mcp, "is_error": bool(block.get("is_error"))}
+        results[block["tool_use_id"]] = {"content": mcp, "is_error": is_error}
     return results if sorted(results) == sorted(pending) else None
 
 
-def mcp_carries_whole(content: list[dict]) -> bool:
+def mcp_carries_whole(content: list[dict], is_error: bool) -> bool:
     """Whether a parked CLI passes this MCP tool result on as it is. In place of a
-    blank text result it sends words of its own ("(mcp__c__x completed with no
-    output)", "Command failed with no output"), and in place of one longer than
-    MCP_RESULT_MAX_CHARS a file path and a preview. A result with an image is
-    never replaced."""
+    blank result it sends words of its own ("(mcp__c__x completed with no output)",
+    "Command failed with no output"), and in place of a text result longer than
+    MCP_RESULT_MAX_CHARS a file path and a preview; a result with an image it
+    keeps. Of an error it keeps only the text, parts joined, trimmed, and the
+    middle cut out past MCP_ERROR_MAX_CHARS."""
     texts = [part["text"] for part in content if part["type"] == "text"]
+    # UTF-16 units, as JavaScript counts; a lone surrogate is one.
+    length = sum(len(text.encode("utf-16-le", "surrogatepass")) // 2 for text in texts)
+    if is_error:
+        return len(content) == len(texts) == 1 and 0 < length <= MCP_ERROR_MAX_CHARS \
+            and not trimmed(texts[0][0]) and not trimmed(texts[0][-1])
     if len(texts) < len(content):
         return True
-    # JavaScript's trim() also removes U+FEFF; Python's strip() removes a little more.
-    return any(text.replace("\ufeff", "").strip() for text in texts) and \
-        sum(len(text.encode("utf-16-le")) // 2 for text in texts) <= MCP_RESULT_MAX_CHARS
+    return not all(trimmed(char) for text in texts for char in text) and \
+        length <= MCP_RESULT_MAX_CHARS
+
+
+def trimmed(char: str) -> bool:
+    """Whether JavaScript's trim() removes this character: Python's isspace() says
+    so of a few more, which only sends their results the transcript way."""
+    return char.isspace() or char == "\ufeff"
 
 
 def echoed_blocks(content: Any) -> list:
@@ -1972,6 +1989,9 @@ def cli_environment(turn: Turn) -> dict[str, str]:
     if turn.tools:
         # A client tool call waits for the client; the reaper, not the CLI, ends it.
         env["MCP_TOOL_TIMEOUT"] = str(TOOL_WAIT_MS)
+        # No cut at 25,000 tokens of a tool result (with an image, its text and
+        # the image; a text-only one is bounded by MCP_RESULT_MAX_CHARS instead).
+        env["MAX_MCP_OUTPUT_TOKENS"] = str(10**9)
     return env
 
 

@@ -131,7 +131,7 @@ class ScriptedUpstream:
 
     def answer(self, handler, body):
         text = self.last_text(body)
-        marker = re.search(r"\[\[error (\d{3})( window| too long)?\]\]", text)
+        marker = re.search(r"\[\[error (\d{3})(?: (window|too long))?\]\]", text)
         if marker:
             return self.send_error(handler, int(marker.group(1)), marker.group(2))
         delay = re.search(r"\[\[delay ([0-9.]+)\]\]", text)
@@ -285,11 +285,11 @@ class ScriptedUpstream:
         kinds = {400: "invalid_request_error", 401: "authentication_error",
                  429: "rate_limit_error", 500: "api_error", 529: "overloaded_error"}
         message = "prompt is too long: 1000123 tokens > 1000000 maximum" \
-            if variant == " too long" else f"scripted {status}"
+            if variant == "too long" else f"scripted {status}"
         body = json.dumps({"type": "error", "error": {
             "type": kinds.get(status, "api_error"), "message": message}}).encode()
         handler.send_response(status)
-        if variant == " window":
+        if variant == "window":
             ScriptedUpstream.limit_headers(handler, "rejected", 1.0)
         handler.send_header("content-type", "application/json")
         handler.send_header("content-length", str(len(body)))
@@ -1051,6 +1051,10 @@ class AnthropicTranslationTest(PureAssertions, unittest.TestCase):
             (msgs((A, [{"type": "image"}]), (U, "x")), "messages.0.content.0.type: 'image'"),
             (msgs((U, ["text"])), "messages.0.content.0: must be an object with a type."),
             (msgs((U, [{"type": "text"}])), "messages.0.content.0.text: must be a string."),
+            (msgs((U, [{"type": "tool_result", "tool_use_id": "t", "is_error": True, "content": [
+                {"type": "text", "text": "x"}, {"type": "image", "source": {"type": "url",
+                                                                          "url": "u"}}]}])),
+             "messages.0.content.0.content: all content must be type 'text' if 'is_error' is"),
             (msgs((U, [{"type": "image", "source": {"type": "ftp"}}])),
              "messages.0.content.0.source:"),
             (msgs((U, "q"), (A, "The")), "messages: the last message must have role 'user'"),
@@ -1156,44 +1160,61 @@ class AnthropicTranslationTest(PureAssertions, unittest.TestCase):
     def test_tool_results_for_a_parked_turn(self):
         png = base64.b64encode(png_bytes(2, 2)).decode()
         prompt = {"role": "user", "content": [
-            {"type": "tool_result", "tool_use_id": "a", "content": "sunny"},
-            {"type": "tool_result", "tool_use_id": "b", "is_error": True, "content": [
-                {"type": "text", "text": "no"},
+            {"type": "tool_result", "tool_use_id": "a", "content": "no", "is_error": True},
+            {"type": "tool_result", "tool_use_id": "b", "content": [
+                {"type": "text", "text": "chart"},
                 {"type": "image", "source": {"type": "base64", "media_type": "image/png",
                                              "data": png}}]}]}
         self.assertEqual(proxy.tool_results(prompt, ["b", "a"]), {
-            "a": {"content": [{"type": "text", "text": "sunny"}], "is_error": False},
-            "b": {"content": [{"type": "text", "text": "no"}, {
-                "type": "image", "data": png, "mimeType": "image/png"}], "is_error": True}})
+            "a": {"content": [{"type": "text", "text": "no"}], "is_error": True},
+            "b": {"content": [{"type": "text", "text": "chart"}, {
+                "type": "image", "data": png, "mimeType": "image/png"}], "is_error": False}})
         url_image = {"type": "tool_result", "tool_use_id": "a", "content": [
             {"type": "image", "source": {"type": "url", "url": "https://x/y.png"}}]}
         for content, pending in [(prompt["content"], ["a"]),             # an unexpected result
                                  (prompt["content"][:1], ["a", "b"]),    # a missing one
                                  (prompt["content"] + [{"type": "text", "text": "and"}],
                                   ["a", "b"]),                           # text beside them
-                                 ("just text", ["a"]), ([url_image], ["a"])]:
+                                 ("just text", ["a"]), ([url_image], ["a"]),
+                                 (prompt["content"][:1] + [{"type": "tool_result",
+                                                            "tool_use_id": "b"}],
+                                  ["a", "b"])]:                          # one to be reworded
             with self.subTest(content=content, pending=pending):
                 self.assertIsNone(proxy.tool_results({"role": "user", "content": content},
                                                      pending))
 
     def test_mcp_carries_whole_what_the_cli_passes_on_unchanged(self):
-        limit = proxy.MCP_RESULT_MAX_CHARS
+        limit, error_limit = proxy.MCP_RESULT_MAX_CHARS, proxy.MCP_ERROR_MAX_CHARS
         image = {"type": "image", "data": "AAAA", "mimeType": "image/png"}
-        table = [([{"type": "text", "text": "sunny"}], True),
-                 ([], False),
-                 ([{"type": "text", "text": ""}], False),
-                 ([{"type": "text", "text": " \n\t\ufeff\u3000"}, {"type": "text", "text": ""}],
-                  False),
-                 ([image], True), ([{"type": "text", "text": ""}, image], True),
-                 ([{"type": "text", "text": "a" * limit}], True),
-                 ([{"type": "text", "text": "a" * (limit - 1)}, {"type": "text", "text": "é"}],
-                  True),
-                 ([{"type": "text", "text": "\U0001F600" * (limit // 2)}], True),
-                 ([{"type": "text", "text": "\U0001F600" + "a" * (limit - 1)}], False),
-                 ([{"type": "text", "text": "a" * (limit + 1)}, image], True)]
-        for content, whole in table:
-            with self.subTest(content=[(p["type"], len(p.get("text", ""))) for p in content]):
-                self.assertIs(proxy.mcp_carries_whole(content), whole)
+
+        def text(value):
+            return {"type": "text", "text": value}
+        table = [  # name, content, is_error, carried whole
+            ("text", [text("sunny")], False, True),
+            ("nothing", [], False, False),
+            ("empty text", [text("")], False, False),
+            ("blank parts", [text(" \n\t\ufeff\u3000"), text("")], False, False),
+            ("image", [image], False, True),
+            ("empty text and image", [text(""), image], False, True),
+            ("at the ceiling", [text("a" * limit)], False, True),
+            ("parts at the ceiling", [text("a" * (limit - 1)), text("é")], False, True),
+            ("astral at the ceiling", [text("\U0001F600" * (limit // 2))], False, True),
+            ("astral past it", [text("\U0001F600" + "a" * (limit - 1))], False, False),
+            ("lone surrogate", [text("\ud83d")], False, True),
+            ("long text and image", [text("a" * (limit + 1)), image], False, True),
+            ("error", [text("no such city")], True, True),
+            ("error at its ceiling", [text("e" * error_limit)], True, True),
+            ("error past it", [text("e" * (error_limit + 1))], True, False),
+            ("padded error", [text("  oops \n")], True, False),
+            ("error ending in U+FEFF", [text("oops\ufeff")], True, False),
+            ("error in parts", [text("a"), text("b")], True, False),
+            ("error with an image", [text("a"), image], True, False),
+            ("image error", [image], True, False),
+            ("empty error", [text("")], True, False),
+        ]
+        for name, content, is_error, whole in table:
+            with self.subTest(name):
+                self.assertIs(proxy.mcp_carries_whole(content, is_error), whole)
 
     def test_parse_json_body(self):
         self.assertEqual(proxy.parse_json_body(b'{"a": [1, "\xc3\xa9"]}'), {"a": [1, "é"]})
@@ -2000,7 +2021,10 @@ class MessagesEndToEndTest(ApiAssertions, unittest.TestCase):
                           for n in range(len(sent))], [m["content"] for m in history])
 
     def test_prompt_too_long_is_a_400_clients_recognise_and_never_a_compaction(self):
-        marker = [{"role": "user", "content": "[[error 400 too long]]"}]
+        # After a few exchanges the CLI would summarise them and try again.
+        marker = [{"role": "user", "content": "question"},
+                  {"role": "assistant", "content": "answer"}] * 3 + [
+            {"role": "user", "content": "[[error 400 too long]]"}]
         with self.assertRaises(anthropic.BadRequestError) as caught:
             self.client.messages.create(model="claude-sonnet-5-5", max_tokens=10,
                                         messages=marker)
@@ -3229,10 +3253,15 @@ class ClientToolsTest(ApiAssertions, SharedProxyCase):
         # transcript. The CLI echoes a result in one output line: 1.1 MB is over the
         # SDK's default limit for a line.
         limit = proxy.MCP_RESULT_MAX_CHARS
+        png = {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                           "data": base64.b64encode(png_bytes(3, 2)).decode()}}
         cases = [("at the ceiling", ["a" * limit], True),
                  ("one UTF-16 unit past it", ["\U0001F600" + "b" * (limit - 1)], False),
                  ("two at the ceiling", ["c" * limit, "d" * limit], True),
-                 ("1.1 MB", ["e" * 1_100_000], False)]
+                 ("1.1 MB", ["e" * 1_100_000], False),
+                 # the CLI's cut at 25,000 tokens would drop the image and the tail
+                 ("an image beside 120,000 characters",
+                  [[{"type": "text", "text": "f" * 120_000}, png]], True)]
         for name, outputs, warm in cases:
             with self.subTest(name):
                 UPSTREAM.clear()
@@ -3243,19 +3272,25 @@ class ClientToolsTest(ApiAssertions, SharedProxyCase):
                     {"type": "tool_result", "tool_use_id": call.id, "content": output}
                     for call, output in zip(calls, outputs)]))
                 first, second = UPSTREAM.messages_requests()
-                sent = [block["content"] if isinstance(block["content"], str) else
-                        "".join(part["text"] for part in block["content"])
+                sent = [as_blocks(block["content"])
                         for block in conversation(second["body"])[-1]["content"]]
-                self.assertTrue(sent == outputs, f"{name}: the results arrived whole")
+                self.assertTrue(sent == [as_blocks(output) for output in outputs],
+                                f"{name}: the results arrived whole")
                 self.assertEqual(first["headers"]["X-Claude-Code-Session-Id"]
                                  == second["headers"]["X-Claude-Code-Session-Id"], warm)
 
-    def test_blank_tool_results_reach_the_upstream_as_sent(self):
-        # The parked CLI would send "(mcp__c__get_weather completed with no output)"
-        # or "Command failed with no output": these go by the transcript.
+    def test_results_the_parked_cli_would_reword_reach_the_upstream_as_sent(self):
+        # It would send "(mcp__c__get_weather completed with no output)" for a blank
+        # result; of an error, "Command failed with no output", or the text alone,
+        # trimmed, parts joined, the middle cut out of a long one: these go by the
+        # transcript.
         for blank in ({}, {"content": ""}, {"content": []}, {"content": " \n"},
-                      {"content": "", "is_error": True}):
-            with self.subTest(blank):
+                      {"content": "", "is_error": True},
+                      {"content": "  no such city \n", "is_error": True},
+                      {"content": "x" * 11_500, "is_error": True},
+                      {"content": [{"type": "text", "text": "a"},
+                                   {"type": "text", "text": "b"}], "is_error": True}):
+            with self.subTest(str(blank)[:60]):
                 UPSTREAM.clear()
                 ask = [{"role": "user", "content": f"{blank} [[tool get_weather {{}}]]"}]
                 message = self.create(ask)
@@ -3695,9 +3730,16 @@ class OpenAIResponsesTest(OpenAICase):
             self.client.responses.create(model="sonnet", input="[[error 429]]")
 
 
+def as_blocks(content) -> list:
+    """Content as blocks without cache_control marks: a string is one text block."""
+    return strip_cache_control([{"type": "text", "text": content}]
+                               if isinstance(content, str) else content)
+
+
 def strip_cache_control(blocks):
     """Content blocks without the CLI's own cache_control marks."""
     return [{k: v for k, v in block.items() if k != "cache_control"} for block in blocks]
+
 
 # =============================================================================
 # Benchmark mode: python test_claude_sdk_proxy.py --bench (figures, never asserts)
