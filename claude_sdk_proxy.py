@@ -1104,7 +1104,7 @@ def mcp_carries_whole(content: list[dict], is_error: bool) -> bool:
     "Command failed with no output"), and in place of a text result longer than
     MCP_RESULT_MAX_CHARS a file path and a preview; a result with an image it
     keeps. Of an error it keeps only the text, parts joined, trimmed, and the
-    middle cut out past MCP_ERROR_MAX_CHARS."""
+    middle cut out of a long one (MCP_ERROR_MAX_CHARS is short of that)."""
     texts = [part["text"] for part in content if part["type"] == "text"]
     # UTF-16 units, as JavaScript counts; a lone surrogate is one.
     length = sum(len(text.encode("utf-16-le", "surrogatepass")) // 2 for text in texts)

@@ -3265,7 +3265,8 @@ class ClientToolsTest(ApiAssertions, SharedProxyCase):
         for name, outputs, warm in cases:
             with self.subTest(name):
                 UPSTREAM.clear()
-                ask = [{"role": "user", "content": name + " [[tool get_weather {}]]" * len(outputs)}]
+                ask = [{"role": "user",
+                        "content": name + " [[tool get_weather {}]]" * len(outputs)}]
                 message = self.create(ask)
                 calls = [block for block in message.content if block.type == "tool_use"]
                 self.create(self.answered(ask, message, [
