@@ -110,6 +110,7 @@ RETRY_AFTER_DEFAULT_S = 5               # for a throttle that came without a res
 CLI_CLOSE_TIMEOUT_S = 10.0              # the SDK's own close can wait up to ~20 s
 CLI_REWIND_TIMEOUT_S = 5.0              # a rewind is the CLI's own: milliseconds
 CLI_FREEZE_AFTER_S = 2.0                # an idle CLI is stopped after this (its timers cost CPU)
+SDK_LINE_LIMIT = 1024 * 1024            # the SDK's default limit on a line of CLI output
 TOOL_WAIT_MS = 24 * 3600 * 1000         # the CLI's limit on a client tool call
 MAX_TOOL_ROUNDS = 100_000               # the CLI's turn bound when client tools exist
 AGENT_TOOLS = ("Read", "Write", "Edit", "Bash", "Glob", "Grep", "WebFetch", "WebSearch")
@@ -207,7 +208,8 @@ def config_from(args: argparse.Namespace, environ: dict, memory_bytes: int = 8 <
         host=args.host or environ.get("CLAUDE_PROXY_HOST") or DEFAULT_HOST,
         port=port,
         debug=debug,
-        api_key=environ.get("CLAUDE_PROXY_API_KEY") or None,
+        # Stripped as clients' keys are (a key from an env file keeps its newline).
+        api_key=(environ.get("CLAUDE_PROXY_API_KEY") or "").strip() or None,
         max_concurrent=max_concurrent,
         max_sessions=max(max_concurrent, _env_number(
             environ, "CLAUDE_PROXY_MAX_SESSIONS",
@@ -403,8 +405,8 @@ HTTP_REASONS = {
     501: "Not Implemented", 502: "Bad Gateway", 503: "Service Unavailable",
     504: "Gateway Timeout", 505: "HTTP Version Not Supported", 529: "Overloaded",
 }
-_TOKEN_RE = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")      # RFC 9110 5.6.2
-_TARGET_RE = re.compile(rb"^/[\x21-\x7e]*$")                    # origin-form only
+_TOKEN_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")      # RFC 9110 5.6.2
+_TARGET_RE = re.compile(rb"/[\x21-\x7e]*")                    # origin-form only
 
 
 @dataclasses.dataclass
@@ -455,11 +457,11 @@ def parse_request_head(data: bytes) -> RequestHead:
     if len(parts) != 3:
         raise InvalidRequest("Malformed request line.")
     method, target, version = parts
-    if not _TOKEN_RE.match(method):
+    if not _TOKEN_RE.fullmatch(method):
         raise InvalidRequest("Malformed method.")
     if version not in (b"HTTP/1.1", b"HTTP/1.0"):
         raise InvalidRequest("Unsupported HTTP version.")
-    if not _TARGET_RE.match(target):
+    if not _TARGET_RE.fullmatch(target):
         raise InvalidRequest("Malformed request target.")
     headers: list[tuple[str, str]] = []
     for line in lines[1:]:
@@ -468,7 +470,7 @@ def parse_request_head(data: bytes) -> RequestHead:
         if line[:1] in (b" ", b"\t"):
             raise InvalidRequest("Obsolete header line folding is not accepted.")
         name, sep, value = line.partition(b":")
-        if not sep or not _TOKEN_RE.match(name):
+        if not sep or not _TOKEN_RE.fullmatch(name):
             raise InvalidRequest("Malformed header line.")
         if len(headers) >= MAX_HEADER_COUNT:
             raise HeadersTooLarge(f"More than {MAX_HEADER_COUNT} header fields.")
@@ -476,6 +478,9 @@ def parse_request_head(data: bytes) -> RequestHead:
         if HEADER_CONTROL.search(value):
             raise InvalidRequest("Control character in a header value.")
         headers.append((name.decode("ascii").lower(), value.decode("latin-1")))
+    hosts = sum(name == "host" for name, _ in headers)
+    if hosts > 1 or (hosts == 0 and version == b"HTTP/1.1"):     # RFC 9112 3.2
+        raise InvalidRequest("An HTTP/1.1 request needs exactly one Host header.")
     return RequestHead(method.decode("ascii"), target.decode("ascii"),
                        version.decode("ascii"), headers)
 
@@ -573,6 +578,10 @@ def encode_chunk(data: bytes) -> bytes:
 # The Anthropic API names every event (`event: message_start`); OpenAI's APIs send
 # bare `data:` lines. Both end a frame with a blank line.
 
+ANTHROPIC_PING = b'event: ping\ndata: {"type":"ping"}\n\n'
+OPENAI_PING = b": ping\n\n"      # an SSE comment: OpenAI's clients skip it, proxies see bytes
+
+
 def encode_sse(data: dict | str, event: str | None = None) -> bytes:
     """One SSE frame: optional `event:` line, one `data:` line, blank line."""
     payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"),
@@ -605,16 +614,40 @@ def request_api_key(head: RequestHead) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
-def check_api_key(head: RequestHead, expected: str | None) -> None:
-    """Raise 401 unless no key is configured or the request carries it."""
-    if expected is None:
-        return
+def check_api_key(head: RequestHead, expected: str) -> None:
+    """Raise 401 unless the request carries the key."""
     given = request_api_key(head)
     if given is None:
         raise AuthenticationFailed("Missing API key: send it as x-api-key or "
                                    "Authorization: Bearer.")
-    if not hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8")):
+    # Header values are read as latin-1, so this compares the bytes the client sent
+    # with the UTF-8 bytes of the configured key (which may be any text).
+    if not hmac.compare_digest(given.encode("latin-1"), expected.encode("utf-8")):
         raise AuthenticationFailed("Invalid API key.")
+
+
+def check_local_caller(head: RequestHead) -> None:
+    """Raise 403 unless a request to a keyless proxy comes from this machine's programs.
+
+    Without a key, listening on loopback is the only protection, and a browser on
+    this machine carries any web page across it: a cross-site POST with a text/plain
+    body needs no CORS preflight, and a DNS name rebound to 127.0.0.1 lets the page
+    read the answers too. Browsers send the page's `Origin` on every such POST and
+    the name they looked up as `Host`; programs the operator runs send neither a
+    foreign Origin nor a foreign Host.
+    """
+    def loopback_name(url: str) -> bool:
+        with contextlib.suppress(ValueError):
+            return is_loopback(urllib.parse.urlsplit(url).hostname or "")
+        return False
+
+    host, origin = head.header("host"), head.header("origin")
+    if (host is not None and not loopback_name("//" + host)) or \
+            (origin is not None and not loopback_name(origin)):
+        raise PermissionDenied(
+            "This proxy has no API key, so it answers only requests addressed to "
+            "127.0.0.1, [::1] or localhost and not sent from a web page of another site. "
+            "Set CLAUDE_PROXY_API_KEY to serve other callers.")
 
 
 def resolve_model(requested: str, default: str) -> str:
@@ -1386,8 +1419,9 @@ FINISH_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "le
 CHAT_UNSUPPORTED = {"n": 1, "logprobs": False, "top_logprobs": None, "logit_bias": None,
                     "presence_penalty": 0, "frequency_penalty": 0, "seed": None,
                     "audio": None, "prediction": None, "web_search_options": None}
-CHAT_IGNORED = ("model", "messages", "stream", "stream_options", "user", "store", "metadata",
-                "service_tier", "modalities", "parallel_tool_calls")
+CHAT_IGNORED = ("model", "messages", "stream", "stream_options", "user", "safety_identifier",
+                "store", "metadata", "service_tier", "modalities", "parallel_tool_calls",
+                "prompt_cache_key", "prompt_cache_retention", "verbosity")
 CHAT_CARRIED = ("max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "tools",
                 "tool_choice", "response_format", "reasoning_effort")
 OPENAI_EFFORTS = {"minimal": "low", "low": "low", "medium": "medium", "high": "high"}
@@ -1520,6 +1554,10 @@ def _check_known(body: dict, unsupported: dict, known: Iterable[str]) -> None:
 def chat_request_to_turn(body: dict, default_model: str, caller: str = "") -> Turn:
     """Validate a Chat Completions request and make it a Turn."""
     _check_known(body, CHAT_UNSUPPORTED, CHAT_IGNORED + CHAT_CARRIED)
+    options = body.get("stream_options")
+    _require(options is None or (isinstance(options, dict) and isinstance(
+        options.get("include_usage", False), bool)),
+        "stream_options: must be an object whose include_usage is a boolean.")
     messages = body.get("messages")
     _require(isinstance(messages, list) and messages, "messages: required, a non-empty list.")
     system, converted = [], []
@@ -1566,10 +1604,11 @@ def openai_turn(body: dict, system: list[str], messages: list[dict], default_mod
     if stop is not None:
         anthropic["stop_sequences"] = [stop] if isinstance(stop, str) else stop
     anthropic.update(_chat_tools(body))
-    user = body.get("user")
-    if user is not None:
-        _require(isinstance(user, str), "user: must be a string.")
-        anthropic["metadata"] = {"user_id": user}
+    # OpenAI's successor of `user` names the end user the same way.
+    name = "safety_identifier" if body.get("safety_identifier") is not None else "user"
+    if body.get(name) is not None:
+        _require(isinstance(body[name], str), f"{name}: must be a string.")
+        anthropic["metadata"] = {"user_id": body[name]}
     output_config = {}
     output_format = _chat_response_format(body.get("response_format"))
     if output_format is not None:
@@ -1594,7 +1633,8 @@ def openai_turn(body: dict, system: list[str], messages: list[dict], default_mod
 RESPONSES_UNSUPPORTED = {"background": False, "prompt": None, "conversation": None,
                          "top_logprobs": None, "max_tool_calls": None}
 RESPONSES_IGNORED = ("model", "input", "instructions", "stream", "store", "metadata", "user",
-                     "safety_identifier", "prompt_cache_key", "service_tier", "truncation",
+                     "safety_identifier", "prompt_cache_key", "prompt_cache_retention",
+                     "service_tier", "truncation",
                      "include", "previous_response_id", "stream_options", "reasoning",
                      "max_output_tokens", "temperature", "top_p", "tools", "tool_choice",
                      "parallel_tool_calls", "text")
@@ -1688,7 +1728,7 @@ def responses_request_to_turn(body: dict, default_model: str, caller: str = "",
             "parallel_tool_calls": body.get("parallel_tool_calls"),
             "response_format": text_format,
             "reasoning_effort": (body.get("reasoning") or {}).get("effort"),
-            "user": body.get("safety_identifier", body.get("user"))}
+            "safety_identifier": body.get("safety_identifier"), "user": body.get("user")}
     return openai_turn({k: v for k, v in chat.items() if v is not None}, system, messages,
                        default_model, caller)
 
@@ -2173,8 +2213,9 @@ def cli_options(turn: Turn, config: Config, now: dt.datetime,
         extra_args={"no-session-persistence": None},
         cli_path=config.cli_path,
         # One line of the CLI's output can hold a whole client message (it echoes
-        # tool results), which the SDK's default 1 MB line limit would refuse.
-        max_buffer_size=2 * config.max_body_bytes,
+        # tool results), which the SDK's default 1 MB line limit would refuse; a
+        # small body limit must not cut the CLI's own lines either.
+        max_buffer_size=max(2 * config.max_body_bytes, SDK_LINE_LIMIT),
         stderr=(lambda line: log.debug("cli: %s", line.rstrip())) if config.debug else None,
     )
 
@@ -2820,6 +2861,9 @@ class Engine:
                 self._retire(session)
 
     async def _acquire_slot(self) -> None:
+        if not self._slots.locked():    # wait_for(..., 0) would time out even so
+            await self._slots.acquire()
+            return
         self._waiting += 1
         try:
             await asyncio.wait_for(self._slots.acquire(), self.config.queue_timeout_s)
@@ -3149,10 +3193,13 @@ async def handle_messages(app: App, request: Request, out: Responder) -> None:
                   request.request_id, turn.model, len(turn.history), json.dumps(turn.params),
                   turn.betas or "-", ",".join(dropped_params(body)) or "-")
     async with contextlib.aclosing(run_turn(app, turn, out)) as items:
-        if turn.stream:
-            await stream_anthropic(items, out, app.config)
-        else:
+        if not turn.stream:
             await out.send_json(200, await collect_message(items, out))
+            return
+        await forward_stream(items, out, app.config,
+                             lambda event: [encode_sse(event, event.get("type"))],
+                             ANTHROPIC_PING)
+    await out.end_stream()
 
 
 def note_usage(out: Responder, event: dict) -> None:
@@ -3211,29 +3258,30 @@ def paced_stream(items: AsyncIterator[Any], config: Config) -> Any:
     return contextlib.aclosing(paced(items, config.head_hold_s, config.ping_interval_s))
 
 
-async def stream_anthropic(items: AsyncIterator[tuple[str, Any]], out: Responder,
-                           config: Config) -> None:
-    """Forward the upstream's events as SSE.
+async def forward_stream(items: AsyncIterator[tuple[str, Any]], out: Responder,
+                         config: Config, frames: Callable[[dict], Iterable[bytes]],
+                         ping: bytes) -> None:
+    """Forward the upstream's events as the SSE frames `frames` makes of each.
 
-    The head waits for the first event (so an early 429 or 529 is a real status)
-    but never longer than `head_hold_s`; pings fill every silence of `ping_interval_s`.
+    The head waits for the first event (so an early 429 or 529 is a real status,
+    never a 200 and an error event: the CLI's rate-limit report before a 429 starts
+    nothing) but never longer than `head_hold_s`; a `ping` fills every silence of
+    `ping_interval_s`. The caller ends the stream.
     """
     async with paced_stream(items, config) as ticks:
         async for item in ticks:
-            if item is None:
-                if not out.head_sent:
-                    await out.start_stream()
-                await out.write(encode_sse({"type": "ping"}, "ping"))
+            if item is not None and item[0] != "stream":
                 continue
-            kind, payload = item
-            if kind == "stream":
-                if not out.head_sent:
-                    await out.start_stream()
-                note_usage(out, payload)
-                await out.write(encode_sse(payload, payload.get("type")))
+            if not out.head_sent:
+                await out.start_stream()
+            if item is None:
+                await out.write(ping)
+                continue
+            note_usage(out, item[1])
+            for frame in frames(item[1]):
+                await out.write(frame)
     if not out.head_sent:
         raise BadGateway("The upstream returned no message.")
-    await out.end_stream()
 
 
 async def handle_chat_completions(app: App, request: Request, out: Responder) -> None:
@@ -3249,54 +3297,47 @@ async def handle_chat_completions(app: App, request: Request, out: Responder) ->
                                                                 created))
             return
         options = body.get("stream_options") or {}
-        chunks = ChunkTranslator(completion_id, created, bool(options.get("include_usage")))
-        async with paced_stream(items, app.config) as ticks:
-            async for item in ticks:
-                if not out.head_sent:
-                    await out.start_stream()
-                if item is None:
-                    await out.write(b": ping\n\n")     # an SSE comment: clients skip it
-                elif item[0] == "stream":
-                    note_usage(out, item[1])
-                    for chunk in chunks.feed(item[1]):
-                        await out.write(encode_sse(chunk))
-        if not out.head_sent:
-            raise BadGateway("The upstream returned no message.")
+        chunks = ChunkTranslator(completion_id, created, options.get("include_usage", False))
+        await forward_stream(items, out, app.config,
+                             lambda event: map(encode_sse, chunks.feed(event)), OPENAI_PING)
         await out.write(encode_sse("[DONE]"))
         await out.end_stream()
 
 
 class ResponseStore:
     """Conversations of recent responses, for `previous_response_id`: at most
-    RESPONSES_KEPT, each for RESPONSES_KEEP_S."""
+    RESPONSES_KEPT, each for RESPONSES_KEEP_S, each for the caller who made it."""
 
     def __init__(self) -> None:
-        self._kept: dict[str, tuple[float, list[dict]]] = {}   # insertion order = age
+        self._kept: dict[str, tuple[float, str, list[dict]]] = {}  # insertion order = age
 
-    def put(self, response_id: str, conversation: list[dict]) -> None:
+    def put(self, response_id: str, caller: str, conversation: list[dict]) -> None:
         now = time.monotonic()
-        self._kept[response_id] = (now, conversation)
+        self._kept[response_id] = (now, caller, conversation)
         for old in list(self._kept):
             if len(self._kept) <= RESPONSES_KEPT and now - self._kept[old][0] < RESPONSES_KEEP_S:
                 break
             del self._kept[old]
 
-    def get(self, response_id: str) -> list[dict] | None:
+    def get(self, response_id: str, caller: str) -> list[dict] | None:
         kept = self._kept.get(response_id)
-        if kept is None or time.monotonic() - kept[0] >= RESPONSES_KEEP_S:
+        if kept is None or time.monotonic() - kept[0] >= RESPONSES_KEEP_S or \
+                kept[1] != caller:
             return None
-        return kept[1]
+        return kept[2]
 
 
 async def handle_responses(app: App, request: Request, out: Responder) -> None:
     """POST /v1/responses (also under /v1/chat/), streaming or not."""
     body = parse_json_body(request.body)
-    previous = None
-    if body.get("previous_response_id") is not None:
-        previous = app.responses.get(body["previous_response_id"])
+    previous, previous_id = None, body.get("previous_response_id")
+    if previous_id is not None:
+        if not isinstance(previous_id, str):
+            raise InvalidRequest("previous_response_id: must be a string.")
+        previous = app.responses.get(previous_id, request.caller)
         if previous is None:
-            raise InvalidRequest(f"previous_response_id: '{body['previous_response_id']}' is "
-                                 "unknown or has expired; send the whole input instead.")
+            raise InvalidRequest(f"previous_response_id: '{previous_id}' is unknown or has "
+                                 "expired; send the whole input instead.")
     turn = responses_request_to_turn(body, app.config.default_model, request.caller, previous)
     out.model = turn.model
     translator = ResponseTranslator("resp_" + uuid.uuid4().hex[:24], int(time.time()), body)
@@ -3309,21 +3350,16 @@ async def handle_responses(app: App, request: Request, out: Responder) -> None:
             if translator.assembler.message is None:
                 raise BadGateway("The upstream returned no message.")
         else:
-            async with paced_stream(items, app.config) as ticks:
-                async for item in ticks:
-                    if not out.head_sent:
-                        await out.start_stream()
-                    if item is None:
-                        await out.write(b": ping\n\n")
-                    elif item[0] == "stream":
-                        note_usage(out, item[1])
-                        for event in translator.feed(item[1]):
-                            await out.write(encode_sse(event, event["type"]))
+            await forward_stream(
+                items, out, app.config,
+                lambda event: (encode_sse(e, e["type"]) for e in translator.feed(event)),
+                OPENAI_PING)
             if translator.assembler.message is None:
                 raise BadGateway("The upstream returned no message.")
     if body.get("store") is not False:
-        app.responses.put(translator.response_id, turn.history + [turn.prompt, {
-            "role": "assistant", "content": translator.assembler.message["content"]}])
+        app.responses.put(translator.response_id, request.caller, turn.history + [
+            turn.prompt, {"role": "assistant",
+                          "content": translator.assembler.message["content"]}])
     if turn.stream:
         await out.end_stream()
     else:
@@ -3508,6 +3544,7 @@ class Responder:
         self.status = 0
         self.head_sent = False
         self.streaming = False
+        self.chunked = True                 # HTTP/1.0 clients get a stream ended by close
         self.model = ""
         self.usage: dict = {}
         self.headers: dict[str, str] = {}   # for every response head (rate-limit state)
@@ -3534,20 +3571,23 @@ class Responder:
         await self.send(status, body, "application/json", headers)
 
     async def start_stream(self, headers: dict[str, str] | None = None) -> None:
-        """The head of a 200 SSE response with a chunked body."""
+        """The head of a 200 SSE response with a chunked body (HTTP/1.0: until close)."""
         self.streaming = True
+        framing = [("transfer-encoding", "chunked")] if self.chunked else []
+        self.keep_alive = self.keep_alive and self.chunked
         await self.conn.write(self._head(200, [
             ("content-type", "text/event-stream; charset=utf-8"),
-            ("cache-control", "no-cache"), ("x-accel-buffering", "no"),
-            ("transfer-encoding", "chunked")] + list((headers or {}).items())))
+            ("cache-control", "no-cache"), ("x-accel-buffering", "no")]
+            + framing + list((headers or {}).items())))
 
     async def write(self, data: bytes) -> None:
-        """One chunk of the stream, sent at once."""
-        await self.conn.write(encode_chunk(data))
+        """A piece of the stream, sent at once."""
+        await self.conn.write(encode_chunk(data) if self.chunked else data)
 
     async def end_stream(self) -> None:
-        """The last chunk."""
-        await self.conn.write(encode_chunk(b""))
+        """The last chunk (HTTP/1.0: the connection closes after it)."""
+        if self.chunked:
+            await self.conn.write(encode_chunk(b""))
         self.streaming = False
 
     async def fail(self, err: ProxyError) -> None:
@@ -3581,6 +3621,7 @@ class App:
         self.started = time.monotonic()
         self.requests = self.tokens_in = self.tokens_out = 0
         self.idle: dict[Connection, None] = {}  # waiting for a request, oldest first
+        self.reading: dict[Connection, None] = {}   # reading a request body, oldest first
         self.busy: set[asyncio.Task] = set()    # connection tasks serving a request
         self.connections: set[asyncio.Task] = set()
         self.shutting_down = False
@@ -3628,20 +3669,26 @@ async def serve_request(app: App, conn: Connection, raw_head: bytes, out: Respon
     try:
         head = parse_request_head(raw_head)
         method, path, out.method = head.method, head.path, head.method
+        out.chunked = head.version == "HTTP/1.1"
         out.keep_alive = head.keep_alive and not app.shutting_down
         out.dialect = dialect_for_path(path)
         route, params = match_route(head.method, head.path)
-        if not route.public:
+        if app.config.api_key is None:
+            check_local_caller(head)
+        elif not route.public:
             check_api_key(head, app.config.api_key)
         length = body_length(head)
         if length is not None and length > app.config.max_body_bytes:
             raise RequestTooLarge(f"Request body of {length} bytes exceeds the "
                                   f"{app.config.max_body_bytes}-byte limit.")
-        if length != 0 and (head.header("expect") or "").lower() == "100-continue":
+        app.reading[conn] = None            # evictable until the handler runs
+        if length != 0 and head.version == "HTTP/1.1" and \
+                (head.header("expect") or "").lower() == "100-continue":
             await conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         body = await conn.read_body(length, app.config.max_body_bytes)
         body_read = True
         request = Request(head, body, params, out.request_id)
+        app.reading.pop(conn, None)
         await run_handler(app, conn, route.handler, request, out)
     except ClientGone:
         out.keep_alive = False
@@ -3655,6 +3702,7 @@ async def serve_request(app: App, conn: Connection, raw_head: bytes, out: Respon
         out.keep_alive = out.keep_alive and body_read
         await out.fail(ProxyError("Internal proxy error."))
     finally:
+        app.reading.pop(conn, None)
         log_request(app, out, method, path, started)
 
 
@@ -3722,13 +3770,15 @@ async def serve(config: Config, ready: Callable[[int], None] | None = None,
 
     async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if len(app.connections) >= config.max_connections:
-            if not app.idle:                # every connection is mid-request: no room
+            # A flood of idle or slow sockets must not lock clients out: the one
+            # that has waited longest for a request makes room, else the one that
+            # has been reading its body longest. A request being answered never does.
+            oldest = next(iter(app.idle), None) or next(iter(app.reading), None)
+            if oldest is None:
                 writer.close()
                 return
-            # A flood of idle or slow sockets must not lock clients out: the one
-            # that has waited longest for a request makes room.
-            oldest = next(iter(app.idle))
-            app.idle.pop(oldest)
+            app.idle.pop(oldest, None)
+            app.reading.pop(oldest, None)
             oldest.writer.close()
         task = asyncio.current_task()
         app.connections.add(task)
@@ -3839,6 +3889,11 @@ async def doctor_call(config: Config) -> tuple[bool, str]:
             await engine.close()
 
 
+def base_url(host: str, port: int) -> str:
+    """The URL clients are told to use (an IPv6 address in brackets)."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the proxy (or login, doctor); return the process exit code."""
     args, extra = build_arg_parser().parse_known_args(argv)
@@ -3874,7 +3929,7 @@ def main(argv: list[str] | None = None) -> int:
         config = dataclasses.replace(config, workdir=workdir)
 
         def ready(port: int) -> None:
-            url = f"http://{config.host}:{port}"
+            url = base_url(config.host, port)
             log.info("claude-sdk-proxy %s listening on %s (%s)\n"
                      "  Anthropic clients: export ANTHROPIC_BASE_URL=%s\n"
                      "  OpenAI clients:    export OPENAI_BASE_URL=%s/v1", __version__, url,

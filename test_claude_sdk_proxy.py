@@ -47,6 +47,7 @@ import tempfile
 import threading
 import time
 import unittest
+import urllib.parse
 import zlib
 
 import anthropic
@@ -547,6 +548,10 @@ def webp_bytes(w: int, h: int, kind: bytes) -> bytes:
 
 
 def raw_head(*header_lines: bytes, line: bytes = b"POST /v1/messages HTTP/1.1") -> bytes:
+    """A request head; an HTTP/1.1 one gets `Host: localhost` unless it names a host."""
+    if line.endswith(b"HTTP/1.1") and not any(h.lower().startswith(b"host:")
+                                              for h in header_lines):
+        header_lines = (b"Host: localhost",) + header_lines
     return b"\r\n".join((line,) + header_lines) + b"\r\n\r\n"
 
 
@@ -578,6 +583,8 @@ class ConfigTest(unittest.TestCase):
             (("-H", "::1"), {}, ([], [])), (("-H", "localhost"), {}, ([], [])),
             (("-H", "0.0.0.0"), {}, (["Refusing to listen on 0.0.0.0 without an API key"], [])),
             (("-H", "192.168.1.5"), {"CLAUDE_PROXY_API_KEY": "k"}, ([], [])),
+            (("-H", "0.0.0.0"), {"CLAUDE_PROXY_API_KEY": " \n"},       # blank is no key
+             (["Refusing to listen on 0.0.0.0 without an API key"], [])),
             ((), {"ANTHROPIC_API_KEY": "sk-ant-x"}, ([], ["ANTHROPIC_API_KEY is set"])),
             ((), {"ANTHROPIC_BASE_URL": "http://127.0.0.1:3456"},
              (["ANTHROPIC_BASE_URL=http"], [])),
@@ -591,6 +598,11 @@ class ConfigTest(unittest.TestCase):
         for argv, env, expected in table:
             with self.subTest(argv=argv, env=env):
                 self.assertEqual(problems(argv, env), expected)
+
+    def test_the_key_is_read_as_clients_send_it(self):
+        # From an env file or `echo`, a key keeps its newline; clients' keys are stripped.
+        self.assertEqual(self.config(env={"CLAUDE_PROXY_API_KEY": " s3cret\n"}).api_key,
+                         "s3cret")
 
     def test_defaults_with_no_flags_and_empty_environment(self):
         self.assertEqual(self.knobs(self.config()),
@@ -720,9 +732,9 @@ class HttpWireTest(PureAssertions, unittest.TestCase):
         self.assertEqual((head.header("X-API-KEY"), head.header("nope", "dflt")), ("k1", "dflt"))
 
     def test_leading_empty_lines_are_ignored(self):
-        head = proxy.parse_request_head(b"\r\n\r\nGET /v1/models HTTP/1.0\r\nHost: x\r\n\r\n")
+        head = proxy.parse_request_head(b"\r\n\r\nGET /v1/models HTTP/1.0\r\nHost: localhost\r\n\r\n")
         self.assertEqual((head.method, head.path, head.version, head.headers),
-                         ("GET", "/v1/models", "HTTP/1.0", [("host", "x")]))
+                         ("GET", "/v1/models", "HTTP/1.0", [("host", "localhost")]))
 
     def test_bad_request_line_version_method_and_target_are_400(self):
         table = {
@@ -757,16 +769,17 @@ class HttpWireTest(PureAssertions, unittest.TestCase):
     def test_too_many_headers_is_431(self):
         limit, too_large = proxy.MAX_HEADER_COUNT, (proxy.HeadersTooLarge, 431,
                                                     "invalid_request_error")
-        ok = proxy.parse_request_head(raw_head(*[b"X-%d: v" % i for i in range(limit)]))
-        self.assertEqual(len(ok.headers), limit)
+        ok = proxy.parse_request_head(raw_head(*[b"X-%d: v" % i for i in range(limit - 1)]))
+        self.assertEqual(len(ok.headers), limit)        # with the Host header
         self.assertProxyError(too_large, proxy.parse_request_head,
-                              raw_head(*[b"X-%d: v" % i for i in range(limit + 1)]),
+                              raw_head(*[b"X-%d: v" % i for i in range(limit)]),
                               message=f"More than {limit} header fields.")
 
     def test_over_long_request_line_is_431(self):
         at_limit = b"GET /" + b"a" * (proxy.MAX_REQUEST_LINE - 14) + b" HTTP/1.1"
         self.assertEqual(len(at_limit), proxy.MAX_REQUEST_LINE)
-        self.assertEqual(proxy.parse_request_head(at_limit + b"\r\n\r\n").method, "GET")
+        self.assertEqual(proxy.parse_request_head(at_limit + b"\r\nhost: localhost\r\n\r\n")
+                         .method, "GET")
         self.assertProxyError((proxy.HeadersTooLarge, 431, "invalid_request_error"),
                               proxy.parse_request_head, b"GET /a" + at_limit[5:] + b"\r\n\r\n",
                               message="Request line too long.")
@@ -927,7 +940,9 @@ class AuthAndModelsTest(PureAssertions, unittest.TestCase):
             ((b"X-Api-Key: SEKRET",), "sekret", "Invalid API key."),
             ((b"Authorization: Bearer wrong",), "sekret", "Invalid API key."),
             ((), "sekret", missing), ((b"Authorization: Basic sekret",), "sekret", missing),
-            ((), None, None), ((b"X-Api-Key: anything",), None, None)]
+            # Any text may be a key: the client sends its UTF-8 bytes.
+            (("X-Api-Key: clé-ключ".encode(),), "clé-ключ", None),
+            (("X-Api-Key: clé".encode("latin-1"),), "clé", "Invalid API key.")]
         for lines, expected_key, message in table:
             with self.subTest(lines=lines, expected=expected_key):
                 head = proxy.parse_request_head(raw_head(*lines))
@@ -937,6 +952,29 @@ class AuthAndModelsTest(PureAssertions, unittest.TestCase):
                     self.assertProxyError(
                         (proxy.AuthenticationFailed, 401, "authentication_error"),
                         proxy.check_api_key, head, expected_key, message=message)
+
+    def test_a_keyless_proxy_answers_programs_on_this_machine_not_web_pages(self):
+        refused = (proxy.PermissionDenied, 403, "permission_error")
+        table = [  # header lines, answered
+            ((b"Host: 127.0.0.1:3456",), True), ((b"Host: localhost",), True),
+            ((b"Host: [::1]:3456",), True), ((b"Host: 127.8.9.10",), True),
+            ((b"Host: LOCALHOST:3456", b"Origin: http://localhost:5173"), True),
+            ((b"Host: 127.0.0.1:3456", b"Origin: http://127.0.0.1:8080"), True),
+            # A cross-site page (CSRF) and a name rebound to 127.0.0.1 (DNS rebinding).
+            ((b"Host: 127.0.0.1:3456", b"Origin: https://evil.example"), False),
+            ((b"Host: evil.example:3456", b"Origin: http://evil.example:3456"), False),
+            ((b"Host: evil.example:3456",), False),
+            ((b"Host: 127.0.0.1:3456", b"Origin: null"), False),     # a sandboxed page
+            ((b"Host: [::1",), False), ((b"Host: 127.0.0.1.evil.example",), False)]
+        for lines, answered in table:
+            with self.subTest(lines=lines):
+                head = proxy.parse_request_head(raw_head(*lines))
+                if answered:
+                    self.assertIsNone(proxy.check_local_caller(head))
+                else:
+                    self.assertProxyError(refused, proxy.check_local_caller, head)
+        old = proxy.parse_request_head(b"GET / HTTP/1.0\r\n\r\n")     # no Host at all
+        self.assertIsNone(proxy.check_local_caller(old))
 
     def test_resolve_model(self):
         table = [("claude-opus-4-1-20250805", "sonnet", "claude-opus-4-1-20250805"),
@@ -1511,7 +1549,8 @@ class OpenAITranslationTest(PureAssertions, unittest.TestCase):
              {"output_config": {**fmt["output_config"], "effort": "high"}}),
             ({"store": False, "metadata": {"k": "v"}, "service_tier": "auto", "seed": None,
               "modalities": ["text"], "n": 1, "logprobs": False,
-              "stream_options": {"include_usage": True}}, {})]
+              "stream_options": {"include_usage": True}, "prompt_cache_key": "k",
+              "prompt_cache_retention": "24h", "verbosity": "low"}, {})]
         for changes, params in table:
             with self.subTest(changes=changes):
                 self.assertEqual(proxy.chat_request_to_turn(chat_body(**changes), "s").params,
@@ -1522,6 +1561,10 @@ class OpenAITranslationTest(PureAssertions, unittest.TestCase):
             {"name": "now", "input_schema": {"type": "object", "properties": {}}}])
         self.assertIsNone(proxy._chat_response_format(None))
         self.assertIsNone(proxy._chat_response_format({"type": "text"}))
+        for changes, caller in (({"user": "u1"}, "key/u1"),          # the end user
+                                ({"user": "u1", "safety_identifier": "s1"}, "key/s1")):
+            self.assertEqual(proxy.chat_request_to_turn(chat_body(**changes), "s", "key").caller,
+                             caller)
 
     def test_unsupported_parameters_are_400_naming_them(self):
         changed = {"n": 2, "logprobs": True, "top_logprobs": 2, "logit_bias": {"50256": -100},
@@ -1711,7 +1754,10 @@ class OpenAIMalformedValuesTest(PureAssertions, unittest.TestCase):
                 ({"tool_choice": ["auto"]}, "tool_choice: must be"),
                 ({"response_format": {"type": "json_schema", "json_schema": "x"}},
                  "response_format.json_schema.schema: required"),
-                ({"reasoning_effort": ["low"]}, "reasoning_effort: must be one of")]:
+                ({"reasoning_effort": ["low"]}, "reasoning_effort: must be one of"),
+                ({"stream_options": True}, "stream_options: must be an object"),
+                ({"stream_options": {"include_usage": "no"}}, "stream_options: must be"),
+                ({"safety_identifier": 7}, "safety_identifier: must be a string")]:
             with self.subTest(extra=extra):
                 self.assertProxyError(INV, proxy.chat_request_to_turn, chat_body(**extra),
                                       "sonnet", prefix=prefix)
@@ -2110,15 +2156,15 @@ class MessagesEndToEndTest(ApiAssertions, unittest.TestCase):
         self.assertApiError(caught.exception, 404, "not_found_error")
 
     def test_routes_without_v1_prefix_and_with_query_string(self):
-        raw = raw_exchange(self.proxy.port, b"GET /models?beta=true HTTP/1.1\r\nhost: x\r\n"
+        raw = raw_exchange(self.proxy.port, b"GET /models?beta=true HTTP/1.1\r\nhost: localhost\r\n"
                                             b"connection: close\r\n\r\n")
         self.assertTrue(raw.startswith(b"HTTP/1.1 200 "), raw[:80])
         self.assertIn(b'"has_more":false', raw)
 
     def test_unknown_path_and_wrong_method_are_api_errors(self):
         for request, status, error_type in (
-                (b"GET /v1/nothing HTTP/1.1\r\nhost: x\r\n\r\n", 404, "not_found_error"),
-                (b"GET /v1/messages HTTP/1.1\r\nhost: x\r\n\r\n", 405, "invalid_request_error")):
+                (b"GET /v1/nothing HTTP/1.1\r\nhost: localhost\r\n\r\n", 404, "not_found_error"),
+                (b"GET /v1/messages HTTP/1.1\r\nhost: localhost\r\n\r\n", 405, "invalid_request_error")):
             with self.subTest(request=request):
                 raw = raw_exchange(self.proxy.port, request.replace(
                     b"\r\n\r\n", b"\r\nconnection: close\r\n\r\n"))
@@ -2129,7 +2175,7 @@ class MessagesEndToEndTest(ApiAssertions, unittest.TestCase):
                 self.assertEqual(error["error"]["type"], error_type)
 
     def test_health_reports_versions(self):
-        raw = raw_exchange(self.proxy.port, b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        raw = raw_exchange(self.proxy.port, b"GET / HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
         info = json.loads(raw.partition(b"\r\n\r\n")[2])
         self.assertEqual(info["status"], "ok")
         self.assertEqual(info["versions"]["sdk"], proxy.sdk.__version__)
@@ -2150,7 +2196,7 @@ class StreamPacingTest(unittest.TestCase):
         with contextlib.closing(socket.create_connection(("127.0.0.1", self.proxy.port))) as sock:
             body = json.dumps({"model": "claude-sonnet-5-5", "max_tokens": 10, "stream": True,
                                "messages": [{"role": "user", "content": "[[delay 2]] slow"}]})
-            sock.sendall(f"POST /v1/messages HTTP/1.1\r\nhost: x\r\ncontent-type: "
+            sock.sendall(f"POST /v1/messages HTTP/1.1\r\nhost: localhost\r\ncontent-type: "
                          f"application/json\r\ncontent-length: {len(body)}\r\n\r\n{body}".encode())
             status, headers, data = read_response(sock.makefile("rb"))
         self.assertEqual(status, 200)
@@ -2179,7 +2225,7 @@ class AuthTest(ApiAssertions, unittest.TestCase):
                 with self.assertRaises(anthropic.AuthenticationError) as caught:
                     self.proxy.client(api_key=key).models.list()
                 self.assertApiError(caught.exception, 401, "authentication_error")
-        raw = raw_exchange(self.proxy.port, b"POST /v1/messages HTTP/1.1\r\nhost: x\r\n"
+        raw = raw_exchange(self.proxy.port, b"POST /v1/messages HTTP/1.1\r\nhost: localhost\r\n"
                                             b"content-length: 2\r\n\r\n{}")
         self.assertTrue(raw.startswith(b"HTTP/1.1 401 "), raw[:40])
         self.assertEqual(UPSTREAM.messages_requests(), [])
@@ -2200,9 +2246,38 @@ class AuthTest(ApiAssertions, unittest.TestCase):
         self.assertTrue(list(bearer.models.list()))
 
     def test_health_is_public(self):
-        raw = raw_exchange(self.proxy.port, b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        raw = raw_exchange(self.proxy.port, b"GET / HTTP/1.1\r\nhost: localhost\r\n"
+                                            b"connection: close\r\n\r\n")
         self.assertTrue(raw.startswith(b"HTTP/1.1 200 "))
         self.assertNotIn(self.KEY.encode(), raw)
+
+    def test_web_pages_cannot_use_a_keyless_proxy_but_may_bring_the_key(self):
+        keyless = ProxyThread()
+        self.addCleanup(keyless.stop)
+        UPSTREAM.clear()
+        body = json.dumps({"model": "claude-sonnet-5-5", "max_tokens": 10, "messages": [
+            {"role": "user", "content": "from a web page"}]}).encode()
+
+        def browser_post(port, host, origin, *extra):
+            # What a page's fetch() sends: text/plain needs no CORS preflight.
+            return raw_exchange(port, b"\r\n".join((
+                b"POST /v1/messages HTTP/1.1", b"Host: " + host, b"Origin: " + origin,
+                b"Content-Type: text/plain;charset=UTF-8", b"Connection: close", *extra,
+                b"Content-Length: %d" % len(body), b"", body)), timeout=60)
+        local = b"127.0.0.1:%d" % keyless.port
+        for host, origin in ((local, b"https://evil.example"),           # cross-site POST
+                             (b"evil.example:%d" % keyless.port,          # DNS rebinding
+                              b"http://evil.example:%d" % keyless.port)):
+            with self.subTest(host=host, origin=origin):
+                status, _, answer = read_response(io.BytesIO(
+                    browser_post(keyless.port, host, origin)))
+                self.assertEqual(status, 403)
+                self.assertEqual(json.loads(answer)["error"]["type"], "permission_error")
+        self.assertEqual(UPSTREAM.messages_requests(), [], "nothing reached the upstream")
+        page_with_key = browser_post(self.proxy.port, b"127.0.0.1:%d" % self.proxy.port,
+                                     b"https://my-app.example", b"x-api-key: " + self.KEY.encode())
+        self.assertTrue(page_with_key.startswith(b"HTTP/1.1 200 "), page_with_key[:60])
+        self.assertEqual(len(UPSTREAM.messages_requests()), 1)
 
 
 class LifecycleTest(ApiAssertions, unittest.TestCase):
@@ -2216,7 +2291,7 @@ class LifecycleTest(ApiAssertions, unittest.TestCase):
         UPSTREAM.release.set()
 
     def test_queue_full_is_529_with_retry_after_and_upstream_never_sees_more(self):
-        server = ProxyThread(max_concurrent=1, queue_timeout_s=0.3)
+        server = ProxyThread(max_concurrent=1, queue_timeout_s=0)      # no queue at all
         self.addCleanup(server.stop)
         client = server.client()
         holder = threading.Thread(target=lambda: client.messages.create(
@@ -2259,7 +2334,7 @@ class LifecycleTest(ApiAssertions, unittest.TestCase):
         body = json.dumps({"model": "claude-sonnet-5-5", "max_tokens": 10, "stream": True,
                            "messages": [{"role": "user", "content": "[[hang]]"}]})
         sock = socket.create_connection(("127.0.0.1", server.port))
-        sock.sendall(f"POST /v1/messages HTTP/1.1\r\nhost: x\r\ncontent-length: "
+        sock.sendall(f"POST /v1/messages HTTP/1.1\r\nhost: localhost\r\ncontent-length: "
                      f"{len(body)}\r\n\r\n{body}".encode())
         self.assertTrue(UPSTREAM.hanging.wait(15))
         self.assertTrue(sock.recv(100).startswith(b"HTTP/1.1 200 "))
@@ -2421,9 +2496,9 @@ class HttpProtocolTest(unittest.TestCase):
                     return responses
 
     def test_keep_alive_and_pipelined_requests_are_answered_in_order(self):
-        responses = self.exchange(b"GET /v1/models HTTP/1.1\r\nhost: x\r\n\r\n"
-                                  b"GET /v1/models/opus-nope HTTP/1.1\r\nhost: x\r\n\r\n"
-                                  b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        responses = self.exchange(b"GET /v1/models HTTP/1.1\r\nhost: localhost\r\n\r\n"
+                                  b"GET /v1/models/opus-nope HTTP/1.1\r\nhost: localhost\r\n\r\n"
+                                  b"GET / HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
         self.assertEqual([status for status, _, _ in responses], [200, 404, 200])
         self.assertEqual(responses[0][1]["connection"], "keep-alive")
 
@@ -2433,7 +2508,7 @@ class HttpProtocolTest(unittest.TestCase):
         chunked = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 7]), body[i:i + 7])
                            for i in range(0, len(body), 7)) + b"0\r\n\r\n"
         with socket.create_connection(("127.0.0.1", self.proxy.port), timeout=10) as sock:
-            sock.sendall(b"POST /v1/messages/count_tokens HTTP/1.1\r\nhost: x\r\n"
+            sock.sendall(b"POST /v1/messages/count_tokens HTTP/1.1\r\nhost: localhost\r\n"
                          b"transfer-encoding: chunked\r\nconnection: close\r\n\r\n")
             for i in range(len(chunked)):
                 sock.sendall(chunked[i:i + 1])
@@ -2444,16 +2519,32 @@ class HttpProtocolTest(unittest.TestCase):
     def test_expect_100_continue_gets_continue_then_the_answer(self):
         body = json.dumps({"model": "claude-sonnet-5-5", "messages": []}).encode()
         with socket.create_connection(("127.0.0.1", self.proxy.port), timeout=10) as sock:
-            sock.sendall(b"POST /v1/messages/count_tokens HTTP/1.1\r\nhost: x\r\n"
+            sock.sendall(b"POST /v1/messages/count_tokens HTTP/1.1\r\nhost: localhost\r\n"
                          b"expect: 100-continue\r\ncontent-length: %d\r\n\r\n" % len(body))
             reader = sock.makefile("rb")
             self.assertEqual(read_response(reader)[0], 100)
             sock.sendall(body)
             self.assertEqual(read_response(reader)[0], 200)
 
+    def test_an_http10_client_gets_a_stream_ended_by_close_never_chunks(self):
+        body = json.dumps({"model": "claude-sonnet-5-5", "max_tokens": 20, "stream": True,
+                           "messages": [{"role": "user", "content": "old client"}]}).encode()
+        raw = raw_exchange(self.proxy.port, b"POST /v1/messages HTTP/1.0\r\n"
+                           b"expect: 100-continue\r\ncontent-length: %d\r\n\r\n%s"
+                           % (len(body), body), timeout=60)
+        head, _, stream = raw.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 "), head)   # and no 100 before it
+        self.assertNotIn(b"transfer-encoding", head.lower())
+        self.assertIn(b"connection: close", head)
+        frames = [frame.split(b"\n") for frame in stream.strip().split(b"\n\n")]
+        self.assertEqual([frames[0][0], frames[-1][0]],
+                         [b"event: message_start", b"event: message_stop"])
+        self.assertEqual("".join(json.loads(f[1][6:])["delta"]["text"] for f in frames
+                                 if f[0] == b"event: content_block_delta"), UPSTREAM_TEXT)
+
     def test_oversized_body_is_413_before_it_is_read(self):
         with socket.create_connection(("127.0.0.1", self.proxy.port), timeout=10) as sock:
-            sock.sendall(b"POST /v1/messages HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\n"
+            sock.sendall(b"POST /v1/messages HTTP/1.1\r\nhost: localhost\r\nexpect: 100-continue\r\n"
                          b"content-length: 5000\r\n\r\n")
             status, headers, data = read_response(sock.makefile("rb"))
         self.assertEqual(status, 413)
@@ -2469,8 +2560,11 @@ class HttpProtocolTest(unittest.TestCase):
              b"transfer-encoding: chunked\r\n\r\n", 400),
             (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", 431),
             (b"GET / HTTP/1.1\r\nx-big: " + b"a" * 70000 + b"\r\n\r\n", 431),
-            (b"POST /v1/messages HTTP/1.1\r\nconnection: close\r\ncontent-length: 8\r\n\r\n"
-             b"not json", 400),
+            (b"POST /v1/messages HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n"
+             b"content-length: 8\r\n\r\nnot json", 400),
+            (b"GET /v1/models HTTP/1.1\r\n\r\n", 400),                     # no Host
+            (b"GET /v1/models HTTP/1.1\r\nhost: localhost\r\nhost: localhost\r\n\r\n", 400),
+            (b"GET /v1/models\n HTTP/1.1\r\nhost: localhost\r\n\r\n", 400),   # a bare LF
         ]
         for request, status in cases:
             with self.subTest(request=request[:40]):
@@ -2494,7 +2588,7 @@ class HttpProtocolTest(unittest.TestCase):
         status, _, body = read_response(trickle.makefile("rb"))
         self.assertEqual(status, 400)
         self.assertIn(b"Timed out reading the request head.", body)
-        raw = raw_exchange(server.port, b"POST /v1/messages HTTP/1.1\r\nHost: x\r\n"
+        raw = raw_exchange(server.port, b"POST /v1/messages HTTP/1.1\r\nHost: localhost\r\n"
                                         b"Content-Length: 10\r\n\r\n{}")
         self.assertIn(b"Timed out reading the request body.", raw)
         idle = socket.create_connection(("127.0.0.1", server.port), timeout=10)
@@ -2507,17 +2601,24 @@ class HttpProtocolTest(unittest.TestCase):
         flood = []
         for n in range(12):
             sock = socket.create_connection(("127.0.0.1", server.port))
-            if n % 2:
-                sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")   # a slowloris head
+            if n >= 8:                      # the last four trickle a body: none is idle
+                sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: localhost\r\n"
+                             b"Content-Length: 100\r\n"
+                             b"Expect: 100-continue\r\n\r\n")
+                self.assertEqual(sock.recv(100), b"HTTP/1.1 100 Continue\r\n\r\n")
+                sock.sendall(b"{")          # the 100 said: the proxy reads this body
+            elif n % 2:
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n")   # a slowloris head
             flood.append(sock)
         self.addCleanup(lambda: [sock.close() for sock in flood])
-        raw = raw_exchange(server.port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        raw = raw_exchange(server.port, b"GET / HTTP/1.1\r\nHost: localhost\r\n"
+                                        b"Connection: close\r\n\r\n")
         self.assertTrue(raw.startswith(b"HTTP/1.1 200 "), raw[:60])
-        for sock in flood[:12 - 4]:
-            self.assertTrue(closed_by_server(sock), "the oldest idle sockets made room")
+        for sock in flood[:12 - 4 + 1]:
+            self.assertTrue(closed_by_server(sock), "the oldest sockets made room")
 
     def test_head_gets_headers_without_body(self):
-        raw = raw_exchange(self.proxy.port, b"HEAD / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        raw = raw_exchange(self.proxy.port, b"HEAD / HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
         head, _, rest = raw.partition(b"\r\n\r\n")
         self.assertTrue(head.startswith(b"HTTP/1.1 200 "))
         self.assertIn(b"content-length: ", head)
@@ -2568,6 +2669,12 @@ class CommandLineTest(unittest.TestCase):
         self.assertEqual(done.returncode, 0, done.stderr)
         self.assertIn("claude setup-token", done.stdout)
         self.assertIn("Sign in to your Anthropic account", done.stdout)
+
+    def test_the_base_url_it_announces_is_one_clients_parse(self):
+        for host, url in (("127.0.0.1", "http://127.0.0.1:3456"),
+                          ("::1", "http://[::1]:3456"), ("localhost", "http://localhost:3456")):
+            self.assertEqual(proxy.base_url(host, 3456), url)
+            self.assertEqual(urllib.parse.urlsplit(url).port, 3456)
 
     def test_version_names_proxy_sdk_and_cli(self):
         import subprocess
@@ -3586,7 +3693,7 @@ class OpenAIChatTest(OpenAICase):
         body = json.dumps({"model": "sonnet", "stream": True,
                            "messages": [{"role": "user", "content": "raw"}]}).encode()
         raw = raw_exchange(self.server.port, b"POST /v1/chat/completions HTTP/1.1\r\n"
-                           b"Host: x\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                           b"Host: localhost\r\nContent-Type: application/json\r\nConnection: close\r\n"
                            b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         self.assertIn(b"data: [DONE]", raw)
         self.assertNotIn(b"event:", raw)
@@ -3629,15 +3736,23 @@ class OpenAIChatTest(OpenAICase):
         self.assertEqual(caught.exception.body["message"],
                          "n: not supported by this proxy (Claude cannot honour it).")
         self.assertEqual(caught.exception.body["type"], "invalid_request_error")
-        with self.assertRaises(openai.RateLimitError) as caught:
-            self.client.chat.completions.create(
-                model="sonnet", messages=[{"role": "user", "content": "[[error 429]]"}])
-        self.assertEqual(caught.exception.body["type"], "rate_limit_error")
-        self.assertIn("retry-after", caught.exception.response.headers)
-        with self.assertRaises(openai.InternalServerError) as caught:
-            self.client.chat.completions.create(
-                model="sonnet", messages=[{"role": "user", "content": "[[error 529]]"}])
-        self.assertEqual(caught.exception.status_code, 529)
+        for stream in (False, True):    # a stream's head waits for the first event
+            with self.subTest(stream=stream):
+                with self.assertRaises(openai.RateLimitError) as caught:
+                    self.client.chat.completions.create(
+                        model="sonnet", stream=stream,
+                        messages=[{"role": "user", "content": "[[error 429]]"}])
+                self.assertEqual(caught.exception.body["type"], "rate_limit_error")
+                self.assertIn("retry-after", caught.exception.response.headers)
+                with self.assertRaises(openai.InternalServerError) as caught:
+                    self.client.chat.completions.create(
+                        model="sonnet", stream=stream,
+                        messages=[{"role": "user", "content": "[[error 529]]"}])
+                self.assertEqual(caught.exception.status_code, 529)
+                with self.assertRaises(openai.RateLimitError) as caught:
+                    self.client.responses.create(model="sonnet", input="[[error 429]]",
+                                                 stream=stream)
+                self.assertIn("retry-after", caught.exception.response.headers)
 
 
 RESPONSES_WEATHER = {"type": "function", "name": "get_weather",
@@ -3727,6 +3842,17 @@ class OpenAIResponsesTest(OpenAICase):
         with self.assertRaises(openai.BadRequestError):
             self.client.responses.create(model="sonnet", input="x",
                                          previous_response_id=stored.id)
+        kept = self.client.responses.create(model="sonnet", input="kept for its caller")
+        other_caller = self.server.openai_client(api_key="another-key")
+        with self.assertRaises(openai.BadRequestError) as caught:
+            other_caller.responses.create(model="sonnet", input="x",
+                                          previous_response_id=kept.id)
+        self.assertIn("is unknown", caught.exception.body["message"])
+        with self.assertRaises(openai.BadRequestError) as caught:
+            self.client.responses.create(model="sonnet", input="x",
+                                         previous_response_id=[kept.id])
+        self.assertEqual(caught.exception.body["message"],
+                         "previous_response_id: must be a string.")
         with self.assertRaises(openai.RateLimitError):
             self.client.responses.create(model="sonnet", input="[[error 429]]")
 
