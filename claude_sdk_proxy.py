@@ -807,6 +807,50 @@ def check_content(role: str, content: Any, where: str) -> None:
             _require(isinstance(block.get("thinking"), str), f"{at}.thinking: required.")
 
 
+def check_text_present(content: Any, where: str) -> None:
+    """The API's rules for a message's text: something in every message and every
+    text block (the CLI would send "(no content)" instead, or drop the block)."""
+    _require(content != [], f"{where}: all messages must have non-empty content except "
+                            "for the optional final assistant message")
+    texts = [content] if isinstance(content, str) else \
+        [block["text"] for block in content if block["type"] == "text"]
+    _require(all(texts), "messages: text content blocks must be non-empty")
+    _require(all(text.strip() for text in texts),
+             "messages: text content blocks must contain non-whitespace text")
+
+
+def check_tool_pairs(turns: list[dict], indices: list[int]) -> None:
+    """The API's rule for client tools: every tool_use of an assistant message is
+    answered by a tool_result at the start of the next message, and every
+    tool_result answers one of the message before. The CLI would make up what is
+    missing and drop what is unexpected. `indices` are the client's message indices."""
+    offered: list[str] = []
+    offered_at = 0
+    for turn, at in zip(turns, indices):
+        blocks = turn["content"] if isinstance(turn["content"], list) else []
+        if turn["role"] == "assistant":
+            offered = [block["id"] for block in blocks if block["type"] == "tool_use"]
+            offered_at = at
+            continue
+        leading = []
+        for block in blocks:
+            if block["type"] != "tool_result":
+                break
+            leading.append(block["tool_use_id"])
+        missing = [tool_id for tool_id in offered if tool_id not in leading]
+        _require(not missing, f"messages.{offered_at}: `tool_use` ids were found without "
+                              f"`tool_result` blocks immediately after: {', '.join(missing)}. "
+                              "Each `tool_use` block must have a corresponding `tool_result` "
+                              "block in the next message.")
+        for j, block in enumerate(blocks):
+            _require(block["type"] != "tool_result" or block["tool_use_id"] in offered,
+                     f"messages.{at}.content.{j}: unexpected `tool_use_id` found in "
+                     f"`tool_result` blocks: {block.get('tool_use_id')}. Each `tool_result` "
+                     "block must have a corresponding `tool_use` block in the previous "
+                     "message.")
+        offered = []
+
+
 def system_to_text(system: Any) -> str:
     """The system prompt as the one string the CLI takes (blocks joined by blank lines)."""
     if system is None:
@@ -893,7 +937,7 @@ def messages_request_to_turn(body: dict, default_model: str, caller: str = "",
     messages = body.get("messages")
     _require(isinstance(messages, list) and messages != [],
              "messages: required, a non-empty list.")
-    notes, turns = [], []
+    notes, turns, indices = [], [], []
     for i, message in enumerate(messages):
         _require(isinstance(message, dict), f"messages.{i}: must be an object.")
         role = message.get("role")
@@ -906,11 +950,15 @@ def messages_request_to_turn(body: dict, default_model: str, caller: str = "",
             notes.append(system_to_text(message["content"]))
             continue
         check_content(role, message["content"], f"messages.{i}")
+        check_text_present(message["content"], f"messages.{i}")
+        if not turns or turns[-1]["role"] != role:
+            indices.append(i)
         append_turn(turns, role, message["content"])
     messages = turns
     _require(bool(messages) and messages[-1]["role"] == "user",
              "messages: the last message must have role 'user'; prefilling the "
              "assistant's answer cannot be carried through the Claude Code CLI.")
+    check_tool_pairs(messages, indices)
     if "stream" in body:
         _require(isinstance(body["stream"], bool), "stream: must be a boolean.")
     tools = check_tools(body.get("tools"))
@@ -1466,9 +1514,11 @@ def _chat_user_blocks(content: Any, where: str) -> list[dict]:
 
 
 def _chat_assistant_blocks(message: dict, where: str) -> list[dict]:
+    """An assistant message's text and tool calls; none when it is blank (clients echo
+    Claude's blank text beside tool calls, which the Messages API refuses)."""
     content = message.get("content")
-    blocks = [] if content in (None, "") else [{"type": "text",
-                                                "text": _chat_text(content, where)}]
+    text = "" if content is None else _chat_text(content, where)
+    blocks = [{"type": "text", "text": text}] if text.strip() else []
     calls = message.get("tool_calls") or []
     _require(isinstance(calls, list), f"{where}.tool_calls: must be a list.")
     for i, call in enumerate(calls):
@@ -1485,7 +1535,7 @@ def _chat_assistant_blocks(message: dict, where: str) -> list[dict]:
         _require(isinstance(arguments, dict), f"{at}.function.arguments: must be a JSON object.")
         blocks.append({"type": "tool_use", "id": call["id"], "name": function["name"],
                        "input": arguments})
-    return blocks or [{"type": "text", "text": ""}]
+    return blocks
 
 
 def _chat_tools(body: dict) -> dict:
@@ -1580,7 +1630,8 @@ def chat_request_to_turn(body: dict, default_model: str, caller: str = "") -> Tu
         else:
             raise InvalidRequest(f"{where}.role: must be system, developer, user, "
                                  "assistant or tool.")
-        append_turn(converted, "assistant" if role == "assistant" else "user", blocks)
+        if blocks:
+            append_turn(converted, "assistant" if role == "assistant" else "user", blocks)
     return openai_turn(body, system, converted, default_model, caller)
 
 
@@ -1689,8 +1740,10 @@ def responses_request_to_turn(body: dict, default_model: str, caller: str = "",
             else:
                 _require(role == "assistant",
                          f"{where}.role: must be user, assistant, system or developer.")
-                append_turn(messages, "assistant", [
-                    {"type": "text", "text": _response_text(item.get("content"), where)}])
+                blocks = _chat_assistant_blocks(
+                    {"content": _response_text(item.get("content"), where)}, where)
+                if blocks:
+                    append_turn(messages, "assistant", blocks)
         elif kind == "function_call":
             _require(all(isinstance(item.get(k), str) for k in ("call_id", "name", "arguments")),
                      f"{where}: a function_call needs call_id, name and arguments.")
@@ -1773,6 +1826,7 @@ class ChunkTranslator:
         self.include_usage = include_usage
         self.usage: dict = {}
         self.tool_index: dict[int, int] = {}    # content block index -> tool_calls index
+        self.no_arguments: set[int] = set()     # tool_use blocks with no argument yet
 
     def _chunk(self, delta: dict, finish: str | None = None) -> dict:
         return {**self.base, "choices": [{"index": 0, "delta": delta, "logprobs": None,
@@ -1788,6 +1842,7 @@ class ChunkTranslator:
         if kind == "content_block_start" and event["content_block"].get("type") == "tool_use":
             block = event["content_block"]
             position = self.tool_index[event["index"]] = len(self.tool_index)
+            self.no_arguments.add(event["index"])
             return [self._chunk({"tool_calls": [{
                 "index": position, "id": block["id"], "type": "function",
                 "function": {"name": block["name"], "arguments": ""}}]})]
@@ -1796,9 +1851,16 @@ class ChunkTranslator:
             if delta.get("type") == "text_delta":
                 return [self._chunk({"content": delta["text"]})]
             if delta.get("type") == "input_json_delta" and delta.get("partial_json"):
+                self.no_arguments.discard(event["index"])
                 return [self._chunk({"tool_calls": [{
                     "index": self.tool_index[event["index"]],
                     "function": {"arguments": delta["partial_json"]}}]})]
+        if kind == "content_block_stop" and event.get("index") in self.no_arguments:
+            # A call without input streams one empty delta; OpenAI's arguments are
+            # always a JSON object.
+            self.no_arguments.discard(event["index"])
+            return [self._chunk({"tool_calls": [{"index": self.tool_index[event["index"]],
+                                                 "function": {"arguments": "{}"}}]})]
         if kind == "message_delta":
             self.usage.update({k: v for k, v in (event.get("usage") or {}).items()
                                if v is not None})
@@ -1880,6 +1942,15 @@ class ResponseTranslator:
             return [self._event("response.incomplete" if final["status"] == "incomplete"
                                 else "response.completed", response=final)]
         return []
+
+    def failed(self, err: ProxyError) -> list[dict]:
+        """The events that end a stream broken off after its head: `error`, then
+        `response.failed` with what had arrived."""
+        code = err.openai_code or ("rate_limit_exceeded" if err.status == 429 else
+                                   "server_error")
+        failed = dict(self.response("failed"), error={"code": code, "message": err.message})
+        return [self._event("error", code=code, message=err.message, param=None),
+                self._event("response.failed", response=failed)]
 
     def _start(self, index: int, block: dict) -> list[dict]:
         position = len(self.items)
@@ -2017,6 +2088,9 @@ def cli_environment(turn: Turn) -> dict[str, str]:
         # The upstream alone decides what is too long.
         "DISABLE_COMPACT": "1",
         "CLAUDE_CODE_BLOCKING_LIMIT_OVERRIDE": str(10**12),
+        # Nor a "<total_tokens>N tokens left" note after the client's tool results
+        # (the CLI's default for some models, 4.x among them).
+        "CLAUDE_CODE_TOTAL_TOKENS_REMINDER": "off",
         # The client's parameters, merged last into every upstream body.
         "CLAUDE_CODE_EXTRA_BODY": json.dumps(turn.params, separators=(",", ":")),
     }
@@ -2491,9 +2565,10 @@ class CliProcess:
                 async for item in client.receive_response():
                     # Killed here, not where the turn is read, to win the race
                     # with the CLI's next upstream call: after a max_tokens stop
-                    # it makes "recovery" calls; `watch` sees it go on without
-                    # the client's tool results. Either way it is never reused.
-                    if _stops_at_max_tokens(item) or self.watch(item):
+                    # (and the like) it makes "recovery" calls; `watch` sees it
+                    # go on without the client's tool results. Either way it is
+                    # never reused.
+                    if _stop_the_cli_goes_on_after(item) or self.watch(item):
                         self.kill_now()
                     self._outbox.put_nowait(item)
                 self._outbox.put_nowait(_CLOSED)
@@ -2653,9 +2728,15 @@ def tell_watchdog(line: str) -> bool:
     return True
 
 
-def _stops_at_max_tokens(item: Any) -> bool:
+# Stops after which the CLI calls the upstream again on its own, with a note of its
+# own in the conversation ("Output token limit hit. Resume directly...", "Your
+# response above was stopped by a safety classifier..."): no switch stops all.
+CLI_GOES_ON_AFTER = frozenset({"max_tokens", "model_context_window_exceeded", "refusal"})
+
+
+def _stop_the_cli_goes_on_after(item: Any) -> bool:
     return isinstance(item, sdk.StreamEvent) and not item.parent_tool_use_id and \
-        (item.event.get("delta") or {}).get("stop_reason") == "max_tokens"
+        (item.event.get("delta") or {}).get("stop_reason") in CLI_GOES_ON_AFTER
 
 
 async def _single(message: dict, message_id: str) -> AsyncIterator[dict]:
@@ -2687,9 +2768,9 @@ def turn_items(message: Any, state: dict) -> list[tuple[str, Any]]:
     """The engine's items for one SDK message; raise the ProxyError an error result means.
 
     `state` carries what one turn has seen: the latest rate-limit information and
-    whether the answer is complete. The CLI answers a `max_tokens` stop with up to
-    three "recovery" calls of its own and has no switch for it, so a `max_tokens`
-    stop ends the turn at once (the CLI's owner task has killed it: see
+    whether the answer is complete. The CLI answers a `max_tokens` stop (and the
+    others of CLI_GOES_ON_AFTER) with "recovery" calls of its own, so such a stop
+    ends the turn at once (the CLI's owner task has killed it: see
     `CliProcess._own`); any later upstream message ends it with ("kill", None).
     """
     if isinstance(message, sdk.StreamEvent):
@@ -2710,9 +2791,16 @@ def turn_items(message: Any, state: dict) -> list[tuple[str, Any]]:
                 state["agent_round"] = True
             else:
                 state["tool_use"] = True
+        if (event.get("delta") or {}).get("stop_reason"):
+            state["stopped"] = True
         if event.get("type") == "message_stop":
+            if not state.pop("stopped", False):
+                # The CLI ends a stream the upstream broke off with a message_stop
+                # of its own; its error follows. Forwarded, it would end the
+                # client's stream as if the answer were complete.
+                return []
             state["complete"] = not state.pop("agent_round", False)
-        if _stops_at_max_tokens(message):
+        if _stop_the_cli_goes_on_after(message):
             state["complete"] = state["killed"] = True
             return [("stream", event), ("stream", {"type": "message_stop"})]
         return [("stream", event)]
@@ -3350,6 +3438,7 @@ async def handle_responses(app: App, request: Request, out: Responder) -> None:
             if translator.assembler.message is None:
                 raise BadGateway("The upstream returned no message.")
         else:
+            out.stream_error = translator.failed
             await forward_stream(
                 items, out, app.config,
                 lambda event: (encode_sse(e, e["type"]) for e in translator.feed(event)),
@@ -3548,6 +3637,8 @@ class Responder:
         self.model = ""
         self.usage: dict = {}
         self.headers: dict[str, str] = {}   # for every response head (rate-limit state)
+        # The events that end a stream an error breaks off, where the API has its own.
+        self.stream_error: Callable[[ProxyError], list[dict]] | None = None
 
     def _head(self, status: int, headers: list[tuple[str, str]]) -> bytes:
         self.status, self.head_sent = status, True
@@ -3599,7 +3690,11 @@ class Responder:
             await self.send_json(err.status, body, err.headers)
         elif self.streaming:
             self.status = err.status      # logged; the client saw 200 and the error event
-            await self.write(encode_sse(body, None if openai else "error"))
+            if self.stream_error is not None:
+                for event in self.stream_error(err):
+                    await self.write(encode_sse(event, event["type"]))
+            else:
+                await self.write(encode_sse(body, None if openai else "error"))
             await self.end_stream()
         else:
             self.keep_alive = False

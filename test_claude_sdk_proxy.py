@@ -232,7 +232,7 @@ class ScriptedUpstream:
         event("message_delta", {"type": "message_delta",
                                 "delta": {"stop_reason": stop_reason, "stop_sequence": None},
                                 "usage": {"output_tokens": 42}})
-        if stop_reason == "max_tokens":
+        if stop_reason in ("max_tokens", "model_context_window_exceeded", "refusal"):
             # The CLI makes its "recovery" call once the stream ends; the proxy must
             # have stopped it at the message_delta. The real API sends message_stop
             # right away (a loaded machine can lose that race: README, Limits).
@@ -1096,6 +1096,14 @@ class AnthropicTranslationTest(PureAssertions, unittest.TestCase):
             (msgs((U, [{"type": "image", "source": {"type": "ftp"}}])),
              "messages.0.content.0.source:"),
             (msgs((U, "q"), (A, "The")), "messages: the last message must have role 'user'"),
+            # The API's rules for text: the CLI would send "(no content)" or drop it.
+            (msgs((U, "")), "messages: text content blocks must be non-empty"),
+            (msgs((U, "  \n")), "messages: text content blocks must contain non-whitespace"),
+            (msgs((U, [])), "messages.0: all messages must have non-empty content"),
+            (msgs((U, "q"), (A, [{"type": "text", "text": "\n\n"}]), (U, "r")),
+             "messages: text content blocks must contain non-whitespace text"),
+            (msgs((U, [{"type": "text", "text": ""}, {"type": "text", "text": "q"}])),
+             "messages: text content blocks must be non-empty"),
             ({"max_tokens": ...}, "max_tokens: required, an integer of at least 1."),
             ({"max_tokens": 0}, "max_tokens: required"), ({"max_tokens": 1.5}, "max_tokens:"),
             ({"max_tokens": True}, "max_tokens:"), ({"max_tokens": "10"}, "max_tokens:"),
@@ -1140,6 +1148,39 @@ class AnthropicTranslationTest(PureAssertions, unittest.TestCase):
             with self.subTest(changes=changes):
                 self.assertProxyError(INV, proxy.messages_request_to_turn, valid_body(**changes),
                                       "sonnet", prefix=prefix)
+
+    def test_tool_results_answer_the_calls_just_before_as_the_api_requires(self):
+        def call(tool_id):
+            return {"type": "tool_use", "id": tool_id, "name": "t", "input": {}}
+
+        def result(tool_id):
+            return {"type": "tool_result", "tool_use_id": tool_id, "content": "r"}
+        text = {"type": "text", "text": "and"}
+        missing = "messages.1: `tool_use` ids were found without `tool_result` blocks " \
+                  "immediately after: {}. Each `tool_use` block must have a corresponding " \
+                  "`tool_result` block in the next message."
+        unexpected = "messages.{}.content.{}: unexpected `tool_use_id` found in " \
+                     "`tool_result` blocks: {}. Each `tool_result` block must have a " \
+                     "corresponding `tool_use` block in the previous message."
+        table = [  # the conversation after the first user turn; the 400, or None
+            ([(A, [call("a"), call("b")]), (U, [result("b"), result("a"), text])], None),
+            ([(A, [call("a")]), (U, [result("a")]), (U, "more")], None),      # merged
+            ([(A, [call("a"), call("b")]), (U, [result("a")])], missing.format("b")),
+            ([(A, [call("a")]), (U, [text, result("a")])], missing.format("a")),
+            ([(A, [call("a")]), (U, "no result")], missing.format("a")),
+            ([(A, [call("a")]), (U, [result("a"), result("z")])],
+             unexpected.format(2, 1, "z")),
+            ([(A, "no call"), (U, [result("a")])], unexpected.format(2, 0, "a")),
+            ([(U, [result("a")])], unexpected.format(0, 1, "a"))]     # merged into turn 0
+        for conversation, message in table:
+            with self.subTest(conversation=conversation):
+                body = valid_body(messages=[{"role": role, "content": content} for role, content
+                                            in [(U, "q"), *conversation]])
+                if message is None:
+                    proxy.messages_request_to_turn(body, "sonnet")
+                else:
+                    self.assertProxyError(INV, proxy.messages_request_to_turn, body, "sonnet",
+                                          message=message)
 
     def test_tools_and_tool_choice_are_carried_under_upstream_names(self):
         tools = [{"name": "get_weather", "input_schema": {"type": "object"}},
@@ -1512,6 +1553,26 @@ class OpenAITranslationTest(PureAssertions, unittest.TestCase):
             {"type": "tool_result", "tool_use_id": "call_2", "content": "noon"},
             text_block("thanks")]})
 
+    def test_blank_assistant_text_is_left_out_as_the_messages_api_requires(self):
+        # Clients echo Claude's blank text beside tool calls, and empty replies.
+        call = {"id": "call_1", "type": "function",
+                "function": {"name": "now", "arguments": "{}"}}
+        turn = proxy.chat_request_to_turn(chat_body(messages=[
+            {"role": "user", "content": "a"}, {"role": "assistant", "content": ""},
+            {"role": "user", "content": "b"},
+            {"role": "assistant", "content": "\n\n", "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "noon"}]), "sonnet")
+        self.assertEqual(turn.history, [
+            {"role": U, "content": [text_block("a"), text_block("b")]},
+            {"role": A, "content": [{"type": "tool_use", "id": "call_1", "name": "now",
+                                     "input": {}}]}])
+        responses = proxy.responses_request_to_turn({"model": "m", "input": [
+            {"role": "user", "content": "a"},
+            {"role": "assistant", "content": [{"type": "output_text", "text": " "}]},
+            {"role": "user", "content": "b"}]}, "sonnet")
+        self.assertEqual((responses.history, responses.prompt["content"]),
+                         ([], [text_block("a"), text_block("b")]))
+
     def test_parameters_become_carried_params(self):
         tools = {"tools": CHAT_TOOLS}
         fmt = {"output_config": {"format": {"type": "json_schema", "schema": {"type": "object"}}}}
@@ -1727,6 +1788,13 @@ class OpenAITranslationTest(PureAssertions, unittest.TestCase):
         fragment = translator.feed({"type": "content_block_delta", "index": 3, "delta": {
             "type": "input_json_delta", "partial_json": "{}"}})
         self.assertEqual(fragment[0]["choices"][0]["delta"]["tool_calls"][0]["index"], 1)
+        # A call without input streams one empty fragment (the API's way): "{}" at its end.
+        empty = translator.feed({"type": "content_block_delta", "index": 1, "delta": {
+            "type": "input_json_delta", "partial_json": ""}})
+        ends = [translator.feed({"type": "content_block_stop", "index": i}) for i in (1, 3)]
+        self.assertEqual((empty, ends[1]), ([], []))
+        self.assertEqual(ends[0][0]["choices"][0]["delta"]["tool_calls"],
+                         [{"index": 0, "function": {"arguments": "{}"}}])
         for stop, finish in [("end_turn", "stop"), ("stop_sequence", "stop"), (None, "stop"),
                              ("max_tokens", "length"), ("tool_use", "tool_calls"),
                              ("pause_turn", "stop"), ("refusal", "content_filter")]:
@@ -1797,12 +1865,15 @@ class SdkAdapterTest(unittest.TestCase):
         self.assertEqual(asyncio.run(next_call_after(False)), (True, True))
         self.assertFalse(proxy.ToolBroker().watch(stream_event(start.event, parent="toolu_0")))
 
-    def test_only_a_top_level_max_tokens_stop_kills(self):
-        delta = {"type": "message_delta", "delta": {"stop_reason": "max_tokens"}}
-        self.assertTrue(proxy._stops_at_max_tokens(stream_event(delta)))
-        self.assertFalse(proxy._stops_at_max_tokens(stream_event(delta, parent="toolu_0")))
-        self.assertFalse(proxy._stops_at_max_tokens(stream_event(
-            {"type": "message_delta", "delta": {"stop_reason": "end_turn"}})))
+    def test_only_a_top_level_stop_the_cli_would_go_on_after_kills(self):
+        def stop(reason, parent=None):
+            return proxy._stop_the_cli_goes_on_after(stream_event(
+                {"type": "message_delta", "delta": {"stop_reason": reason}}, parent))
+        for reason in ("max_tokens", "model_context_window_exceeded", "refusal"):
+            self.assertTrue(stop(reason), reason)
+            self.assertFalse(stop(reason, parent="toolu_0"), reason)
+        for reason in ("end_turn", "tool_use", "stop_sequence", "pause_turn"):
+            self.assertFalse(stop(reason), reason)
 
 
 # =============================================================================
@@ -2018,6 +2089,19 @@ class MessagesEndToEndTest(ApiAssertions, unittest.TestCase):
         self.assertTrue(UPSTREAM.cut.wait(10), "the CLI was stopped at the max_tokens stop")
         self.only_upstream_request()
 
+    def test_refusal_and_a_full_context_window_end_the_answer_as_at_the_api(self):
+        # The CLI would ask again itself, with its own note in the conversation.
+        for reason in ("refusal", "model_context_window_exceeded"):
+            with self.subTest(reason=reason):
+                UPSTREAM.clear()
+                message = self.client.messages.create(
+                    model="claude-sonnet-5-5", max_tokens=50,
+                    messages=[{"role": "user", "content": f"[[stop {reason}]] go"}])
+                self.assertEqual((message.stop_reason, message.content[0].text),
+                                 (reason, UPSTREAM_TEXT))
+                self.assertTrue(UPSTREAM.cut.wait(10), "the CLI was stopped at the stop")
+                self.only_upstream_request()
+
     def test_upstream_errors_arrive_as_real_statuses(self):
         cases = [("[[error 429]]", 429, "rate_limit_error", anthropic.RateLimitError),
                  ("[[error 529]]", 529, "overloaded_error", anthropic.InternalServerError),
@@ -2040,6 +2124,26 @@ class MessagesEndToEndTest(ApiAssertions, unittest.TestCase):
                                 messages=[{"role": "user", "content": marker}])
                     self.assertApiError(caught.exception, status, error_type)
                     self.assertLess(time.monotonic() - started, 30)
+
+    def test_conversations_the_api_refuses_are_400s_that_reach_nothing(self):
+        # The CLI would answer them with content of its own: "(no content)", a made-up
+        # result ("[Tool result missing due to internal error]"), or no call at all.
+        call = {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {}}
+        for messages, message in [
+                ([{"role": "user", "content": " \n "}],
+                 "messages: text content blocks must contain non-whitespace text"),
+                ([{"role": "user", "content": "weather?"}, {"role": "assistant", "content": [call]},
+                  {"role": "user", "content": "no result"}],
+                 "messages.1: `tool_use` ids were found without `tool_result` blocks"),
+                ([{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
+                                                "content": "sunny"}]}],
+                 "messages.0.content.0: unexpected `tool_use_id`")]:
+            with self.subTest(message=message):
+                with self.assertRaises(anthropic.BadRequestError) as caught:
+                    self.client.messages.create(model="claude-sonnet-5-5", max_tokens=10,
+                                                tools=[WEATHER], messages=messages)
+                self.assertTrue(caught.exception.body["error"]["message"].startswith(message))
+        self.assertEqual(UPSTREAM.messages_requests(), [])
 
     def test_bad_request_carries_the_upstream_message(self):
         with self.assertRaises(anthropic.BadRequestError) as caught:
@@ -2205,6 +2309,29 @@ class StreamPacingTest(unittest.TestCase):
         self.assertIn("message_start", events)
         self.assertEqual(events[-1], "message_stop")
 
+    def test_a_stream_broken_off_ends_in_an_error_never_as_if_complete(self):
+        # The CLI ends a stream the upstream cut with a message_stop of its own.
+        with contextlib.closing(socket.create_connection(("127.0.0.1", self.proxy.port))) as sock:
+            body = json.dumps({"model": "claude-sonnet-5-5", "max_tokens": 10, "stream": True,
+                               "messages": [{"role": "user", "content": "[[delay 1]] [[drop]]"}]})
+            sock.sendall(f"POST /v1/messages HTTP/1.1\r\nhost: localhost\r\ncontent-type: "
+                         f"application/json\r\ncontent-length: {len(body)}\r\n\r\n{body}".encode())
+            status, _, data = read_response(sock.makefile("rb"))
+        events = [event for event, _ in parse_sse(data)]
+        self.assertEqual((status, events[-1]), (200, "error"))
+        self.assertNotIn("message_stop", events)
+        client = self.proxy.openai_client()
+        events = list(client.responses.create(model="sonnet", input="[[delay 1]] [[drop]]",
+                                              stream=True))
+        # Whether the upstream's message_start got out before the drop is the CLI's race.
+        self.assertIn([e.type for e in events][:-2], ([], ["response.created",
+                                                          "response.in_progress"]))
+        self.assertEqual([e.sequence_number for e in events], list(range(len(events))))
+        error, failed = events[-2], events[-1]
+        self.assertEqual((error.type, error.code, failed.type, failed.response.status,
+                          failed.response.error.code),
+                         ("error", "server_error", "response.failed", "failed", "server_error"))
+        self.assertEqual(error.message, failed.response.error.message)
 
 
 class AuthTest(ApiAssertions, unittest.TestCase):
@@ -3408,6 +3535,28 @@ class ClientToolsTest(ApiAssertions, SharedProxyCase):
                 [sent] = conversation(UPSTREAM.messages_requests()[-1]["body"])[-1]["content"]
                 self.assertEqual({k: sent[k] for k in ("content", "is_error") if k in sent},
                                  blank)
+
+    def test_no_model_gets_a_token_countdown_after_the_clients_results(self):
+        # For some models (4.x among them) the CLI appends "<total_tokens>N tokens
+        # left" to the last tool result, on the parked path and on a resume.
+        for model in ("claude-sonnet-4-5", "claude-opus-4-6"):
+            with self.subTest(model=model):
+                UPSTREAM.clear()
+                ask = [{"role": "user", "content": "[[tool get_weather {}]]"}]
+                message = self.client.messages.create(model=model, max_tokens=300,
+                                                      tools=[WEATHER], messages=ask)
+                answered = self.answered(ask, message, [{
+                    "type": "tool_result", "tool_use_id": message.content[1].id,
+                    "content": "sunny"}])
+                for system in (None, "a new shape: a cold start from the transcript"):
+                    self.client.messages.create(
+                        model=model, max_tokens=300, tools=[WEATHER], messages=answered,
+                        **({"system": system} if system else {}))
+                    body = UPSTREAM.messages_requests()[-1]["body"]
+                    sent = next(block for block in conversation(body)[-1]["content"]
+                                if block["type"] == "tool_result")
+                    self.assertEqual(as_blocks(sent["content"]), as_blocks("sunny"))
+                    self.assertNotIn("total_tokens", json.dumps(body))
 
     def test_parallel_calls_long_names_error_and_image_results(self):
         ask = [{"role": "user", "content": 'Both [[tool get_weather {"city": "Rome"}]] '
