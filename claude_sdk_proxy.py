@@ -103,6 +103,7 @@ MAX_HEADER_COUNT = 100                  # Apache's LimitRequestFields default
 HEADER_TIMEOUT_S = 30.0                 # a whole request head (nginx allows 60 s)
 BODY_TIMEOUT_S = 60.0                   # between reads of a body (nginx: 60 s)
 KEEPALIVE_IDLE_S = 75.0                 # between requests (nginx: 75 s)
+SEND_TIMEOUT_S = 60.0                   # a client that reads nothing of its answer (nginx: 60 s)
 HEAD_HOLD_S = 3.0                       # a stream's head waits this long for the first event
 PING_INTERVAL_S = 15.0                  # keeps proxies and clients from idling out
 SHUTDOWN_GRACE_S = 30.0                 # in-flight requests get this long after SIGTERM
@@ -142,6 +143,7 @@ class Config:
     header_timeout_s: float = HEADER_TIMEOUT_S
     body_timeout_s: float = BODY_TIMEOUT_S
     keepalive_idle_s: float = KEEPALIVE_IDLE_S
+    send_timeout_s: float = SEND_TIMEOUT_S
     head_hold_s: float = HEAD_HOLD_S
     ping_interval_s: float = PING_INTERVAL_S
     shutdown_grace_s: float = SHUTDOWN_GRACE_S
@@ -1472,7 +1474,8 @@ CHAT_IGNORED = ("model", "messages", "stream", "stream_options", "user", "safety
                 "prompt_cache_key", "prompt_cache_retention", "verbosity")
 CHAT_CARRIED = ("max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "tools",
                 "tool_choice", "response_format", "reasoning_effort")
-OPENAI_EFFORTS = {"minimal": "low", "low": "low", "medium": "medium", "high": "high"}
+OPENAI_EFFORTS = {"none": "low", "minimal": "low", "low": "low", "medium": "medium",
+                  "high": "high", "xhigh": "max"}
 
 
 def _chat_text(content: Any, where: str, kinds: tuple[str, ...] = ("text",),
@@ -3498,6 +3501,8 @@ def match_route(method: str, path: str) -> tuple[Route, dict[str, str]]:
             if route.method == method or (method == "HEAD" and route.method == "GET"):
                 return route, found.groupdict()
             allowed.append(route.method)
+            if route.method == "GET":
+                allowed.append("HEAD")      # answered for every GET route
     if allowed:
         raise MethodNotAllowed(f"Method {method} is not allowed here; use "
                                f"{', '.join(sorted(set(allowed)))}.",
@@ -3610,12 +3615,17 @@ class Connection:
         await asyncio.Event().wait()    # read-ahead is full: stop reading, wait
 
     async def write(self, data: bytes) -> None:
-        """Send bytes; raise ClientGone if the client has left."""
+        """Send bytes; raise ClientGone if the client has left, or has read nothing
+        for send_timeout_s (it would hold its CLI and its slot until the request
+        timeout)."""
         if self.writer.is_closing():
             raise ClientGone
         try:
             self.writer.write(data)
-            await self.writer.drain()
+            await asyncio.wait_for(self.writer.drain(), self.config.send_timeout_s)
+        except asyncio.TimeoutError:        # an OSError since 3.11: caught first
+            self.writer.transport.abort()   # close() would wait to send the rest
+            raise ClientGone from None
         except (ConnectionError, OSError) as exc:
             raise ClientGone from exc
 
@@ -3804,6 +3814,7 @@ async def serve_request(app: App, conn: Connection, raw_head: bytes, out: Respon
 async def run_handler(app: App, conn: Connection, handler: Callable, request: Request,
                       out: Responder) -> None:
     """Run a handler under the request timeout, cancelling it if the client leaves."""
+    deadline = time.monotonic() + app.config.timeout_s
     work = asyncio.ensure_future(asyncio.wait_for(handler(app, request, out),
                                                   app.config.timeout_s))
     watch = asyncio.ensure_future(conn.watch_eof())
@@ -3814,6 +3825,8 @@ async def run_handler(app: App, conn: Connection, handler: Callable, request: Re
         try:
             work.result()
         except asyncio.TimeoutError:
+            if time.monotonic() < deadline:
+                raise                       # not the request's timeout: a 500, logged
             raise GatewayTimeout(f"The request took longer than {app.config.timeout_s:g} s "
                                  "(CLAUDE_PROXY_TIMEOUT_MS).") from None
     finally:

@@ -1606,6 +1606,8 @@ class OpenAITranslationTest(PureAssertions, unittest.TestCase):
              {"output_config": {"format": {"type": "json_schema", "schema": schema}}}),
             ({"response_format": {"type": "text"}, "max_tokens": 5}, {"max_tokens": 5}),
             ({"reasoning_effort": "minimal"}, {"output_config": {"effort": "low"}}),
+            ({"reasoning_effort": "none"}, {"output_config": {"effort": "low"}}),
+            ({"reasoning_effort": "xhigh"}, {"output_config": {"effort": "max"}}),
             ({"reasoning_effort": "high", "response_format": {"type": "json_object"}},
              {"output_config": {**fmt["output_config"], "effort": "high"}}),
             ({"store": False, "metadata": {"k": "v"}, "service_tier": "auto", "seed": None,
@@ -1683,7 +1685,7 @@ class OpenAITranslationTest(PureAssertions, unittest.TestCase):
                                                     "'json_object' or 'json_schema'."),
             ({"response_format": {"type": "json_schema", "json_schema": {"name": "r"}}},
              "response_format.json_schema.schema: required, an object."),
-            ({"reasoning_effort": "max"}, "reasoning_effort: must be one of minimal, low,"),
+            ({"reasoning_effort": "max"}, "reasoning_effort: must be one of none, minimal,"),
             ({"user": 7}, "user: must be a string."), ({"temperature": 1.5}, "temperature:"),
             ({"max_completion_tokens": 0}, "max_tokens: required, an integer of at least 1.")]
         for changes, prefix in table:
@@ -2266,14 +2268,17 @@ class MessagesEndToEndTest(ApiAssertions, unittest.TestCase):
         self.assertIn(b'"has_more":false', raw)
 
     def test_unknown_path_and_wrong_method_are_api_errors(self):
-        for request, status, error_type in (
-                (b"GET /v1/nothing HTTP/1.1\r\nhost: localhost\r\n\r\n", 404, "not_found_error"),
-                (b"GET /v1/messages HTTP/1.1\r\nhost: localhost\r\n\r\n", 405, "invalid_request_error")):
+        for request, status, error_type, allow in (
+                (b"GET /v1/nothing", 404, "not_found_error", None),
+                (b"GET /v1/messages", 405, "invalid_request_error", b"allow: POST"),
+                (b"POST /v1/models", 405, "invalid_request_error", b"allow: GET, HEAD")):
             with self.subTest(request=request):
-                raw = raw_exchange(self.proxy.port, request.replace(
-                    b"\r\n\r\n", b"\r\nconnection: close\r\n\r\n"))
+                raw = raw_exchange(self.proxy.port, request + b" HTTP/1.1\r\nhost: localhost\r\n"
+                                                              b"connection: close\r\n\r\n")
                 head, _, body = raw.partition(b"\r\n\r\n")
                 self.assertTrue(head.startswith(b"HTTP/1.1 %d " % status), head)
+                if allow:
+                    self.assertIn(allow, head.split(b"\r\n"))
                 error = json.loads(body)
                 self.assertEqual(error["type"], "error")
                 self.assertEqual(error["error"]["type"], error_type)
@@ -2437,6 +2442,31 @@ class LifecycleTest(ApiAssertions, unittest.TestCase):
                                          messages=[{"role": "user", "content": "third"}])
         self.assertEqual(message.content[0].text, UPSTREAM_TEXT, "the slot came back")
         self.assertEqual(UPSTREAM.max_in_flight, 1)
+
+    def test_a_client_that_reads_nothing_gives_its_slot_back(self):
+        server = ProxyThread(max_concurrent=1, send_timeout_s=0.5, queue_timeout_s=20)
+        self.addCleanup(server.stop)
+        big = json.dumps({"x": "a" * 6_000_000})   # more than the kernel's 4 MB send buffer
+        body = json.dumps({"model": "claude-sonnet-5-5", "max_tokens": 10, "stream": True,
+                           "messages": [{"role": "user", "content": f"[[json {big}]]"}]})
+        stalled = socket.socket()
+        self.addCleanup(stalled.close)
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.connect(("127.0.0.1", server.port))
+        stalled.sendall(f"POST /v1/messages HTTP/1.1\r\nhost: localhost\r\ncontent-length: "
+                        f"{len(body)}\r\n\r\n{body}".encode())
+        self.assertTrue(wait_until(lambda: any(
+            "[[json" in ScriptedUpstream.last_text(r["body"]) for r in UPSTREAM.messages_requests())))
+        started = time.monotonic()
+        answer = server.client().messages.create(           # queued behind the stalled one
+            model="claude-sonnet-5-5", max_tokens=10, messages=[{"role": "user", "content": "hi"}])
+        self.assertEqual(answer.content[0].text, UPSTREAM_TEXT)
+        self.assertLess(time.monotonic() - started, 15, "the slot came back, not by the queue")
+        stalled.settimeout(10)
+        received = b"".join(iter(lambda: stalled.recv(1 << 20), b""))
+        self.assertTrue(received.startswith(b"HTTP/1.1 200 "))
+        self.assertNotIn(b"message_stop", received, "cut off mid-answer: what the kernel "
+                                                    "held, then the end")
 
     def test_request_timeout_is_504_and_stops_the_cli(self):
         server = ProxyThread(timeout_s=4.0)
