@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 # /// script
 # requires-python = ">=3.10"
-# dependencies = ["claude-agent-sdk>=0.2.188"]
+# dependencies = ["claude-agent-sdk==0.2.188"]     # the version the tests ran against
 # ///
 """claude-sdk-proxy: the Anthropic and OpenAI APIs, served from a Claude subscription.
 
@@ -611,9 +611,10 @@ def request_api_key(head: RequestHead) -> str | None:
     """The key a client sent as `x-api-key` or `Authorization: Bearer`."""
     key = head.header("x-api-key")
     if key:
-        return key.strip()
+        return key.strip(" \t")        # only HTTP's whitespace: latin-1 has more
     scheme, _, token = (head.header("authorization") or "").partition(" ")
-    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+    token = token.strip(" \t")
+    return token if scheme.lower() == "bearer" and token else None
 
 
 def check_api_key(head: RequestHead, expected: str) -> None:
@@ -628,28 +629,44 @@ def check_api_key(head: RequestHead, expected: str) -> None:
         raise AuthenticationFailed("Invalid API key.")
 
 
+LOCAL_NAMES = re.compile(r"(.+\.)?(localhost|internal)\.?")   # no one can register these
+
+
 def check_local_caller(head: RequestHead) -> None:
     """Raise 403 unless a request to a keyless proxy comes from this machine's programs.
 
     Without a key, listening on loopback is the only protection, and a browser on
     this machine carries any web page across it: a cross-site POST with a text/plain
     body needs no CORS preflight, and a DNS name rebound to 127.0.0.1 lets the page
-    read the answers too. Browsers send the page's `Origin` on every such POST and
-    the name they looked up as `Host`; programs the operator runs send neither a
-    foreign Origin nor a foreign Host.
+    read the answers too. Browsers send the page's `Origin` on every such POST, and
+    a rebound page's `Host` is the attacker's domain name. So a web page's Origin
+    must be a loopback one, and Host an address or a name no one can register
+    (localhost, *.internal as in host.docker.internal). Apps' own origins
+    (app://, vscode-webview://, extensions) are the operator's software; "null"
+    (any site's sandboxed frame) is not.
     """
-    def loopback_name(url: str) -> bool:
+    def host_of(url: str) -> str | None:
         with contextlib.suppress(ValueError):
-            return is_loopback(urllib.parse.urlsplit(url).hostname or "")
-        return False
+            return urllib.parse.urlsplit(url).hostname
+        return None
 
     host, origin = head.header("host"), head.header("origin")
-    if (host is not None and not loopback_name("//" + host)) or \
-            (origin is not None and not loopback_name(origin)):
+    name = host_of("//" + host) if host else ""
+    local_host = name is not None and (
+        not name or LOCAL_NAMES.fullmatch(name) is not None or _is_ip(name))
+    web_origin = origin is not None and (origin == "null" or origin.lower().startswith(
+        ("http://", "https://")))
+    if not local_host or (web_origin and not is_loopback(host_of(origin) or "")):
         raise PermissionDenied(
-            "This proxy has no API key, so it answers only requests addressed to "
-            "127.0.0.1, [::1] or localhost and not sent from a web page of another site. "
-            "Set CLAUDE_PROXY_API_KEY to serve other callers.")
+            "This proxy has no API key, so it answers only requests addressed to this "
+            "machine (an IP address, localhost) and not sent from a web page of another "
+            "site. Set CLAUDE_PROXY_API_KEY to serve other callers.")
+
+
+def _is_ip(name: str) -> bool:
+    with contextlib.suppress(ValueError):
+        return bool(ipaddress.ip_address(name))
+    return False
 
 
 def resolve_model(requested: str, default: str) -> str:
@@ -703,7 +720,7 @@ def model_lookup(model_id: str) -> dict:
 # CLI's upstream body (FACTS.md, "Carrying the client's parameters").
 CARRIED_PARAMS = ("max_tokens", "temperature", "top_p", "top_k", "stop_sequences",
                   "thinking", "service_tier", "output_config", "speed", "cache_control")
-EFFORTS = ("low", "medium", "high", "max")
+EFFORTS = ("low", "medium", "high", "xhigh", "max")
 # Accepted and not carried: the CLI owns them (metadata.user_id is its session).
 IGNORED_PARAMS = ("metadata", "stream", "model", "messages", "system", "container",
                   "mcp_servers", "context_management")
@@ -1463,7 +1480,12 @@ def check_count_tokens_request(body: dict) -> None:
 # Message becomes a `chat.completion`, its stream events `chat.completion.chunk`s.
 
 FINISH_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
-                  "tool_use": "tool_calls", "pause_turn": "stop", "refusal": "content_filter"}
+                  "model_context_window_exceeded": "length", "tool_use": "tool_calls",
+                  "pause_turn": "stop", "refusal": "content_filter"}
+# Stops that make a Responses answer `incomplete`, and the reason it gives.
+INCOMPLETE_REASONS = {"max_tokens": "max_output_tokens",
+                      "model_context_window_exceeded": "max_output_tokens",
+                      "refusal": "content_filter"}
 # Parameters that change what OpenAI answers and that Claude cannot honour: a
 # request that sets them otherwise than their default gets a 400.
 CHAT_UNSUPPORTED = {"n": 1, "logprobs": False, "top_logprobs": None, "logit_bias": None,
@@ -1475,7 +1497,7 @@ CHAT_IGNORED = ("model", "messages", "stream", "stream_options", "user", "safety
 CHAT_CARRIED = ("max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "tools",
                 "tool_choice", "response_format", "reasoning_effort")
 OPENAI_EFFORTS = {"none": "low", "minimal": "low", "low": "low", "medium": "medium",
-                  "high": "high", "xhigh": "max"}
+                  "high": "high", "xhigh": "xhigh"}
 
 
 def _chat_text(content: Any, where: str, kinds: tuple[str, ...] = ("text",),
@@ -1490,16 +1512,18 @@ def _chat_text(content: Any, where: str, kinds: tuple[str, ...] = ("text",),
 
 
 def _chat_user_blocks(content: Any, where: str) -> list[dict]:
-    """A user message's content as Anthropic blocks (text, base64 or url images)."""
+    """A user message's content as Anthropic blocks (text, base64 or url images);
+    blank text is left out (see `_add_openai_message`)."""
     if isinstance(content, str):
-        return [{"type": "text", "text": content}]
+        return [{"type": "text", "text": content}] if content.strip() else []
     _require(isinstance(content, list), f"{where}.content: must be a string or a list of parts.")
     blocks = []
     for i, part in enumerate(content):
         at = f"{where}.content.{i}"
         _require(isinstance(part, dict), f"{at}: must be an object.")
         if part.get("type") == "text" and isinstance(part.get("text"), str):
-            blocks.append({"type": "text", "text": part["text"]})
+            if part["text"].strip():
+                blocks.append({"type": "text", "text": part["text"]})
             continue
         _require(part.get("type") == "image_url", f"{at}.type: must be 'text' or 'image_url'.")
         image = part.get("image_url")
@@ -1516,9 +1540,21 @@ def _chat_user_blocks(content: Any, where: str) -> list[dict]:
     return blocks
 
 
+def _add_openai_message(messages: list[dict], role: str, blocks: list[dict], where: str,
+                        last: bool) -> None:
+    """Append a converted OpenAI message. OpenAI accepts blank text (clients send empty
+    messages, and echo Claude's blank text beside tool calls); the Messages API
+    refuses it, so blank text is left out, and a message of nothing but blank text
+    too, unless it is the question itself."""
+    if blocks:
+        append_turn(messages, role, blocks)
+    else:
+        _require(not last or role == "assistant",
+                 f"{where}.content: is blank; Claude needs something to answer.")
+
+
 def _chat_assistant_blocks(message: dict, where: str) -> list[dict]:
-    """An assistant message's text and tool calls; none when it is blank (clients echo
-    Claude's blank text beside tool calls, which the Messages API refuses)."""
+    """An assistant message's text and tool calls (blank text left out)."""
     content = message.get("content")
     text = "" if content is None else _chat_text(content, where)
     blocks = [{"type": "text", "text": text}] if text.strip() else []
@@ -1633,8 +1669,8 @@ def chat_request_to_turn(body: dict, default_model: str, caller: str = "") -> Tu
         else:
             raise InvalidRequest(f"{where}.role: must be system, developer, user, "
                                  "assistant or tool.")
-        if blocks:
-            append_turn(converted, "assistant" if role == "assistant" else "user", blocks)
+        _add_openai_message(converted, "assistant" if role == "assistant" else "user",
+                            blocks, where, i == len(messages) - 1)
     return openai_turn(body, system, converted, default_model, caller)
 
 
@@ -1716,6 +1752,15 @@ def _response_user_blocks(content: Any, where: str) -> list[dict]:
     return _chat_user_blocks(parts, where)
 
 
+def answer_as_history(message: dict) -> list[dict]:
+    """A stored answer as a later request's history holds it: without the blank text
+    the Messages API refuses in a request (Claude may write "\n\n" before a tool
+    call), and no message at all for a blank answer."""
+    content = [block for block in message["content"]
+               if block.get("type") != "text" or block.get("text", "").strip()]
+    return [{"role": "assistant", "content": content}] if content else []
+
+
 def responses_request_to_turn(body: dict, default_model: str, caller: str = "",
                               previous: list[dict] | None = None) -> Turn:
     """Validate a Responses request and make it a Turn; `previous` is the stored
@@ -1739,14 +1784,15 @@ def responses_request_to_turn(body: dict, default_model: str, caller: str = "",
             if role in ("system", "developer"):
                 system.append(_response_text(item.get("content"), where))
             elif role == "user":
-                append_turn(messages, "user", _response_user_blocks(item.get("content"), where))
+                _add_openai_message(messages, "user",
+                                    _response_user_blocks(item.get("content"), where), where,
+                                    i == len(items) - 1)
             else:
                 _require(role == "assistant",
                          f"{where}.role: must be user, assistant, system or developer.")
-                blocks = _chat_assistant_blocks(
-                    {"content": _response_text(item.get("content"), where)}, where)
-                if blocks:
-                    append_turn(messages, "assistant", blocks)
+                _add_openai_message(messages, "assistant", _chat_assistant_blocks(
+                    {"content": _response_text(item.get("content"), where)}, where), where,
+                    i == len(items) - 1)
         elif kind == "function_call":
             _require(all(isinstance(item.get(k), str) for k in ("call_id", "name", "arguments")),
                      f"{where}: a function_call needs call_id, name and arguments.")
@@ -1910,14 +1956,13 @@ class ResponseTranslator:
 
     def response(self, status: str = "completed") -> dict:
         message = self.assembler.message or {}
-        incomplete = message.get("stop_reason") == "max_tokens"
-        if status == "completed" and incomplete:
+        reason = INCOMPLETE_REASONS.get(message.get("stop_reason"))
+        if status == "completed" and reason:
             status = "incomplete"
         echoed = {key: self.request.get(key) for key in self.ECHOED}
         return {"id": self.response_id, "object": "response", "created_at": self.created,
                 "status": status, "error": None, "model": message.get("model", ""),
-                "incomplete_details": {"reason": "max_output_tokens"}
-                if status == "incomplete" else None,
+                "incomplete_details": {"reason": reason} if status == "incomplete" else None,
                 "output": self.items if status != "in_progress" else [],
                 **echoed, "tools": echoed["tools"] or [], "metadata": echoed["metadata"] or {},
                 "tool_choice": echoed["tool_choice"] or "auto",
@@ -1951,9 +1996,13 @@ class ResponseTranslator:
         `response.failed` with what had arrived."""
         code = err.openai_code or ("rate_limit_exceeded" if err.status == 429 else
                                    "server_error")
+        # A stream whose head went out on a ping has not begun the response yet.
+        begun = [] if self.sequence else [
+            self._event("response.created", response=self.response("in_progress")),
+            self._event("response.in_progress", response=self.response("in_progress"))]
         failed = dict(self.response("failed"), error={"code": code, "message": err.message})
-        return [self._event("error", code=code, message=err.message, param=None),
-                self._event("response.failed", response=failed)]
+        return begun + [self._event("error", code=code, message=err.message, param=None),
+                        self._event("response.failed", response=failed)]
 
     def _start(self, index: int, block: dict) -> list[dict]:
         position = len(self.items)
@@ -2048,8 +2097,8 @@ RATE_LIMIT_WINDOWS = {
     "seven_day_sonnet": "weekly Sonnet", "overage": "extra-usage",
 }
 LOGIN_HINT = ("The proxy's Claude login is missing or was rejected. On the proxy's host run "
-              "`claude login` (or `claude setup-token` and set CLAUDE_CODE_OAUTH_TOKEN), "
-              "then retry.")
+              "`python claude_sdk_proxy.py login` (headless: `claude setup-token` where you "
+              "can log in, then start the proxy with CLAUDE_CODE_OAUTH_TOKEN), then retry.")
 _API_ERROR_RE = re.compile(r"API Error: (?:(\d{3}) )?(.*?)(?:\.? This is a server-side issue.*)?$",
                            re.S)
 
@@ -2094,6 +2143,10 @@ def cli_environment(turn: Turn) -> dict[str, str]:
         # Nor a "<total_tokens>N tokens left" note after the client's tool results
         # (the CLI's default for some models, 4.x among them).
         "CLAUDE_CODE_TOTAL_TOKENS_REMINDER": "off",
+        # A stream the upstream cuts is an error for the client, as from the API; the
+        # CLI would ask again without streaming, and stay on an answer the client
+        # only saw the start of.
+        "CLAUDE_CODE_DISABLE_NONSTREAMING_FALLBACK": "1",
         # The client's parameters, merged last into every upstream body.
         "CLAUDE_CODE_EXTRA_BODY": json.dumps(turn.params, separators=(",", ":")),
     }
@@ -2299,9 +2352,10 @@ def cli_options(turn: Turn, config: Config, now: dt.datetime,
 
 def agent_permissions(directory: str) -> list[str]:
     """Permission rules of agent mode: file tools inside the directory only (any
-    other path needs an approval nobody can give), the rest allowed."""
+    other path needs an approval nobody can give), the rest allowed. The CLI applies
+    Read rules to Glob and Grep too; a bare "Glob" or "Grep" would allow any path."""
     inside = "/" + os.path.join(os.path.abspath(directory), "**")    # "//abs/path/**"
-    return [f"Read({inside})", f"Edit({inside})", f"Write({inside})", "Glob", "Grep",
+    return [f"Read({inside})", f"Edit({inside})", f"Write({inside})",
             "Bash", "WebFetch", "WebSearch"]
 
 
@@ -2517,7 +2571,9 @@ class CliProcess:
         if self._process is None or self._process.returncode is not None:
             return False
         self._stopping = True
-        self.frozen = False                 # a killed CLI is not continued
+        if self.frozen:                     # a killed CLI is not continued, nor its pid
+            self.frozen = False             # (soon someone else's) by the watchdog
+            tell_watchdog(f"-{self._process.pid}\n")
         # What the CLI started (agent mode's shells) must not outlive it.
         for pid in [*descendants(self._process.pid), self._process.pid]:
             with contextlib.suppress(OSError):
@@ -3450,8 +3506,7 @@ async def handle_responses(app: App, request: Request, out: Responder) -> None:
                 raise BadGateway("The upstream returned no message.")
     if body.get("store") is not False:
         app.responses.put(translator.response_id, request.caller, turn.history + [
-            turn.prompt, {"role": "assistant",
-                          "content": translator.assembler.message["content"]}])
+            turn.prompt, *answer_as_history(translator.assembler.message)])
     if turn.stream:
         await out.end_stream()
     else:
@@ -3617,15 +3672,21 @@ class Connection:
     async def write(self, data: bytes) -> None:
         """Send bytes; raise ClientGone if the client has left, or has read nothing
         for send_timeout_s (it would hold its CLI and its slot until the request
-        timeout)."""
+        timeout). A slow reader is waited for as long as it reads."""
         if self.writer.is_closing():
             raise ClientGone
+        transport = self.writer.transport
         try:
             self.writer.write(data)
-            await asyncio.wait_for(self.writer.drain(), self.config.send_timeout_s)
-        except asyncio.TimeoutError:        # an OSError since 3.11: caught first
-            self.writer.transport.abort()   # close() would wait to send the rest
-            raise ClientGone from None
+            while True:
+                unsent = transport.get_write_buffer_size()
+                try:
+                    await asyncio.wait_for(self.writer.drain(), self.config.send_timeout_s)
+                    return
+                except asyncio.TimeoutError:    # an OSError since 3.11: caught first
+                    if transport.get_write_buffer_size() >= unsent:
+                        transport.abort()       # close() would wait to send the rest
+                        raise ClientGone from None
         except (ConnectionError, OSError) as exc:
             raise ClientGone from exc
 
@@ -3932,7 +3993,8 @@ def login(config: Config, extra: list[str]) -> int:
     """`login`: the CLI's own sign-in, in this terminal."""
     binary = cli_binary(config)
     if binary is None:
-        print("No Claude Code CLI found: pip install claude-agent-sdk.", file=sys.stderr)
+        print("No Claude Code CLI found: pip install claude-agent-sdk==0.2.188.",
+              file=sys.stderr)
         return 2
     print(LOGIN_HELP)
     import subprocess
@@ -3949,7 +4011,7 @@ def doctor(config: Config) -> int:
     checks += [("note", True, warning) for warning in warnings]
     versions = sdk_versions()
     checks.append(("claude-agent-sdk", sdk is not None,
-                   versions["sdk"] or "missing: pip install claude-agent-sdk"))
+                   versions["sdk"] or "missing: pip install claude-agent-sdk==0.2.188"))
     binary = cli_binary(config)
     checks.append(("Claude Code CLI", binary is not None,
                    f"{versions['cli'] or '?'} at {binary}" if binary else "not found"))
@@ -4030,7 +4092,7 @@ def main(argv: list[str] | None = None) -> int:
     if not config.debug:
         logging.getLogger("claude_agent_sdk").setLevel(logging.WARNING)
     if sdk is None:
-        print("claude-agent-sdk is not installed: `pip install claude-agent-sdk`, or run "
+        print("claude-agent-sdk is not installed: `pip install claude-agent-sdk==0.2.188`, or run "
               "`pipx run claude_sdk_proxy.py`.", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="claude-sdk-proxy-") as workdir:

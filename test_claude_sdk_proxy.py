@@ -732,7 +732,8 @@ class HttpWireTest(PureAssertions, unittest.TestCase):
         self.assertEqual((head.header("X-API-KEY"), head.header("nope", "dflt")), ("k1", "dflt"))
 
     def test_leading_empty_lines_are_ignored(self):
-        head = proxy.parse_request_head(b"\r\n\r\nGET /v1/models HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        head = proxy.parse_request_head(
+            b"\r\n\r\nGET /v1/models HTTP/1.0\r\nHost: localhost\r\n\r\n")
         self.assertEqual((head.method, head.path, head.version, head.headers),
                          ("GET", "/v1/models", "HTTP/1.0", [("host", "localhost")]))
 
@@ -942,7 +943,8 @@ class AuthAndModelsTest(PureAssertions, unittest.TestCase):
             ((), "sekret", missing), ((b"Authorization: Basic sekret",), "sekret", missing),
             # Any text may be a key: the client sends its UTF-8 bytes.
             (("X-Api-Key: clé-ключ".encode(),), "clé-ключ", None),
-            (("X-Api-Key: clé".encode("latin-1"),), "clé", "Invalid API key.")]
+            (("X-Api-Key: clé".encode("latin-1"),), "clé", "Invalid API key."),
+            (("X-Api-Key: à".encode(),), "à", None)]     # its last byte is latin-1's NBSP
         for lines, expected_key, message in table:
             with self.subTest(lines=lines, expected=expected_key):
                 head = proxy.parse_request_head(raw_head(*lines))
@@ -965,7 +967,15 @@ class AuthAndModelsTest(PureAssertions, unittest.TestCase):
             ((b"Host: evil.example:3456", b"Origin: http://evil.example:3456"), False),
             ((b"Host: evil.example:3456",), False),
             ((b"Host: 127.0.0.1:3456", b"Origin: null"), False),     # a sandboxed page
-            ((b"Host: [::1",), False), ((b"Host: 127.0.0.1.evil.example",), False)]
+            ((b"Host: [::1",), False), ((b"Host: 127.0.0.1.evil.example",), False),
+            ((b"Host: evil.local",), False),
+            # Names no one can register, addresses, and apps' own origins.
+            ((b"Host: host.docker.internal:3456",), True), ((b"Host: localhost.",), True),
+            ((b"Host: app.localhost",), True), ((b"Host: 192.168.1.5:3456",), True),
+            ((b"Host: 0.0.0.0:3456",), True), ((b"Host: [::ffff:127.0.0.1]:3456",), True),
+            ((b"Host:",), True), ((b"Host: localhost", b"Origin: app://obsidian.md"), True),
+            ((b"Host: localhost", b"Origin: vscode-webview://abc"), True),
+            ((b"Host: localhost", b"Origin: HTTPS://evil.example"), False)]
         for lines, answered in table:
             with self.subTest(lines=lines):
                 head = proxy.parse_request_head(raw_head(*lines))
@@ -1553,8 +1563,8 @@ class OpenAITranslationTest(PureAssertions, unittest.TestCase):
             {"type": "tool_result", "tool_use_id": "call_2", "content": "noon"},
             text_block("thanks")]})
 
-    def test_blank_assistant_text_is_left_out_as_the_messages_api_requires(self):
-        # Clients echo Claude's blank text beside tool calls, and empty replies.
+    def test_blank_text_is_left_out_as_the_messages_api_requires(self):
+        # Clients echo Claude's blank text beside tool calls, and send empty messages.
         call = {"id": "call_1", "type": "function",
                 "function": {"name": "now", "arguments": "{}"}}
         turn = proxy.chat_request_to_turn(chat_body(messages=[
@@ -1569,9 +1579,22 @@ class OpenAITranslationTest(PureAssertions, unittest.TestCase):
         responses = proxy.responses_request_to_turn({"model": "m", "input": [
             {"role": "user", "content": "a"},
             {"role": "assistant", "content": [{"type": "output_text", "text": " "}]},
-            {"role": "user", "content": "b"}]}, "sonnet")
+            {"role": "user", "content": ""},
+            {"role": "user", "content": [{"type": "input_text", "text": "\n"},
+                                         {"type": "input_text", "text": "b"}]}]}, "sonnet")
         self.assertEqual((responses.history, responses.prompt["content"]),
                          ([], [text_block("a"), text_block("b")]))
+        for blank in ("", [{"type": "text", "text": " "}]):      # nothing to answer
+            self.assertProxyError(INV, proxy.chat_request_to_turn, chat_body(messages=[
+                {"role": "user", "content": "a"}, {"role": "user", "content": blank}]),
+                "sonnet", message="messages.1.content: is blank; Claude needs something "
+                                  "to answer.")
+        stored = proxy.answer_as_history({"content": [
+            {"type": "text", "text": "\n\n"}, {"type": "tool_use", "id": "t", "name": "n",
+                                               "input": {}}]})
+        self.assertEqual(stored, [{"role": "assistant", "content": [
+            {"type": "tool_use", "id": "t", "name": "n", "input": {}}]}])
+        self.assertEqual(proxy.answer_as_history({"content": [text_block("")]}), [])
 
     def test_parameters_become_carried_params(self):
         tools = {"tools": CHAT_TOOLS}
@@ -1607,7 +1630,7 @@ class OpenAITranslationTest(PureAssertions, unittest.TestCase):
             ({"response_format": {"type": "text"}, "max_tokens": 5}, {"max_tokens": 5}),
             ({"reasoning_effort": "minimal"}, {"output_config": {"effort": "low"}}),
             ({"reasoning_effort": "none"}, {"output_config": {"effort": "low"}}),
-            ({"reasoning_effort": "xhigh"}, {"output_config": {"effort": "max"}}),
+            ({"reasoning_effort": "xhigh"}, {"output_config": {"effort": "xhigh"}}),
             ({"reasoning_effort": "high", "response_format": {"type": "json_object"}},
              {"output_config": {**fmt["output_config"], "effort": "high"}}),
             ({"store": False, "metadata": {"k": "v"}, "service_tier": "auto", "seed": None,
@@ -1804,7 +1827,8 @@ class OpenAITranslationTest(PureAssertions, unittest.TestCase):
                 done = translator.feed({"type": "message_delta", "delta": {"stop_reason": stop}})
                 self.assertEqual(done[0]["choices"][0]["finish_reason"], finish)
         self.assertEqual(set(proxy.FINISH_REASONS) - {"end_turn", "stop_sequence", "max_tokens",
-                                                      "tool_use", "pause_turn", "refusal"}, set())
+                                                      "tool_use", "pause_turn", "refusal",
+                                                      "model_context_window_exceeded"}, set())
 
     def test_error_to_openai(self):
         for err, kind in [(proxy.InvalidRequest("bad"), "invalid_request_error"),
@@ -2213,7 +2237,8 @@ class MessagesEndToEndTest(ApiAssertions, unittest.TestCase):
         with self.assertRaises(anthropic.AuthenticationError) as caught:
             self.client.messages.create(model="claude-sonnet-5-5", max_tokens=10,
                                         messages=[{"role": "user", "content": "[[error 401]]"}])
-        self.assertIn("claude login", caught.exception.body["error"]["message"])
+        self.assertIn("python claude_sdk_proxy.py login",
+                      caught.exception.body["error"]["message"])
 
     def test_validation_errors_are_precise_400s(self):
         cases = [
@@ -2284,7 +2309,8 @@ class MessagesEndToEndTest(ApiAssertions, unittest.TestCase):
                 self.assertEqual(error["error"]["type"], error_type)
 
     def test_health_reports_versions(self):
-        raw = raw_exchange(self.proxy.port, b"GET / HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+        raw = raw_exchange(self.proxy.port, b"GET / HTTP/1.1\r\nhost: localhost\r\n"
+                                            b"connection: close\r\n\r\n")
         info = json.loads(raw.partition(b"\r\n\r\n")[2])
         self.assertEqual(info["status"], "ok")
         self.assertEqual(info["versions"]["sdk"], proxy.sdk.__version__)
@@ -2328,10 +2354,10 @@ class StreamPacingTest(unittest.TestCase):
         client = self.proxy.openai_client()
         events = list(client.responses.create(model="sonnet", input="[[delay 1]] [[drop]]",
                                               stream=True))
-        # Whether the upstream's message_start got out before the drop is the CLI's race.
-        self.assertIn([e.type for e in events][:-2], ([], ["response.created",
-                                                          "response.in_progress"]))
-        self.assertEqual([e.sequence_number for e in events], list(range(len(events))))
+        # Begun, whether or not the upstream's message_start got out before the drop.
+        self.assertEqual([(e.type, e.sequence_number) for e in events],
+                         [("response.created", 0), ("response.in_progress", 1), ("error", 2),
+                          ("response.failed", 3)])
         error, failed = events[-2], events[-1]
         self.assertEqual((error.type, error.code, failed.type, failed.response.status,
                           failed.response.error.code),
@@ -2455,8 +2481,8 @@ class LifecycleTest(ApiAssertions, unittest.TestCase):
         stalled.connect(("127.0.0.1", server.port))
         stalled.sendall(f"POST /v1/messages HTTP/1.1\r\nhost: localhost\r\ncontent-length: "
                         f"{len(body)}\r\n\r\n{body}".encode())
-        self.assertTrue(wait_until(lambda: any(
-            "[[json" in ScriptedUpstream.last_text(r["body"]) for r in UPSTREAM.messages_requests())))
+        self.assertTrue(wait_until(lambda: any("[[json" in ScriptedUpstream.last_text(r["body"])
+                                               for r in UPSTREAM.messages_requests())))
         started = time.monotonic()
         answer = server.client().messages.create(           # queued behind the stalled one
             model="claude-sonnet-5-5", max_tokens=10, messages=[{"role": "user", "content": "hi"}])
@@ -2556,11 +2582,15 @@ class LifecycleTest(ApiAssertions, unittest.TestCase):
         server = ProxyThread()
         self.addCleanup(server.stop)
         client = server.client()
+        UPSTREAM.clear()
         with self.assertRaises(anthropic.APIStatusError) as caught:
             client.messages.create(model="sonnet", max_tokens=10,
                                    messages=[{"role": "user", "content": "[[drop]]"}])
         self.assertGreaterEqual(caught.exception.status_code, 500)
         self.assertEqual(caught.exception.body["type"], "error")
+        # One call, as with the API: the CLI would ask again without streaming.
+        self.assertEqual([r["body"].get("stream") for r in UPSTREAM.messages_requests()],
+                         [True])
         self.assertEqual(client.messages.create(model="sonnet", max_tokens=10, messages=[
             {"role": "user", "content": "fine"}]).content[0].text, UPSTREAM_TEXT)
         self.assertTrue(wait_until(lambda: len(cli_children()) <= 1), cli_children())
@@ -2701,7 +2731,8 @@ class HttpProtocolTest(unittest.TestCase):
 
     def test_oversized_body_is_413_before_it_is_read(self):
         with socket.create_connection(("127.0.0.1", self.proxy.port), timeout=10) as sock:
-            sock.sendall(b"POST /v1/messages HTTP/1.1\r\nhost: localhost\r\nexpect: 100-continue\r\n"
+            sock.sendall(b"POST /v1/messages HTTP/1.1\r\nhost: localhost\r\n"
+                         b"expect: 100-continue\r\n"
                          b"content-length: 5000\r\n\r\n")
             status, headers, data = read_response(sock.makefile("rb"))
         self.assertEqual(status, 413)
@@ -2775,7 +2806,8 @@ class HttpProtocolTest(unittest.TestCase):
             self.assertTrue(closed_by_server(sock), "the oldest sockets made room")
 
     def test_head_gets_headers_without_body(self):
-        raw = raw_exchange(self.proxy.port, b"HEAD / HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+        raw = raw_exchange(self.proxy.port, b"HEAD / HTTP/1.1\r\nhost: localhost\r\n"
+                                            b"connection: close\r\n\r\n")
         head, _, rest = raw.partition(b"\r\n\r\n")
         self.assertTrue(head.startswith(b"HTTP/1.1 200 "))
         self.assertIn(b"content-length: ", head)
@@ -3094,6 +3126,25 @@ class WarmSessionTest(ApiAssertions, unittest.TestCase):
         self.assertTrue(wait_until(lambda: process_state(pid) == "T"), process_state(pid))
         client.delete(f"/sessions/{session['id']}", cast_to=object)
         self.assertTrue(wait_until(lambda: not cli_children()), "a stopped CLI still exits")
+
+    def test_the_watchdog_forgets_a_stopped_cli_that_is_killed(self):
+        # Else, when the proxy exits, it would continue whatever process got the pid.
+        server = ProxyThread(max_spares=0, max_sessions=1, max_concurrent=1)
+        self.addCleanup(server.stop)
+        client = server.client()
+        self.chat(client, [{"role": "user", "content": "first"}])
+        [pid] = cli_children()
+        self.assertTrue(wait_until(lambda: process_state(pid) == "T"), process_state(pid))
+        told = []
+
+        def tell(line):
+            told.append(line.strip())
+            return real_tell(line)
+        real_tell, proxy.tell_watchdog = proxy.tell_watchdog, tell
+        self.addCleanup(setattr, proxy, "tell_watchdog", real_tell)
+        self.chat(client, [{"role": "user", "content": "another"}], system="another app")
+        self.assertTrue(wait_until(lambda: pid not in cli_children()), "evicted at the cap")
+        self.assertEqual(told[0], f"-{pid}")
 
     def test_only_the_recent_shapes_are_remembered(self):
         engine = proxy.Engine(proxy.Config(max_spares=2))
@@ -3423,12 +3474,18 @@ class AgentModeTest(unittest.TestCase):
                              {t["name"] for t in first["body"]["tools"]})
         [result] = conversation(second["body"])[-1]["content"]
         self.assertFalse(result.get("is_error"))
-        UPSTREAM.clear()
-        outside = server.client().messages.create(model="sonnet", max_tokens=100, messages=[
-            {"role": "user", "content": '[[builtin Read {"file_path": "/etc/hostname"}]]'}])
-        [result] = conversation(UPSTREAM.messages_requests()[1]["body"])[-1]["content"]
-        self.assertTrue(result.get("is_error"), result)
-        self.assertEqual(outside.stop_reason, "end_turn")
+        for call in ('Read {"file_path": "/etc/hostname"}',
+                     'Grep {"pattern": "root", "path": "/etc/passwd"}',
+                     'Glob {"pattern": "*", "path": "/etc"}'):
+            with self.subTest(call=call):
+                UPSTREAM.clear()
+                outside = server.client().messages.create(
+                    model="sonnet", max_tokens=100,
+                    messages=[{"role": "user", "content": f"[[builtin {call}]]"}])
+                [result] = conversation(UPSTREAM.messages_requests()[1]["body"])[-1]["content"]
+                self.assertTrue(result.get("is_error"), result)
+                self.assertIn("haven't granted", result["content"])
+                self.assertEqual(outside.stop_reason, "end_turn")
 
 
     def test_at_the_cap_an_agent_cli_is_evicted_not_recycled(self):
@@ -3872,7 +3929,8 @@ class OpenAIChatTest(OpenAICase):
         body = json.dumps({"model": "sonnet", "stream": True,
                            "messages": [{"role": "user", "content": "raw"}]}).encode()
         raw = raw_exchange(self.server.port, b"POST /v1/chat/completions HTTP/1.1\r\n"
-                           b"Host: localhost\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                           b"Host: localhost\r\nContent-Type: application/json\r\n"
+                           b"Connection: close\r\n"
                            b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         self.assertIn(b"data: [DONE]", raw)
         self.assertNotIn(b"event:", raw)
@@ -3941,6 +3999,20 @@ RESPONSES_WEATHER = {"type": "function", "name": "get_weather",
 
 class OpenAIResponsesTest(OpenAICase):
     """The Responses API through the official openai SDK, on the same engine."""
+
+    def test_answers_cut_short_are_incomplete_or_length_in_both_dialects(self):
+        for stop, finish, reason in (("max_tokens", "length", "max_output_tokens"),
+                                     ("model_context_window_exceeded", "length",
+                                      "max_output_tokens"),
+                                     ("refusal", "content_filter", "content_filter")):
+            with self.subTest(stop=stop):
+                response = self.client.responses.create(model="sonnet",
+                                                        input=f"[[stop {stop}]] go")
+                self.assertEqual((response.status, response.incomplete_details.reason),
+                                 ("incomplete", reason))
+                completion = self.client.chat.completions.create(
+                    model="sonnet", messages=[{"role": "user", "content": f"[[stop {stop}]] go"}])
+                self.assertEqual(completion.choices[0].finish_reason, finish)
 
     def test_text_with_instructions_and_usage(self):
         response = self.client.responses.create(model="gpt-5", instructions="Be brief.",
