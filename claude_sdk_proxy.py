@@ -74,7 +74,7 @@ import tempfile
 import time
 import urllib.parse
 import uuid
-from typing import Any, AsyncIterator, Callable, Iterable
+from typing import Any, AsyncIterator, Callable, Iterable, Iterator
 
 __version__ = "0.1.0"
 
@@ -336,9 +336,10 @@ class BadGateway(ProxyError):
     status, error_type = 502, "api_error"
 
 
-class CliWentOn(BadGateway):
-    """A CLI answered a client tool call without the client: the engine starts the
-    turn again on a new CLI, from the transcript."""
+class RetryCold(BadGateway):
+    """The live CLI that was to answer cannot, before it sent anything: it went on
+    past a client tool call without the client, or it died while idle. The engine
+    starts the turn again on a new CLI, from the transcript."""
 
 
 class ServiceUnavailable(ProxyError):
@@ -2722,18 +2723,53 @@ def reap_orphans() -> int:
             if not marks:
                 continue
             owner = int(marks[0].split(b"=", 1)[1])
-            if owner == os.getpid():
+            if owner == os.getpid() or _pid_alive(owner):
                 continue
-            try:
-                os.kill(owner, 0)
-                continue                # its proxy is alive
-            except ProcessLookupError:
-                pass
             os.kill(pid, signal.SIGKILL)
             reaped += 1
         except (OSError, ValueError):
             continue
     return reaped
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:                     # another user's: alive
+        pass
+    return True
+
+
+TEMP_PREFIX = "claude-sdk-proxy-"
+
+
+@contextlib.contextmanager
+def private_temp() -> Iterator[str]:
+    """The CLIs' working directory, inside a directory of this process's own, which
+    also takes the SDK's and the CLIs' temporary files (a resumed CLI's config
+    directory holds the conversation and a copy of the login); removed at exit.
+    What a crashed earlier run left (its pid is in the name) is removed first."""
+    system = tempfile.gettempdir()
+    for name in os.listdir(system):
+        found = re.fullmatch(re.escape(TEMP_PREFIX) + r"(\d+)-\w+", name)
+        if found and not _pid_alive(int(found.group(1))):
+            shutil.rmtree(os.path.join(system, name), ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix=f"{TEMP_PREFIX}{os.getpid()}-") as root:
+        workdir, tempfile.tempdir = os.path.join(root, "cwd"), os.path.join(root, "tmp")
+        os.mkdir(workdir)
+        os.mkdir(tempfile.tempdir)
+        previous = os.environ.get("TMPDIR")
+        os.environ["TMPDIR"] = tempfile.tempdir         # the CLIs inherit it
+        try:
+            yield workdir
+        finally:
+            tempfile.tempdir = None
+            if previous is None:
+                del os.environ["TMPDIR"]
+            else:
+                os.environ["TMPDIR"] = previous
 
 
 # A stopped CLI cannot see its stdin close when the proxy dies. So each proxy
@@ -2947,7 +2983,7 @@ class Engine:
                         async for item in items:
                             yield item
                     return
-                except CliWentOn:       # before anything was yielded: once more, cold
+                except RetryCold:       # before anything was yielded: once more, cold
                     if last_try:
                         raise
         finally:
@@ -2959,6 +2995,9 @@ class Engine:
         session = None
         names = client_tool_names(turn.tools)
         held = conversation_hash(turn.history)      # what a live session must hold
+        whole = None                # the digest to keep it under, once the answer is whole
+        state: dict = {"builtin": set(AGENT_TOOLS) if self.config.agent_dir else set()}
+        assembler, spawned = MessageAssembler(), True
         try:
             session, results, spawned = await self._session_for(turn, held.hexdigest())
             if results is None:
@@ -2969,13 +3008,11 @@ class Engine:
                 session.process.parked = False
                 session.broker.deliver(results)
                 session.broker.begin()
-            assembler = MessageAssembler()
             complete = False
-            state: dict = {"builtin": set(AGENT_TOOLS) if self.config.agent_dir else set()}
             agent = AgentStream(state["builtin"])
             async for message in session.process.receive():
                 if session.broker.broken and assembler.message is None:
-                    raise CliWentOn("The Claude Code CLI went on without the client's "
+                    raise RetryCold("The Claude Code CLI went on without the client's "
                                     "tool results.")
                 items = turn_items(message, state)
                 if items and items[0][0] == "kill":
@@ -2990,6 +3027,10 @@ class Engine:
                         yield kind, event
                 if state.get("killed"):
                     return
+                if state.get("complete") and not state.get("tool_use") and whole is None:
+                    whole = conversation_hash([turn.prompt, {
+                        "role": "assistant", "content": assembler.message["content"]}],
+                        held).hexdigest()
                 complete = isinstance(message, sdk.ResultMessage) or \
                     bool(state.get("complete") and state.get("tool_use"))
                 if complete and state.get("tool_use"):
@@ -3003,9 +3044,38 @@ class Engine:
                 answered = [turn.prompt, {"role": "assistant", "content": content}]
                 self._park(session, conversation_hash(answered, held).hexdigest())
                 session = None
+        except ProxyError as err:
+            # A live CLI can die while idle (the OOM killer, a kill) a moment before
+            # anything notices: its turn goes to a new CLI, as a moment later it would.
+            if session is not None and not spawned and assembler.message is None and \
+                    not isinstance(err, RetryCold) and not session.process.alive:
+                raise RetryCold("The live Claude Code CLI had exited.") from err
+            raise
         finally:
-            if session is not None:
+            if session is not None and whole is not None and not state.get("killed"):
+                # The client left once the answer was whole (a stream read up to its
+                # message_stop): the CLI is still on its way to its result.
+                self._in_background(self._finish(session, whole))
+            elif session is not None:
                 self._retire(session)
+
+    async def _finish(self, session: LiveSession, digest: str) -> None:
+        """Read a CLI whose answer is whole on to its result, then keep it (killed if
+        it does anything else, such as another upstream call)."""
+        async def to_the_result() -> bool:
+            async for message in session.process.receive():
+                if isinstance(message, sdk.StreamEvent) or \
+                        isinstance(message, sdk.ResultMessage) and message.is_error:
+                    return False
+            return True
+        try:
+            finished = await asyncio.wait_for(to_the_result(), CLI_CLOSE_TIMEOUT_S)
+        except (asyncio.TimeoutError, ProxyError):
+            finished = False
+        if finished:
+            self._park(session, digest)
+        else:
+            self._retire(session)
 
     async def _acquire_slot(self) -> None:
         if not self._slots.locked():    # wait_for(..., 0) would time out even so
@@ -4095,7 +4165,7 @@ def main(argv: list[str] | None = None) -> int:
         print("claude-agent-sdk is not installed: `pip install claude-agent-sdk==0.2.188`, or run "
               "`pipx run claude_sdk_proxy.py`.", file=sys.stderr)
         return 2
-    with tempfile.TemporaryDirectory(prefix="claude-sdk-proxy-") as workdir:
+    with private_temp() as workdir:
         config = dataclasses.replace(config, workdir=workdir)
 
         def ready(port: int) -> None:

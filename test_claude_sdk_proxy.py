@@ -14,6 +14,7 @@ upstream received. The upstream is steered by markers in the last user text:
   [[hang]]              send message_start, then pings until the client hangs up
   [[drop]]              send message_start, then cut the connection
   [[stop max_tokens]]   end with that stop_reason
+  [[linger 2]]          hold the end of the response that long after message_stop
   [[tool NAME {json}]]  call the client tool NAME with that input (several: parallel)
   [[builtin NAME {json}]]  call the tool NAME as named, offered or not (agent mode)
   [[json {...}]]        answer with exactly that JSON text
@@ -90,7 +91,7 @@ class ScriptedUpstream:
             def do_POST(self):
                 length = int(self.headers.get("content-length") or 0)
                 raw = self.rfile.read(length)
-                body = json.loads(raw) if raw else {}
+                body = self.body = json.loads(raw) if raw else {}
                 with upstream.lock:
                     upstream.requests.append({"path": self.path, "headers": dict(self.headers),
                                               "body": body})
@@ -244,6 +245,9 @@ class ScriptedUpstream:
                 self.cut.set()
                 raise
         event("message_stop", {"type": "message_stop"})
+        linger = re.search(r"\[\[linger ([0-9.]+)\]\]", self.last_text(handler.body))
+        if linger:
+            time.sleep(float(linger.group(1)))    # scripted slowness, not synchronisation
         handler.wfile.write(b"0\r\n\r\n")
 
     def answer_tool_calls(self, event, body, calls, handler):
@@ -2627,6 +2631,35 @@ class LifecycleTest(ApiAssertions, unittest.TestCase):
         self.assertTrue(wait_until(lambda: all(process_state(pid) in ("", "Z") for pid in clis),
                                    timeout=30), [process_state(pid) for pid in clis])
 
+    def test_what_a_killed_proxy_left_on_disk_goes_at_the_next_start(self):
+        # A resumed CLI's config directory holds the conversation and a login copy.
+        tmp = tempfile.mkdtemp(prefix="proxy-test-tmp-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        secret = "kept-on-disk-" + uuid.uuid4().hex
+        server = BenchProxy(tmpdir=tmp, max_spares=0)
+        self.addCleanup(server.process.kill)
+        server.client().messages.create(model="sonnet", max_tokens=10, messages=[
+            {"role": "user", "content": secret}, {"role": "assistant", "content": "a"},
+            {"role": "user", "content": "b"}])
+
+        def files_with_secret():
+            paths = [os.path.join(root, name) for root, _, names in os.walk(tmp)
+                     for name in names]
+            return [path for path in paths if os.path.isfile(path) and
+                    secret.encode() in open(path, "rb").read()]
+        self.assertTrue(files_with_secret(), "the resumed CLI's transcript, while it lives")
+        clis = server.clis()
+        server.process.kill()
+        server.process.wait()
+        self.addCleanup(lambda: [os.kill(pid, signal.SIGKILL) for pid in clis
+                                 if process_state(pid) not in ("", "Z")])
+        restarted = BenchProxy(tmpdir=tmp, max_spares=0)
+        self.addCleanup(restarted.stop)
+        self.assertEqual(files_with_secret(), [])
+        self.assertEqual([name for name in os.listdir(tmp)],
+                         [name for name in os.listdir(tmp)
+                          if name.startswith(f"claude-sdk-proxy-{restarted.process.pid}-")])
+
     def test_sigterm_lets_in_flight_streams_finish_and_exits_zero(self):
         server = ProxyThread()
         client = server.client()
@@ -3126,6 +3159,42 @@ class WarmSessionTest(ApiAssertions, unittest.TestCase):
         self.assertTrue(wait_until(lambda: process_state(pid) == "T"), process_state(pid))
         client.delete(f"/sessions/{session['id']}", cast_to=object)
         self.assertTrue(wait_until(lambda: not cli_children()), "a stopped CLI still exits")
+
+    def test_a_stream_read_up_to_its_message_stop_keeps_its_session_warm(self):
+        # Clients may stop reading there and close: the answer is whole, and the CLI
+        # is still on its way to its result when the request is cancelled.
+        server = ProxyThread(max_spares=0)
+        self.addCleanup(server.stop)
+        ask = [{"role": "user", "content": "[[linger 1]] short"}]
+        body = json.dumps({"model": "claude-sonnet-5-5", "max_tokens": 50, "stream": True,
+                           "messages": ask}).encode()
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(b"POST /v1/messages HTTP/1.1\r\nhost: localhost\r\n"
+                         b"x-api-key: test-key\r\n"           # the same caller as client()
+                         b"content-length: %d\r\n\r\n%s" % (len(body), body))
+            received = b""
+            while b"event: message_stop" not in received:
+                received += sock.recv(65536)
+        history = ask + [{"role": "assistant", "content": UPSTREAM_TEXT}]
+        self.assertTrue(wait_until(lambda: [s["state"] for s in self.sessions(server)] ==
+                                   ["idle"]), self.sessions(server))
+        self.chat(server.client(), history + [{"role": "user", "content": "and then?"}])
+        self.assertEqual(len(set(self.upstream_sessions())), 1, "the same CLI answered")
+
+    def test_a_follow_up_to_a_cli_that_just_died_goes_to_a_new_one(self):
+        # The OOM killer, say, between turns: before the proxy has noticed.
+        server = ProxyThread(max_spares=0)
+        self.addCleanup(server.stop)
+        client = server.client()
+        history = self.chat(client, [{"role": "user", "content": "first"}])
+        [pid] = cli_children()
+        self.assertTrue(wait_until(lambda: process_state(pid) == "T"), process_state(pid))
+        os.kill(pid, signal.SIGKILL)
+        history = self.chat(client, history + [{"role": "user", "content": "second"}])
+        self.assertEqual(len(set(self.upstream_sessions())), 2)
+        self.assertEqual([m["content"] for m in conversation(
+            UPSTREAM.messages_requests()[-1]["body"])][-1][-1]["text"], "second")
+        self.assertEqual(len(conversation(UPSTREAM.messages_requests()[-1]["body"])), 3)
 
     def test_the_watchdog_forgets_a_stopped_cli_that_is_killed(self):
         # Else, when the proxy exits, it would continue whatever process got the pid.
@@ -4144,10 +4213,12 @@ class BenchProxy:
     """The proxy as its own process (as deployed): the bench's client threads must
     not share its interpreter lock."""
 
-    def __init__(self, **env):
+    def __init__(self, tmpdir: str | None = None, **env):
         import subprocess
         environ = dict(os.environ, **{f"CLAUDE_PROXY_{k.upper()}": str(v)
                                       for k, v in env.items()})
+        if tmpdir:
+            environ["TMPDIR"] = tmpdir
         self.process = subprocess.Popen(
             [sys.executable, proxy.__file__, "--port", "0"], env=environ,
             stderr=subprocess.PIPE, text=True)
