@@ -2331,28 +2331,26 @@ class StreamPacingTest(unittest.TestCase):
     def tearDownClass(cls):
         cls.proxy.stop()
 
-    def test_stream_sends_pings_while_the_upstream_is_silent(self):
+    def stream_events(self, text: str) -> tuple[int, list[str]]:
+        """The status and the SSE event names of a Messages stream, read raw."""
         with contextlib.closing(socket.create_connection(("127.0.0.1", self.proxy.port))) as sock:
             body = json.dumps({"model": "claude-sonnet-5-5", "max_tokens": 10, "stream": True,
-                               "messages": [{"role": "user", "content": "[[delay 2]] slow"}]})
+                               "messages": [{"role": "user", "content": text}]})
             sock.sendall(f"POST /v1/messages HTTP/1.1\r\nhost: localhost\r\ncontent-type: "
                          f"application/json\r\ncontent-length: {len(body)}\r\n\r\n{body}".encode())
-            status, headers, data = read_response(sock.makefile("rb"))
+            status, _, data = read_response(sock.makefile("rb"))
+        return status, [event for event, _ in parse_sse(data)]
+
+    def test_stream_sends_pings_while_the_upstream_is_silent(self):
+        status, events = self.stream_events("[[delay 2]] slow")
         self.assertEqual(status, 200)
-        events = [event for event, _ in parse_sse(data)]
         self.assertEqual(events[0], "ping", "the head and a ping go out before the first event")
         self.assertIn("message_start", events)
         self.assertEqual(events[-1], "message_stop")
 
     def test_a_stream_broken_off_ends_in_an_error_never_as_if_complete(self):
         # The CLI ends a stream the upstream cut with a message_stop of its own.
-        with contextlib.closing(socket.create_connection(("127.0.0.1", self.proxy.port))) as sock:
-            body = json.dumps({"model": "claude-sonnet-5-5", "max_tokens": 10, "stream": True,
-                               "messages": [{"role": "user", "content": "[[delay 1]] [[drop]]"}]})
-            sock.sendall(f"POST /v1/messages HTTP/1.1\r\nhost: localhost\r\ncontent-type: "
-                         f"application/json\r\ncontent-length: {len(body)}\r\n\r\n{body}".encode())
-            status, _, data = read_response(sock.makefile("rb"))
-        events = [event for event, _ in parse_sse(data)]
+        status, events = self.stream_events("[[delay 1]] [[drop]]")
         self.assertEqual((status, events[-1]), (200, "error"))
         self.assertNotIn("message_stop", events)
         client = self.proxy.openai_client()
