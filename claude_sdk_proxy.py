@@ -56,6 +56,7 @@ import binascii
 import contextlib
 import dataclasses
 import datetime as dt
+import fcntl
 import functools
 import hashlib
 import hmac
@@ -68,6 +69,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import struct
 import sys
 import tempfile
@@ -336,10 +338,9 @@ class BadGateway(ProxyError):
     status, error_type = 502, "api_error"
 
 
-class RetryCold(BadGateway):
-    """The live CLI that was to answer cannot, before it sent anything: it went on
-    past a client tool call without the client, or it died while idle. The engine
-    starts the turn again on a new CLI, from the transcript."""
+class CliWentOn(BadGateway):
+    """A CLI answered a client tool call without the client: the engine starts the
+    turn again on a new CLI, from the transcript."""
 
 
 class ServiceUnavailable(ProxyError):
@@ -2550,9 +2551,12 @@ class CliProcess:
 
     @property
     def alive(self) -> bool:
-        """True while the CLI can take a turn."""
+        """True while the CLI can take a turn. A CLI that died while idle (the OOM
+        killer, a kill) is a zombie before asyncio reaps it: one taken then would
+        fail its turn, which a new CLI from the transcript answers."""
         return (self._owner is not None and not self._owner.done() and not self._stopping
-                and (self._process is None or self._process.returncode is None))
+                and (self._process is None or (self._process.returncode is None and
+                                               process_exists(self._process.pid))))
 
     def rss_mb(self) -> float | None:
         """The CLI's resident memory, from /proc (Linux), in MB."""
@@ -2689,6 +2693,17 @@ class CliProcess:
 OWNER_ENV = "CLAUDE_SDK_PROXY_PID"
 
 
+def process_exists(pid: int) -> bool:
+    """False once the process has died, zombies included (Linux /proc; elsewhere True)."""
+    if not os.path.isdir("/proc/self"):
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as status:
+            return status.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def _proc_parents() -> dict[int, int]:
     """pid -> parent pid of every process (Linux /proc; empty elsewhere)."""
     parents = {}
@@ -2696,8 +2711,8 @@ def _proc_parents() -> dict[int, int]:
         for entry in os.listdir("/proc"):
             if entry.isdigit():
                 with contextlib.suppress(OSError, IndexError, ValueError):
-                    with open(f"/proc/{entry}/stat") as stat:
-                        parents[int(entry)] = int(stat.read().rsplit(")", 1)[1].split()[1])
+                    with open(f"/proc/{entry}/stat") as status:
+                        parents[int(entry)] = int(status.read().rsplit(")", 1)[1].split()[1])
     return parents
 
 
@@ -2737,39 +2752,66 @@ def _pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except OSError:                     # another user's: alive
+    except (OSError, OverflowError):    # another user's, or no pid at all: not ours
         pass
     return True
 
 
-TEMP_PREFIX = "claude-sdk-proxy-"
+TEMP_PREFIX = "claude-sdk-proxy-run-"
+TEMP_LOCK = "lock"          # held (flock) for the proxy's life: unlockable means left behind
+
+
+def remove_left_temps(system: str) -> None:
+    """Remove the private temp directories of proxies that ended without cleaning up
+    (a crash, SIGKILL): this user's, whose lock nobody holds. A lock, unlike a pid,
+    is right across pid namespaces (containers sharing /tmp) and pid reuse."""
+    try:
+        names = [n for n in os.listdir(system) if n.startswith(TEMP_PREFIX)]
+    except OSError:                         # a temp dir one may write to but not list
+        return
+    for name in names:
+        path = os.path.join(system, name)
+        try:
+            info = os.lstat(path)
+            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+                continue
+            lock = os.open(os.path.join(path, TEMP_LOCK), os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue                        # a live proxy's
+        finally:
+            os.close(lock)
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @contextlib.contextmanager
 def private_temp() -> Iterator[str]:
     """The CLIs' working directory, inside a directory of this process's own, which
     also takes the SDK's and the CLIs' temporary files (a resumed CLI's config
-    directory holds the conversation and a copy of the login); removed at exit.
-    What a crashed earlier run left (its pid is in the name) is removed first."""
+    directory holds the conversation and a copy of the login); removed at exit,
+    or by the next start after a crash."""
     system = tempfile.gettempdir()
-    for name in os.listdir(system):
-        found = re.fullmatch(re.escape(TEMP_PREFIX) + r"(\d+)-\w+", name)
-        if found and not _pid_alive(int(found.group(1))):
-            shutil.rmtree(os.path.join(system, name), ignore_errors=True)
-    with tempfile.TemporaryDirectory(prefix=f"{TEMP_PREFIX}{os.getpid()}-") as root:
+    remove_left_temps(system)
+    previous = tempfile.tempdir, os.environ.get("TMPDIR")
+    with tempfile.TemporaryDirectory(prefix=TEMP_PREFIX) as root:
+        lock = os.open(os.path.join(root, TEMP_LOCK), os.O_CREAT | os.O_RDWR, 0o600)
+        fcntl.flock(lock, fcntl.LOCK_EX)
         workdir, tempfile.tempdir = os.path.join(root, "cwd"), os.path.join(root, "tmp")
         os.mkdir(workdir)
         os.mkdir(tempfile.tempdir)
-        previous = os.environ.get("TMPDIR")
         os.environ["TMPDIR"] = tempfile.tempdir         # the CLIs inherit it
         try:
             yield workdir
         finally:
-            tempfile.tempdir = None
-            if previous is None:
+            tempfile.tempdir = previous[0]
+            if previous[1] is None:
                 del os.environ["TMPDIR"]
             else:
-                os.environ["TMPDIR"] = previous
+                os.environ["TMPDIR"] = previous[1]
+            os.close(lock)
 
 
 # A stopped CLI cannot see its stdin close when the proxy dies. So each proxy
@@ -2939,6 +2981,7 @@ class LiveSession:
     id: str = dataclasses.field(default_factory=lambda: "sess_" + uuid.uuid4().hex[:20])
     digest: str | None = None       # conversation held; None for a spare
     busy: bool = False
+    finishing: bool = False         # busy, but only reading on to a whole answer's result
     turns: int = 0
     last_used: float = dataclasses.field(default_factory=time.monotonic)
 
@@ -2983,7 +3026,7 @@ class Engine:
                         async for item in items:
                             yield item
                     return
-                except RetryCold:       # before anything was yielded: once more, cold
+                except CliWentOn:       # before anything was yielded: once more, cold
                     if last_try:
                         raise
         finally:
@@ -2997,7 +3040,7 @@ class Engine:
         held = conversation_hash(turn.history)      # what a live session must hold
         whole = None                # the digest to keep it under, once the answer is whole
         state: dict = {"builtin": set(AGENT_TOOLS) if self.config.agent_dir else set()}
-        assembler, spawned = MessageAssembler(), True
+        left = False
         try:
             session, results, spawned = await self._session_for(turn, held.hexdigest())
             if results is None:
@@ -3008,11 +3051,12 @@ class Engine:
                 session.process.parked = False
                 session.broker.deliver(results)
                 session.broker.begin()
+            assembler = MessageAssembler()
             complete = False
             agent = AgentStream(state["builtin"])
             async for message in session.process.receive():
                 if session.broker.broken and assembler.message is None:
-                    raise RetryCold("The Claude Code CLI went on without the client's "
+                    raise CliWentOn("The Claude Code CLI went on without the client's "
                                     "tool results.")
                 items = turn_items(message, state)
                 if items and items[0][0] == "kill":
@@ -3044,17 +3088,14 @@ class Engine:
                 answered = [turn.prompt, {"role": "assistant", "content": content}]
                 self._park(session, conversation_hash(answered, held).hexdigest())
                 session = None
-        except ProxyError as err:
-            # A live CLI can die while idle (the OOM killer, a kill) a moment before
-            # anything notices: its turn goes to a new CLI, as a moment later it would.
-            if session is not None and not spawned and assembler.message is None and \
-                    not isinstance(err, RetryCold) and not session.process.alive:
-                raise RetryCold("The live Claude Code CLI had exited.") from err
+        except (GeneratorExit, asyncio.CancelledError):
+            left = True                 # the client went away
             raise
         finally:
-            if session is not None and whole is not None and not state.get("killed"):
+            if session is not None and left and whole is not None and not state.get("killed"):
                 # The client left once the answer was whole (a stream read up to its
                 # message_stop): the CLI is still on its way to its result.
+                session.finishing = True
                 self._in_background(self._finish(session, whole))
             elif session is not None:
                 self._retire(session)
@@ -3072,7 +3113,8 @@ class Engine:
             finished = await asyncio.wait_for(to_the_result(), CLI_CLOSE_TIMEOUT_S)
         except (asyncio.TimeoutError, ProxyError):
             finished = False
-        if finished:
+        session.finishing = False
+        if finished and self.sessions.get(session.id) is session:    # not evicted meanwhile
             self._park(session, digest)
         else:
             self._retire(session)
@@ -3184,9 +3226,9 @@ class Engine:
 
     def _next_evicted(self) -> LiveSession | None:
         """The session that room is made from first: a spare, else the least
-        recently used idle session."""
-        return min((s for s in self.sessions.values() if not s.busy),
-                   key=lambda s: (s.digest is not None, s.last_used), default=None)
+        recently used idle session, else one finishing an answer nobody waits for."""
+        return min((s for s in self.sessions.values() if not s.busy or s.finishing),
+                   key=lambda s: (s.busy, s.digest is not None, s.last_used), default=None)
 
     def _retire(self, session: LiveSession, now: bool = False) -> None:
         """Forget a session and stop its CLI in the background: an idle one may

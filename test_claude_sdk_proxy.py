@@ -2634,9 +2634,9 @@ class LifecycleTest(ApiAssertions, unittest.TestCase):
         tmp = tempfile.mkdtemp(prefix="proxy-test-tmp-")
         self.addCleanup(shutil.rmtree, tmp, True)
         secret = "kept-on-disk-" + uuid.uuid4().hex
-        server = BenchProxy(tmpdir=tmp, max_spares=0)
-        self.addCleanup(server.process.kill)
-        server.client().messages.create(model="sonnet", max_tokens=10, messages=[
+        crashing = BenchProxy(tmpdir=tmp, max_spares=0)
+        self.addCleanup(crashing.process.kill)
+        crashing.client().messages.create(model="sonnet", max_tokens=10, messages=[
             {"role": "user", "content": secret}, {"role": "assistant", "content": "a"},
             {"role": "user", "content": "b"}])
 
@@ -2646,17 +2646,40 @@ class LifecycleTest(ApiAssertions, unittest.TestCase):
             return [path for path in paths if os.path.isfile(path) and
                     secret.encode() in open(path, "rb").read()]
         self.assertTrue(files_with_secret(), "the resumed CLI's transcript, while it lives")
-        clis = server.clis()
-        server.process.kill()
-        server.process.wait()
+        beside = BenchProxy(tmpdir=tmp, max_spares=0)       # a live one's are left alone
+        self.addCleanup(beside.stop)
+        self.assertTrue(files_with_secret())
+        clis = crashing.clis()
+        crashing.process.kill()
+        crashing.process.wait()
         self.addCleanup(lambda: [os.kill(pid, signal.SIGKILL) for pid in clis
                                  if process_state(pid) not in ("", "Z")])
         restarted = BenchProxy(tmpdir=tmp, max_spares=0)
         self.addCleanup(restarted.stop)
         self.assertEqual(files_with_secret(), [])
-        self.assertEqual([name for name in os.listdir(tmp)],
-                         [name for name in os.listdir(tmp)
-                          if name.startswith(f"claude-sdk-proxy-{restarted.process.pid}-")])
+        self.assertEqual(len(os.listdir(tmp)), 2, "the two live proxies' own")
+
+    def test_left_temps_go_only_when_nobody_holds_them(self):
+        import fcntl
+        system = tempfile.mkdtemp(prefix="proxy-test-system-tmp-")
+        self.addCleanup(shutil.rmtree, system, True)
+        outside = tempfile.mkdtemp(prefix="proxy-test-outside-")
+        self.addCleanup(shutil.rmtree, outside, True)
+        for name in ("dead", "live", "no-lock"):
+            os.mkdir(os.path.join(system, proxy.TEMP_PREFIX + name))
+        for where in ("dead", "live"):
+            open(os.path.join(system, proxy.TEMP_PREFIX + where, proxy.TEMP_LOCK), "w").close()
+        open(os.path.join(outside, proxy.TEMP_LOCK), "w").close()
+        os.symlink(outside, os.path.join(system, proxy.TEMP_PREFIX + "link"))
+        held = os.open(os.path.join(system, proxy.TEMP_PREFIX + "live", proxy.TEMP_LOCK),
+                       os.O_RDONLY)
+        self.addCleanup(os.close, held)
+        fcntl.flock(held, fcntl.LOCK_EX)            # as a running proxy holds its own
+        proxy.remove_left_temps(system)
+        self.assertEqual(sorted(os.listdir(system)), [
+            proxy.TEMP_PREFIX + name for name in ("link", "live", "no-lock")])
+        self.assertEqual(os.listdir(outside), [proxy.TEMP_LOCK])
+        proxy.remove_left_temps(os.path.join(system, "missing"))     # nothing to list
 
     def test_sigterm_lets_in_flight_streams_finish_and_exits_zero(self):
         server = ProxyThread()
