@@ -254,6 +254,9 @@ def startup_problems(config: Config, environ: dict) -> tuple[list[str], list[str
             "it would use your Claude subscription. Set CLAUDE_PROXY_API_KEY to a long random "
             "secret (clients send it as x-api-key or Authorization: Bearer), or listen on "
             "127.0.0.1.")
+    if not resolve_model(config.default_model, ""):
+        errors.append(f"CLAUDE_PROXY_DEFAULT_MODEL={config.default_model} names no Claude "
+                      "model: use a Claude model id or opus, sonnet or haiku.")
     if config.agent_dir is not None:
         if not os.path.isdir(config.agent_dir):
             errors.append(f"The agent directory {config.agent_dir} does not exist.")

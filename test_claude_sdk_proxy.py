@@ -598,7 +598,11 @@ class ConfigTest(unittest.TestCase):
             ((), {"ANTHROPIC_BASE_URL": "https://api.anthropic.com"}, ([], [])),
             (("--agent-dir", "/no/such/dir"), {},
              (["The agent directory /no/such/dir does not exist."], ["Agent mode"])),
-            ((), {"CLAUDE_PROXY_AGENT_DIR": tempfile.gettempdir()}, ([], ["Agent mode"]))]
+            ((), {"CLAUDE_PROXY_AGENT_DIR": tempfile.gettempdir()}, ([], ["Agent mode"])),
+            ((), {"CLAUDE_PROXY_DEFAULT_MODEL": "gpt-4o"},
+             (["CLAUDE_PROXY_DEFAULT_MODEL=gpt-4o names no Claude model"], [])),
+            ((), {"CLAUDE_PROXY_DEFAULT_MODEL": "claude-opus-4-1-20250805"}, ([], [])),
+            ((), {"CLAUDE_PROXY_DEFAULT_MODEL": "haiku"}, ([], []))]
         for argv, env, expected in table:
             with self.subTest(argv=argv, env=env):
                 self.assertEqual(problems(argv, env), expected)
