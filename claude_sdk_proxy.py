@@ -2696,13 +2696,18 @@ class CliProcess:
 OWNER_ENV = "CLAUDE_SDK_PROXY_PID"
 
 
+def _proc_stat(pid: int | str) -> list[str]:
+    """The fields of /proc/<pid>/stat after the command name: state, parent pid, ..."""
+    with open(f"/proc/{pid}/stat") as status:
+        return status.read().rsplit(")", 1)[1].split()
+
+
 def process_exists(pid: int) -> bool:
     """False once the process has died, zombies included (Linux /proc; elsewhere True)."""
     if not os.path.isdir("/proc/self"):
         return True
     try:
-        with open(f"/proc/{pid}/stat") as status:
-            return status.read().rsplit(")", 1)[1].split()[0] != "Z"
+        return _proc_stat(pid)[0] != "Z"
     except (OSError, IndexError):
         return False
 
@@ -2714,8 +2719,7 @@ def _proc_parents() -> dict[int, int]:
         for entry in os.listdir("/proc"):
             if entry.isdigit():
                 with contextlib.suppress(OSError, IndexError, ValueError):
-                    with open(f"/proc/{entry}/stat") as status:
-                        parents[int(entry)] = int(status.read().rsplit(")", 1)[1].split()[1])
+                    parents[int(entry)] = int(_proc_stat(entry)[1])
     return parents
 
 
@@ -3290,7 +3294,7 @@ class Engine:
         its CLI refuses (then it is retired)."""
         session = self._next_evicted()
         if (self._processes() < self.config.max_sessions or self.closing or session is None
-                or session.digest is None or session.turn.shape != shape
+                or session.busy or session.digest is None or session.turn.shape != shape
                 or session.process.first_message is None or session.process.parked
                 or session.broker.broken or not session.process.alive
                 or self.config.agent_dir):      # agent tools remember the files they read

@@ -3185,12 +3185,8 @@ class WarmSessionTest(ApiAssertions, unittest.TestCase):
         client.delete(f"/sessions/{session['id']}", cast_to=object)
         self.assertTrue(wait_until(lambda: not cli_children()), "a stopped CLI still exits")
 
-    def test_a_stream_read_up_to_its_message_stop_keeps_its_session_warm(self):
-        # Clients may stop reading there and close: the answer is whole, and the CLI
-        # is still on its way to its result when the request is cancelled.
-        server = ProxyThread(max_spares=0)
-        self.addCleanup(server.stop)
-        ask = [{"role": "user", "content": "[[linger 1]] short"}]
+    def stream_closed_at_message_stop(self, server, ask):
+        """Stream an answer, read it up to its message_stop, and hang up there."""
         body = json.dumps({"model": "claude-sonnet-5-5", "max_tokens": 50, "stream": True,
                            "messages": ask}).encode()
         with socket.create_connection(("127.0.0.1", server.port)) as sock:
@@ -3200,11 +3196,36 @@ class WarmSessionTest(ApiAssertions, unittest.TestCase):
             received = b""
             while b"event: message_stop" not in received:
                 received += sock.recv(65536)
+
+    def test_a_stream_read_up_to_its_message_stop_keeps_its_session_warm(self):
+        # Clients may stop reading there and close: the answer is whole, and the CLI
+        # is still on its way to its result when the request is cancelled.
+        server = ProxyThread(max_spares=0)
+        self.addCleanup(server.stop)
+        ask = [{"role": "user", "content": "[[linger 1]] short"}]
+        self.stream_closed_at_message_stop(server, ask)
         history = ask + [{"role": "assistant", "content": UPSTREAM_TEXT}]
         self.assertTrue(wait_until(lambda: [s["state"] for s in self.sessions(server)] ==
                                    ["idle"]), self.sessions(server))
         self.chat(server.client(), history + [{"role": "user", "content": "and then?"}])
         self.assertEqual(len(set(self.upstream_sessions())), 1, "the same CLI answered")
+
+    def test_a_cli_finishing_an_answer_is_evicted_at_the_cap_never_recycled(self):
+        # Rewinding it would race the turn it is still reading on.
+        server = ProxyThread(max_spares=0, max_sessions=1, max_concurrent=1)
+        self.addCleanup(server.stop)
+        history = self.chat(server.client(), [{"role": "user", "content": "first chat"}])
+        self.stream_closed_at_message_stop(server, history + [
+            {"role": "user", "content": "[[linger 3]] its follow-up"}])
+        self.assertTrue(wait_until(lambda: [s["state"] for s in self.sessions(server)] ==
+                                   ["busy"]), self.sessions(server))
+        self.chat(server.client(), [{"role": "user", "content": "a new chat"}])
+        first, follow_up, second = self.upstream_sessions()
+        self.assertEqual(first, follow_up)
+        self.assertNotEqual(first, second, "a new CLI, not the rewound one")
+        self.assertEqual([as_blocks(m["content"]) for m in conversation(
+            UPSTREAM.messages_requests()[-1]["body"])], [as_blocks("a new chat")])
+        self.assertTrue(wait_until(lambda: len(cli_children()) == 1), cli_children())
 
     def test_a_follow_up_to_a_cli_that_just_died_goes_to_a_new_one(self):
         # The OOM killer, say, between turns: before the proxy has noticed.
