@@ -1899,6 +1899,18 @@ class SdkAdapterTest(unittest.TestCase):
         self.assertEqual(asyncio.run(next_call_after(False)), (True, True))
         self.assertFalse(proxy.ToolBroker().watch(stream_event(start.event, parent="toolu_0")))
 
+    def test_a_dead_process_is_dead_before_it_is_reaped(self):
+        # asyncio learns of a CLI's death a moment later: a turn sent then would fail.
+        import subprocess
+        child = subprocess.Popen(["sleep", "60"])
+        self.addCleanup(child.wait)
+        self.assertTrue(proxy.process_exists(child.pid))
+        child.kill()
+        self.assertTrue(wait_until(lambda: process_state(child.pid) == "Z"))
+        self.assertFalse(proxy.process_exists(child.pid), "a zombie")
+        child.wait()
+        self.assertFalse(proxy.process_exists(child.pid), "gone")
+
     def test_only_a_top_level_stop_the_cli_would_go_on_after_kills(self):
         def stop(reason, parent=None):
             return proxy._stop_the_cli_goes_on_after(stream_event(
@@ -3227,15 +3239,16 @@ class WarmSessionTest(ApiAssertions, unittest.TestCase):
             UPSTREAM.messages_requests()[-1]["body"])], [as_blocks("a new chat")])
         self.assertTrue(wait_until(lambda: len(cli_children()) == 1), cli_children())
 
-    def test_a_follow_up_to_a_cli_that_just_died_goes_to_a_new_one(self):
-        # The OOM killer, say, between turns: before the proxy has noticed.
+    def test_a_follow_up_to_a_cli_that_died_while_idle_goes_to_a_new_one(self):
+        # The OOM killer, say, between turns.
         server = ProxyThread(max_spares=0)
         self.addCleanup(server.stop)
         client = server.client()
         history = self.chat(client, [{"role": "user", "content": "first"}])
         [pid] = cli_children()
         self.assertTrue(wait_until(lambda: process_state(pid) == "T"), process_state(pid))
-        os.kill(pid, signal.SIGKILL)
+        os.kill(pid, signal.SIGKILL)        # dead at once for the kernel, not for asyncio
+        self.assertTrue(wait_until(lambda: process_state(pid) in ("Z", "")))
         history = self.chat(client, history + [{"role": "user", "content": "second"}])
         self.assertEqual(len(set(self.upstream_sessions())), 2)
         self.assertEqual([m["content"] for m in conversation(
