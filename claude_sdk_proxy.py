@@ -668,6 +668,38 @@ def check_local_caller(head: RequestHead) -> None:
             "site. Set CLAUDE_PROXY_API_KEY to serve other callers.")
 
 
+# What a browser app may send and read (CORS). Keys travel in headers, never in
+# cookies, so allowing an origin grants it nothing it does not already hold: a web
+# page gets answers only with the proxy's key (or, keyless, from loopback pages).
+CORS_METHODS = "GET, POST, DELETE, OPTIONS"
+CORS_MAX_AGE_S = 600
+
+
+def cors_headers(head: RequestHead) -> dict[str, str]:
+    """The CORS headers of a response to a browser's request (none without Origin)."""
+    origin = head.header("origin")
+    if origin is None:
+        return {}
+    return {"access-control-allow-origin": origin, "vary": "Origin",
+            "access-control-expose-headers": "*"}
+
+
+def preflight_headers(head: RequestHead) -> dict[str, str] | None:
+    """The answer headers to a CORS preflight; None when the request is not one."""
+    if head.method != "OPTIONS" or head.header("origin") is None or \
+            head.header("access-control-request-method") is None:
+        return None
+    return {"access-control-allow-methods": CORS_METHODS,
+            "access-control-allow-headers":
+                head.header("access-control-request-headers") or "*",
+            "access-control-max-age": str(CORS_MAX_AGE_S)}
+
+
+def is_liveness_probe(head: RequestHead) -> bool:
+    """GET / (or HEAD /): answered without the key, with nothing but "ok"."""
+    return head.method in ("GET", "HEAD") and (head.path.rstrip("/") or "/") == "/"
+
+
 def _is_ip(name: str) -> bool:
     with contextlib.suppress(ValueError):
         return bool(ipaddress.ip_address(name))
@@ -747,7 +779,7 @@ class Turn:
     params: dict                    # carried into the upstream body as sent
     stream: bool = False
     caller: str = ""                # who asks: a hash of the API key and the user id
-    tools: list[dict] = dataclasses.field(default_factory=list)  # client tools, as sent
+    tools: list[dict] = dataclasses.field(default_factory=list)  # name, description, schema
     betas: str = ""                 # the client's anthropic-beta header
 
     @functools.cached_property
@@ -946,10 +978,22 @@ def check_params(body: dict, max_tokens_required: bool = True) -> dict:
     return params
 
 
+def with_output_format(body: dict) -> dict:
+    """The body with the structured-outputs beta's top-level `output_format` (still
+    sent by clients such as LiteLLM) moved to `output_config.format`, its GA place."""
+    if body.get("output_format") is None:
+        return body
+    config = body.get("output_config")
+    _require(config is None or isinstance(config, dict), "output_config: must be an object.")
+    _require((config or {}).get("format") is None,
+             "output_format: give the format once, as output_config.format.")
+    return {**body, "output_config": {**(config or {}), "format": body["output_format"]}}
+
+
 def dropped_params(body: dict) -> list[str]:
     """Request fields the proxy neither carries nor owns (logged with --debug)."""
     return sorted(set(body) - set(CARRIED_PARAMS) - set(IGNORED_PARAMS) -
-                  {"tools", "tool_choice"})
+                  {"tools", "tool_choice", "output_format"})
 
 
 def messages_request_to_turn(body: dict, default_model: str, caller: str = "",
@@ -986,7 +1030,7 @@ def messages_request_to_turn(body: dict, default_model: str, caller: str = "",
     if "stream" in body:
         _require(isinstance(body["stream"], bool), "stream: must be a boolean.")
     tools = check_tools(body.get("tools"))
-    params = check_params(body, max_tokens_required)
+    params = check_params(with_output_format(body), max_tokens_required)
     if body.get("tool_choice") is not None:
         params["tool_choice"] = check_tool_choice(body["tool_choice"], tools)
     metadata = body.get("metadata")
@@ -1046,7 +1090,7 @@ MCP_ERROR_MAX_CHARS = 10_000
 
 
 def check_tools(tools: Any) -> list[dict]:
-    """Validate the client tools; return them as sent."""
+    """Validate the client tools; return what of each reaches the upstream."""
     if tools is None:
         return []
     _require(isinstance(tools, list), "tools: must be a list.")
@@ -1067,7 +1111,11 @@ def check_tools(tools: Any) -> list[dict]:
         schema = tool.get("input_schema")
         _require(isinstance(schema, dict) and schema.get("type") == "object",
                  f"{at}.input_schema: must be a JSON schema with type 'object'.")
-    return [dict(tool) for tool in tools]
+    # Only these reach the upstream (the MCP tool list has no place for the rest):
+    # `strict`, `cache_control`, `eager_input_streaming` and the like must not make
+    # two requests of one conversation two shapes.
+    return [{key: tool[key] for key in ("name", "description", "input_schema") if key in tool}
+            for tool in tools]
 
 
 def check_tool_choice(choice: Any, tools: list[dict]) -> dict:
@@ -2005,6 +2053,8 @@ class ResponseTranslator:
         begun = [] if self.sequence else [
             self._event("response.created", response=self.response("in_progress")),
             self._event("response.in_progress", response=self.response("in_progress"))]
+        for item in self._open.values():     # cut short: never "completed"
+            item["status"] = "incomplete"
         failed = dict(self.response("failed"), error={"code": code, "message": err.message})
         return begun + [self._event("error", code=code, message=err.message, param=None),
                         self._event("response.failed", response=failed)]
@@ -2935,6 +2985,18 @@ def turn_items(message: Any, state: dict) -> list[tuple[str, Any]]:
                 state["agent_round"] = True
             else:
                 state["tool_use"] = True
+        held = state.pop("held_stop", None)
+        if event.get("type") == "content_block_stop":
+            # Held until the next event shows whether the upstream sent it: the CLI
+            # closes a stream the upstream broke off with a content_block_stop and
+            # a message_delta without a stop_reason of its own (the API's message_delta
+            # always has one); forwarded, they would end the client's answer as if
+            # it were whole.
+            state["held_stop"] = event
+            return []
+        if event.get("type") == "message_delta" and \
+                not (event.get("delta") or {}).get("stop_reason"):
+            return []
         if (event.get("delta") or {}).get("stop_reason"):
             state["stopped"] = True
         if event.get("type") == "message_stop":
@@ -2944,10 +3006,11 @@ def turn_items(message: Any, state: dict) -> list[tuple[str, Any]]:
                 # client's stream as if the answer were complete.
                 return []
             state["complete"] = not state.pop("agent_round", False)
+        released = [("stream", held)] if held is not None else []
         if _stop_the_cli_goes_on_after(message):
             state["complete"] = state["killed"] = True
-            return [("stream", event), ("stream", {"type": "message_stop"})]
-        return [("stream", event)]
+            return released + [("stream", event), ("stream", {"type": "message_stop"})]
+        return released + [("stream", event)]
     if isinstance(message, sdk.RateLimitEvent):
         info = dict(message.rate_limit_info.raw or {})
         state["rate_limit"] = info
@@ -3368,6 +3431,7 @@ class Request:
     body: bytes
     params: dict[str, str]
     request_id: str
+    authorized: bool = True         # False: a keyed proxy's liveness probe without the key
 
     @property
     def caller(self) -> str:
@@ -3377,7 +3441,11 @@ class Request:
 
 
 async def handle_health(app: App, request: Request, out: Responder) -> None:
-    """GET /: service info for load balancers and operators."""
+    """GET /: service info for operators; a bare "ok" for load balancers (and
+    anyone else) without the key."""
+    if not request.authorized:
+        await out.send_json(200, {"status": "ok"})
+        return
     await out.send_json(200, {
         "status": "ok", "service": "claude-sdk-proxy", "versions": sdk_versions(),
         "uptime_s": round(time.monotonic() - app.started, 1),
@@ -3639,15 +3707,14 @@ class Route:
     method: str
     pattern: re.Pattern
     handler: Callable
-    public: bool = False            # answered without the API key
 
 
-def _route(method: str, path: str, handler: Callable, public: bool = False) -> Route:
-    return Route(method, re.compile("^" + path + "$"), handler, public)
+def _route(method: str, path: str, handler: Callable) -> Route:
+    return Route(method, re.compile("^" + path + "$"), handler)
 
 
 ROUTES = (
-    _route("GET", r"/", handle_health, public=True),
+    _route("GET", r"/", handle_health),
     # OpenAI clients configured with the base URL .../v1/chat (the seed's) add
     # their own paths to it: hence the optional /chat.
     _route("GET", r"/v1(?:/chat)?/models", handle_models),
@@ -3839,10 +3906,10 @@ class Responder:
 
     async def send(self, status: int, body: bytes, content_type: str,
                    headers: dict[str, str] | None = None) -> None:
-        """A complete response (HEAD gets the head alone)."""
-        head = self._head(status, [("content-type", content_type),
-                                   ("content-length", str(len(body)))]
-                          + list((headers or {}).items()))
+        """A complete response (HEAD gets the head alone; 204 has no body at all)."""
+        framing = [] if status == 204 else [("content-type", content_type),
+                                            ("content-length", str(len(body)))]
+        head = self._head(status, framing + list((headers or {}).items()))
         await self.conn.write(head if self.method == "HEAD" else head + body)
 
     async def send_json(self, status: int, value: dict,
@@ -3957,11 +4024,22 @@ async def serve_request(app: App, conn: Connection, raw_head: bytes, out: Respon
         out.chunked = head.version == "HTTP/1.1"
         out.keep_alive = head.keep_alive and not app.shutting_down
         out.dialect = dialect_for_path(path)
-        route, params = match_route(head.method, head.path)
+        authorized = True
         if app.config.api_key is None:
             check_local_caller(head)
-        elif not route.public:
-            check_api_key(head, app.config.api_key)
+        out.headers.update(cors_headers(head))
+        preflight = preflight_headers(head)
+        if preflight is not None:       # carries no key: a browser never sends one here
+            await out.send(204, b"", "", preflight)
+            return
+        if app.config.api_key is not None:
+            try:
+                check_api_key(head, app.config.api_key)     # before routing: no route
+            except AuthenticationFailed:                    # is shown to a stranger
+                if not is_liveness_probe(head):
+                    raise
+                authorized = False
+        route, params = match_route(head.method, head.path)
         length = body_length(head)
         if length is not None and length > app.config.max_body_bytes:
             raise RequestTooLarge(f"Request body of {length} bytes exceeds the "
@@ -3972,7 +4050,7 @@ async def serve_request(app: App, conn: Connection, raw_head: bytes, out: Respon
             await conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         body = await conn.read_body(length, app.config.max_body_bytes)
         body_read = True
-        request = Request(head, body, params, out.request_id)
+        request = Request(head, body, params, out.request_id, authorized)
         app.reading.pop(conn, None)
         await run_handler(app, conn, route.handler, request, out)
     except ClientGone:

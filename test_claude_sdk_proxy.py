@@ -13,6 +13,7 @@ upstream received. The upstream is steered by markers in the last user text:
   [[delay 1.5]]         wait before the first event
   [[hang]]              send message_start, then pings until the client hangs up
   [[drop]]              send message_start, then cut the connection
+  [[broken 529]]        some text, then an `error` event of that status's type
   [[stop max_tokens]]   end with that stop_reason
   [[linger 2]]          hold the end of the response that long after message_stop
   [[tool NAME {json}]]  call the client tool NAME with that input (several: parallel)
@@ -158,6 +159,17 @@ class ScriptedUpstream:
         event("message_start", {"type": "message_start", "message": {
             "id": "msg_scripted", "type": "message", "role": "assistant", "model": body["model"],
             "content": [], "stop_reason": None, "stop_sequence": None, "usage": usage}})
+        broken = re.search(r"\[\[broken (\d{3})\]\]", text)
+        if broken:                      # some text, then the API's mid-stream error event
+            event("content_block_start", {"type": "content_block_start", "index": 0,
+                                          "content_block": {"type": "text", "text": ""}})
+            event("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                          "delta": {"type": "text_delta", "text": "Partial"}})
+            kinds = {429: "rate_limit_error", 500: "api_error", 529: "overloaded_error"}
+            kind = kinds.get(int(broken.group(1)), "api_error")
+            event("error", {"type": "error", "error": {"type": kind, "message": f"scripted {kind}"}})
+            handler.wfile.write(b"0\r\n\r\n")
+            return
         if "[[drop]]" in text:          # the connection dies mid-answer
             handler.wfile.flush()
             handler.connection.shutdown(socket.SHUT_RDWR)
@@ -2421,11 +2433,50 @@ class AuthTest(ApiAssertions, unittest.TestCase):
                                      max_retries=0, timeout=CLIENT_TIMEOUT)
         self.assertTrue(list(bearer.models.list()))
 
-    def test_health_is_public(self):
-        raw = raw_exchange(self.proxy.port, b"GET / HTTP/1.1\r\nhost: localhost\r\n"
-                                            b"connection: close\r\n\r\n")
-        self.assertTrue(raw.startswith(b"HTTP/1.1 200 "))
-        self.assertNotIn(self.KEY.encode(), raw)
+    def test_without_the_key_only_liveness_is_answered_and_no_route_is_shown(self):
+        def get(line, *headers):
+            return read_response(io.BytesIO(raw_exchange(self.proxy.port, b"\r\n".join(
+                (line, b"host: localhost", b"connection: close", *headers, b"", b"")))))
+        status, _, body = get(b"GET / HTTP/1.1")
+        self.assertEqual((status, json.loads(body)), (200, {"status": "ok"}))
+        status, _, body = get(b"GET / HTTP/1.1", b"x-api-key: " + self.KEY.encode())
+        self.assertEqual((status, json.loads(body)["service"]), (200, "claude-sdk-proxy"))
+        for line in (b"GET /no/such/route HTTP/1.1", b"PUT /v1/messages HTTP/1.1",
+                     b"GET /sessions HTTP/1.1"):
+            with self.subTest(line=line):
+                status, headers, _ = get(line)
+                self.assertEqual(status, 401)       # not 404/405: routes stay unlisted
+                self.assertNotIn("allow", headers)
+
+    def test_browser_apps_get_cors_with_the_key(self):
+        # What TypingMind and any web chat app do: a preflight, then the real request.
+        origin = b"https://chat.example"
+        status, headers, body = read_response(io.BytesIO(raw_exchange(
+            self.proxy.port, b"\r\n".join((
+                b"OPTIONS /v1/messages HTTP/1.1", b"host: localhost", b"origin: " + origin,
+                b"access-control-request-method: POST",
+                b"access-control-request-headers: content-type,x-api-key,anthropic-version,"
+                b"anthropic-dangerous-direct-browser-access",
+                b"connection: close", b"", b"")))))
+        self.assertEqual((status, body), (204, b""))
+        self.assertEqual(headers["access-control-allow-origin"], origin.decode())
+        self.assertIn("POST", headers["access-control-allow-methods"])
+        self.assertIn("x-api-key", headers["access-control-allow-headers"])
+        self.assertNotIn("content-length", headers)
+        UPSTREAM.clear()
+        status, headers, body = post_raw(
+            self.proxy.port, "/v1/messages", {"model": "sonnet", "max_tokens": 10, "messages": [
+                {"role": "user", "content": "from a browser"}]},
+            "origin: https://chat.example", f"x-api-key: {self.KEY}",
+            "anthropic-dangerous-direct-browser-access: true")
+        self.assertEqual(status, 200)
+        self.assertEqual(headers["access-control-allow-origin"], "https://chat.example")
+        self.assertEqual(json.loads(body)["content"][0]["text"], UPSTREAM_TEXT)
+        status, headers, _ = post_raw(self.proxy.port, "/v1/messages", {},
+                                      "origin: https://chat.example", "x-api-key: wrong")
+        self.assertEqual(status, 401)       # and the app can read why
+        self.assertEqual(headers["access-control-allow-origin"], "https://chat.example")
+        self.assertEqual(len(UPSTREAM.messages_requests()), 1)
 
     def test_web_pages_cannot_use_a_keyless_proxy_but_may_bring_the_key(self):
         keyless = ProxyThread()
@@ -2450,6 +2501,10 @@ class AuthTest(ApiAssertions, unittest.TestCase):
                 self.assertEqual(status, 403)
                 self.assertEqual(json.loads(answer)["error"]["type"], "permission_error")
         self.assertEqual(UPSTREAM.messages_requests(), [], "nothing reached the upstream")
+        local_page = browser_post(keyless.port, local, b"http://localhost:5173")
+        self.assertTrue(local_page.startswith(b"HTTP/1.1 200 "), local_page[:60])
+        self.assertIn(b"access-control-allow-origin: http://localhost:5173", local_page)
+        UPSTREAM.clear()
         page_with_key = browser_post(self.proxy.port, b"127.0.0.1:%d" % self.proxy.port,
                                      b"https://my-app.example", b"x-api-key: " + self.KEY.encode())
         self.assertTrue(page_with_key.startswith(b"HTTP/1.1 200 "), page_with_key[:60])
@@ -4234,6 +4289,107 @@ class OpenAIResponsesTest(OpenAICase):
                          "previous_response_id: must be a string.")
         with self.assertRaises(openai.RateLimitError):
             self.client.responses.create(model="sonnet", input="[[error 429]]")
+
+
+def post_raw(port: int, path: str, body: dict, *headers: str) -> tuple[int, dict, bytes]:
+    """POST a JSON body on a raw socket; the status, headers and whole body read."""
+    data = json.dumps(body)
+    extra = "".join(f"{h}\r\n" for h in headers)
+    with contextlib.closing(socket.create_connection(("127.0.0.1", port))) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nhost: localhost\r\ncontent-type: "
+                     f"application/json\r\n{extra}content-length: {len(data)}\r\n\r\n"
+                     f"{data}".encode())
+        return read_response(sock.makefile("rb"))
+
+
+class ClientsAsShippedTest(OpenAICase):
+    """Request shapes recorded from clients as they ship (Codex CLI, the AI SDK,
+    the SDKs' tool runners, LiteLLM), replayed: what the client gets and what the
+    upstream receives."""
+
+    def test_an_upstream_error_mid_answer_carries_no_completion_marker_in_any_dialect(self):
+        # The CLI closes a broken stream with a content_block_stop and a message_delta
+        # (stop_reason null) of its own: LiteLLM took that for a finished answer.
+        ask = "Tell me [[broken 529]]"
+        cases = (("/v1/messages", {"model": "sonnet", "max_tokens": 50, "stream": True,
+                                   "messages": [{"role": "user", "content": ask}]}),
+                 ("/v1/chat/completions", {"model": "sonnet", "stream": True,
+                                           "messages": [{"role": "user", "content": ask}]}),
+                 ("/v1/responses", {"model": "sonnet", "stream": True, "input": ask}))
+        seen = {}
+        for path, body in cases:
+            status, _, data = post_raw(self.server.port, path, body)
+            frames = [(event, json.loads(text)) for event, text in parse_sse(data)
+                      if text != "[DONE]"]
+            seen[path] = (status, frames)
+        status, frames = seen["/v1/messages"]
+        self.assertEqual([event for event, _ in frames],
+                         ["message_start", "content_block_start", "content_block_delta",
+                          "error"])    # as the API sends it: no block stop, no message_delta
+        self.assertEqual(frames[-1][1]["error"]["type"], "overloaded_error")
+        status, frames = seen["/v1/chat/completions"]
+        self.assertEqual([chunk["choices"][0]["finish_reason"] for _, chunk in frames[:-1]],
+                         [None, None])
+        self.assertEqual(frames[-1][1]["error"]["type"], "overloaded_error")
+        status, frames = seen["/v1/responses"]
+        kinds = [event for event, _ in frames]
+        self.assertEqual(kinds[-2:], ["error", "response.failed"])
+        self.assertNotIn("response.output_item.done", kinds)
+        self.assertEqual([item["status"] for item in frames[-1][1]["response"]["output"]],
+                         ["incomplete"])
+        with self.assertRaises(anthropic.APIStatusError) as caught:
+            with self.server.client().messages.stream(
+                    model="sonnet", max_tokens=50,
+                    messages=[{"role": "user", "content": ask}]) as stream:
+                stream.get_final_message()
+        self.assertEqual(caught.exception.body["error"]["type"], "overloaded_error")
+        with self.assertRaises(openai.APIError):
+            for _ in self.client.chat.completions.create(
+                    model="sonnet", stream=True, messages=[{"role": "user", "content": ask}]):
+                pass
+
+    def test_litellm_structured_output_beta_form_is_carried_as_output_config(self):
+        # LiteLLM 1.110, anthropic/claude-sonnet-4-5 with response_format.
+        schema = {"type": "object", "properties": {"city": {"type": "string"}},
+                  "required": ["city"], "additionalProperties": False}
+        client = self.server.client()
+        message = client.messages.create(
+            model="claude-opus-4-6", max_tokens=64,
+            messages=[{"role": "user", "content": '[[json {"city": "Oslo"}]]'}],
+            extra_body={"output_format": {"type": "json_schema", "schema": schema}},
+            extra_headers={"anthropic-beta": "structured-outputs-2025-11-13"})
+        self.assertEqual(json.loads(message.content[0].text), {"city": "Oslo"})
+        body = UPSTREAM.messages_requests()[-1]["body"]
+        self.assertEqual(body["output_config"]["format"], {"type": "json_schema",
+                                                          "schema": schema})
+        self.assertNotIn("output_format", body)
+        with self.assertRaises(anthropic.BadRequestError) as caught:
+            client.messages.create(
+                model="claude-opus-4-6", max_tokens=64,
+                messages=[{"role": "user", "content": "x"}],
+                extra_body={"output_format": {"type": "json_schema", "schema": schema},
+                            "output_config": {"format": {"type": "json_schema",
+                                                         "schema": schema}}})
+        self.assertIn("output_format", caught.exception.body["error"]["message"])
+
+    def test_tool_fields_that_never_reach_the_upstream_do_not_split_a_conversation(self):
+        # The AI SDK's streamText adds eager_input_streaming to each tool, generateText
+        # does not: an app that mixes them must still answer follow-ups warm.
+        client = self.server.client()
+        streamed = dict(WEATHER, eager_input_streaming=True)
+        history = [{"role": "user", "content": "first"}]
+        with client.messages.stream(model="sonnet", max_tokens=50, tools=[streamed],
+                                    messages=history) as stream:
+            answer = stream.get_final_message()
+        history += [{"role": "assistant", "content": [
+            b.model_dump(exclude_none=True) for b in answer.content]},
+            {"role": "user", "content": "second"}]
+        client.messages.create(model="sonnet", max_tokens=50, tools=[WEATHER],
+                               messages=history)
+        first, second = UPSTREAM.messages_requests()
+        self.assertEqual(first["headers"]["X-Claude-Code-Session-Id"],
+                         second["headers"]["X-Claude-Code-Session-Id"], "answered warm")
+        self.assertEqual(len(conversation(second["body"])), 3)
 
 
 def as_blocks(content) -> list:
