@@ -120,6 +120,8 @@ AGENT_TOOLS = ("Read", "Write", "Edit", "Bash", "Glob", "Grep", "WebFetch", "Web
 AGENT_MAX_TURNS = 50                    # built-in tool rounds in one agent-mode answer
 RESPONSES_KEPT = 1000                   # responses kept for previous_response_id ...
 RESPONSES_KEEP_S = 3600.0               # ... and for how long
+THREADS_KEPT = 1000                     # message threads kept ...
+THREAD_IDLE_S = 300.0                   # ... until idle this long (the API's: 5 minutes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,10 +292,12 @@ class ProxyError(Exception):
     error_type = "api_error"
     openai_code: str | None = None
 
-    def __init__(self, message: str, headers: dict[str, str] | None = None):
+    def __init__(self, message: str, headers: dict[str, str] | None = None,
+                 code: str | None = None):
         super().__init__(message)
         self.message = message
         self.headers = headers or {}
+        self.code = code            # the API's `error.details.error_code`, where it has one
 
 
 class InvalidRequest(ProxyError):
@@ -391,6 +395,8 @@ def error_to_anthropic(err: ProxyError, request_id: str | None = None) -> dict:
     """The Anthropic API's error body."""
     body: dict[str, Any] = {"type": "error",
                             "error": {"type": err.error_type, "message": err.message}}
+    if err.code:
+        body["error"]["details"] = {"error_code": err.code}
     if request_id:
         body["request_id"] = request_id
     return body
@@ -608,7 +614,10 @@ MODEL_LIST = (
     ("claude-opus-5-5", "Claude Opus 5.5", "2026-09-01T00:00:00Z"),
     ("claude-sonnet-5-5", "Claude Sonnet 5.5", "2026-09-01T00:00:00Z"),
     ("claude-haiku-5-5", "Claude Haiku 5.5", "2026-09-01T00:00:00Z"),
+    ("claude-opus-4-5-20251101", "Claude Opus 4.5", "2025-11-24T00:00:00Z"),
+    ("claude-haiku-4-5-20251001", "Claude Haiku 4.5", "2025-10-15T00:00:00Z"),
 )
+_DATED_ID_RE = re.compile(r"-(20\d\d)(\d\d)(\d\d)$")
 _CLAUDE_ID_RE = re.compile(r"^claude-[a-z0-9][a-z0-9.\-]*(\[1m\])?$")
 
 
@@ -739,8 +748,18 @@ def model_lookup(model_id: str) -> dict:
             return model_entry(*entry)
     lowered = model_id.lower()
     if _CLAUDE_ID_RE.match(lowered) and any(f in lowered for f in MODEL_FAMILIES):
-        return model_entry(model_id, model_id, "1970-01-01T00:00:00Z")
+        dated = _DATED_ID_RE.search(lowered)
+        created = "-".join(dated.groups()) + "T00:00:00Z" if dated else MODEL_LIST[0][2]
+        return model_entry(model_id, model_display_name(lowered), created)
     raise NotFound(f"model: {model_id}")
+
+
+def model_display_name(model_id: str) -> str:
+    """"claude-opus-4-7" -> "Claude Opus 4.7" (a date and a [1m] suffix left out)."""
+    words = _DATED_ID_RE.sub("", model_id.removesuffix("[1m]")).split("-")
+    names = [word.capitalize() for word in words if not word.isdigit()]
+    version = ".".join(word for word in words if word.isdigit())
+    return " ".join(names + [version] if version else names)
 
 
 # =============================================================================
@@ -990,10 +1009,54 @@ def with_output_format(body: dict) -> dict:
     return {**body, "output_config": {**(config or {}), "format": body["output_format"]}}
 
 
+# -- message threads (beta message-threads-2026-08-12) ---------------------------
+# A thread keeps a conversation for its client, as the API does: `create` stores
+# the request and its answer under the answer's id, `continue` sends only the new
+# messages (and no system or tools) with `previous_message_id`. The proxy serves
+# the beta itself, so its header never goes upstream.
+
+THREADS_BETA = "message-threads-"
+THREAD_FIXED = ("system", "tools")      # kept from the create; everything else per turn
+
+
+def parse_thread(body: dict) -> str | None:
+    """A thread request's `previous_message_id`: "" for a create, None without `thread`."""
+    thread = body.get("thread")
+    if thread is None:
+        return None
+    _require(isinstance(thread, dict) and thread.get("type") in ("create", "continue"),
+             "thread.type: must be 'create' or 'continue'.")
+    if thread["type"] == "create":
+        return ""
+    previous = thread.get("previous_message_id")
+    _require(isinstance(previous, str) and previous != "",
+             "thread.previous_message_id: required, a string.")
+    return previous
+
+
+def thread_continued(body: dict, fixed: dict, messages: list[dict]) -> dict:
+    """A `continue` request as the whole request it stands for: the thread's system
+    prompt, tools and conversation, then this request's messages and parameters."""
+    differing = [name for name in THREAD_FIXED if name in body and body[name] != fixed.get(name)]
+    if differing:
+        raise InvalidRequest(f"thread: {', '.join(differing)} cannot change within a thread "
+                             "(it keeps those of its create request).",
+                             code="thread_fingerprint_mismatch")
+    new = body.get("messages")
+    _require(isinstance(new, list), "messages: required, a list.")
+    return {**body, **fixed, "messages": messages + new}
+
+
+def without_threads_beta(betas: str) -> str:
+    """The anthropic-beta header without the threads beta (served here)."""
+    return ",".join(beta.strip() for beta in betas.split(",")
+                    if beta.strip() and not beta.strip().startswith(THREADS_BETA))
+
+
 def dropped_params(body: dict) -> list[str]:
     """Request fields the proxy neither carries nor owns (logged with --debug)."""
     return sorted(set(body) - set(CARRIED_PARAMS) - set(IGNORED_PARAMS) -
-                  {"tools", "tool_choice", "output_format"})
+                  {"tools", "tool_choice", "output_format", "thread"})
 
 
 def messages_request_to_turn(body: dict, default_model: str, caller: str = "",
@@ -1775,12 +1838,109 @@ def openai_turn(body: dict, system: list[str], messages: list[dict], default_mod
 
 RESPONSES_UNSUPPORTED = {"background": False, "prompt": None, "conversation": None,
                          "top_logprobs": None, "max_tool_calls": None}
+# client_metadata: ids a client (Codex) sends for its own records; nothing to carry.
 RESPONSES_IGNORED = ("model", "input", "instructions", "stream", "store", "metadata", "user",
+                     "client_metadata",
                      "safety_identifier", "prompt_cache_key", "prompt_cache_retention",
                      "service_tier", "truncation",
                      "include", "previous_response_id", "stream_options", "reasoning",
                      "max_output_tokens", "temperature", "top_p", "tools", "tool_choice",
                      "parallel_tool_calls", "text")
+
+
+# Tools that run on OpenAI's servers. Claude is offered none of them and the rest of
+# the request is answered (README, "Clients"); naming one in tool_choice is a 400.
+HOSTED_TOOLS = ("web_search", "web_search_preview", "web_search_2025_08_26", "file_search",
+                "code_interpreter", "image_generation", "computer_use_preview", "mcp",
+                "local_shell", "tool_search")
+CUSTOM_INPUT = "input"          # the one string argument a custom tool gets as a function
+
+
+@dataclasses.dataclass(frozen=True)
+class ResponsesTool:
+    """How a Responses tool is offered to Claude as a function, and how its calls
+    go back to the client: `kind` is function, custom or tool_search."""
+
+    kind: str
+    name: str                           # the client's name (inside its namespace)
+    namespace: str | None = None
+
+
+def responses_tool_name(name: str, namespace: str | None) -> str:
+    """The one flat name a (namespaced) Responses tool has for Claude."""
+    return f"{namespace}__{name}" if namespace else name
+
+
+def responses_tools(tools: Any, where: str = "tools") -> dict[str, tuple[ResponsesTool, dict]]:
+    """Flat name -> (the tool, its Chat function) for the tools Claude can be offered:
+    functions (namespaces flattened), custom tools as a function of one string, and a
+    client-run tool_search; hosted tools are left out."""
+    if tools is None:
+        return {}
+    _require(isinstance(tools, list), f"{where}: must be a list.")
+    offered: dict[str, tuple[ResponsesTool, dict]] = {}
+
+    def offer(tool: ResponsesTool, description: Any, parameters: Any) -> None:
+        function = {"name": responses_tool_name(tool.name, tool.namespace),
+                    "parameters": parameters}
+        if description is not None:
+            function["description"] = description
+        offered[function["name"]] = (tool, {"type": "function", "function": function})
+
+    for i, tool in enumerate(tools):
+        at = f"{where}.{i}"
+        _require(isinstance(tool, dict) and isinstance(tool.get("type"), str),
+                 f"{at}: must be an object with a type.")
+        kind = tool["type"]
+        if kind == "function":
+            _require(isinstance(tool.get("name"), str), f"{at}.name: required, a string.")
+            offer(ResponsesTool("function", tool["name"]), tool.get("description"),
+                  tool.get("parameters"))
+        elif kind == "namespace":
+            _require(isinstance(tool.get("name"), str) and isinstance(tool.get("tools"), list),
+                     f"{at}: a namespace needs a name and a list of tools.")
+            for j, member in enumerate(tool["tools"]):
+                _require(isinstance(member, dict) and member.get("type") == "function" and
+                         isinstance(member.get("name"), str),
+                         f"{at}.tools.{j}: must be a function tool.")
+                offer(ResponsesTool("function", member["name"], tool["name"]),
+                      member.get("description"), member.get("parameters"))
+        elif kind == "custom":
+            _require(isinstance(tool.get("name"), str), f"{at}.name: required, a string.")
+            offer(ResponsesTool("custom", tool["name"]), custom_tool_description(tool, at), {
+                "type": "object", "properties": {CUSTOM_INPUT: {"type": "string"}},
+                "required": [CUSTOM_INPUT], "additionalProperties": False})
+        elif kind == "tool_search" and tool.get("execution") == "client":
+            offer(ResponsesTool("tool_search", "tool_search"), tool.get("description"),
+                  tool.get("parameters"))
+        else:
+            _require(kind in HOSTED_TOOLS, f"{at}.type: '{kind}' is not a supported tool.")
+    return offered
+
+
+def custom_tool_description(tool: dict, where: str) -> str:
+    """A custom tool's description, with its input format written out: Claude has
+    no constrained decoding for a grammar, so it reads the grammar instead."""
+    text = tool.get("description") or ""
+    _require(isinstance(text, str), f"{where}.description: must be a string.")
+    form = tool.get("format") or {"type": "text"}
+    _require(isinstance(form, dict) and form.get("type") in ("text", "grammar"),
+             f"{where}.format: must be a text or grammar format.")
+    text += f"\n\nCall it with the raw text as `{CUSTOM_INPUT}`."
+    if form["type"] == "grammar":
+        _require(isinstance(form.get("definition"), str),
+                 f"{where}.format.definition: required, a string.")
+        text += (f" The text must match this {form.get('syntax', '')} grammar:\n"
+                 f"{form['definition']}")
+    return text.strip()
+
+
+def _response_tool_output(output: Any, where: str) -> Any:
+    """A tool call's output as tool_result content: a string, or text and image parts."""
+    if isinstance(output, str):
+        return output
+    _require(isinstance(output, list), f"{where}.output: must be a string or a list of parts.")
+    return _response_user_blocks(output, f"{where}.output") or ""
 
 
 def _response_text(content: Any, where: str) -> str:
@@ -1815,10 +1975,13 @@ def answer_as_history(message: dict) -> list[dict]:
 
 
 def responses_request_to_turn(body: dict, default_model: str, caller: str = "",
-                              previous: list[dict] | None = None) -> Turn:
-    """Validate a Responses request and make it a Turn; `previous` is the stored
-    conversation of its `previous_response_id`."""
+                              previous: list[dict] | None = None
+                              ) -> tuple[Turn, dict[str, ResponsesTool]]:
+    """Validate a Responses request and make it a Turn, with the tools its answer's
+    calls go back as; `previous` is the stored conversation of its
+    `previous_response_id` (and `item_reference` items are resolved already)."""
     _check_known(body, RESPONSES_UNSUPPORTED, RESPONSES_IGNORED)
+    offered = responses_tools(body.get("tools"))
     items = body.get("input")
     if isinstance(items, str):
         items = [{"role": "user", "content": items}]
@@ -1846,31 +2009,29 @@ def responses_request_to_turn(body: dict, default_model: str, caller: str = "",
                 _add_openai_message(messages, "assistant", _chat_assistant_blocks(
                     {"content": _response_text(item.get("content"), where)}, where), where,
                     i == len(items) - 1)
-        elif kind == "function_call":
-            _require(all(isinstance(item.get(k), str) for k in ("call_id", "name", "arguments")),
-                     f"{where}: a function_call needs call_id, name and arguments.")
-            append_turn(messages, "assistant", _chat_assistant_blocks({"tool_calls": [{
-                "id": item["call_id"], "function": {"name": item["name"],
-                                                    "arguments": item["arguments"]}}]}, where))
-        elif kind == "function_call_output":
+        elif kind in ("function_call", "custom_tool_call", "tool_search_call"):
+            append_turn(messages, "assistant", [_response_call(item, where)])
+        elif kind in ("function_call_output", "custom_tool_call_output"):
             _require(isinstance(item.get("call_id"), str), f"{where}.call_id: required.")
             append_turn(messages, "user", [{"type": "tool_result", "tool_use_id": item["call_id"],
-                                            "content": _response_text(item.get("output"), where)}])
+                                            "content": _response_tool_output(item.get("output"),
+                                                                             where)}])
+        elif kind == "tool_search_output":
+            # The tools a client-run search found are offered from here on.
+            _require(isinstance(item.get("call_id"), str), f"{where}.call_id: required.")
+            offered.update(responses_tools(item.get("tools") or [], f"{where}.tools"))
+            append_turn(messages, "user", [{"type": "tool_result", "tool_use_id": item["call_id"],
+                                            "content": json.dumps(item.get("tools") or [])}])
         else:
             _require(kind == "reasoning", f"{where}.type: '{kind}' is not supported; use "
                                           "message, function_call or function_call_output items.")
-    tools = body.get("tools")
-    if tools is not None:
-        _require(isinstance(tools, list), "tools: must be a list.")
-        builtin = sorted({str(t.get("type") if isinstance(t, dict) else t) for t in tools
-                          if not isinstance(t, dict) or t.get("type") != "function"})
-        _require(not builtin, f"tools: {', '.join(builtin)}: only function tools can be carried "
-                              "through the Claude Code CLI.")
-        tools = [{"type": "function", "function": {k: t[k] for k in (
-            "name", "description", "parameters") if k in t}} for t in tools]
     choice = body.get("tool_choice")
-    if isinstance(choice, dict) and choice.get("type") == "function":
-        choice = {"type": "function", "function": {"name": choice.get("name")}}
+    if isinstance(choice, dict):
+        _require(choice.get("type") not in HOSTED_TOOLS,
+                 f"tool_choice: '{choice.get('type')}' is a hosted tool, which Claude cannot "
+                 "be offered through this proxy.")
+        if choice.get("type") in ("function", "custom"):
+            choice = {"type": "function", "function": {"name": choice.get("name")}}
     for name in ("text", "reasoning"):
         _require(isinstance(body.get(name) or {}, dict), f"{name}: must be an object.")
     text_format = (body.get("text") or {}).get("format")
@@ -1879,13 +2040,54 @@ def responses_request_to_turn(body: dict, default_model: str, caller: str = "",
     chat = {"model": body.get("model"), "stream": body.get("stream", False),
             "max_completion_tokens": body.get("max_output_tokens"),
             "temperature": body.get("temperature"), "top_p": body.get("top_p"),
-            "tools": tools, "tool_choice": choice,
+            "tools": [function for _, function in offered.values()] or None,
+            "tool_choice": choice,
             "parallel_tool_calls": body.get("parallel_tool_calls"),
             "response_format": text_format,
             "reasoning_effort": (body.get("reasoning") or {}).get("effort"),
             "safety_identifier": body.get("safety_identifier"), "user": body.get("user")}
-    return openai_turn({k: v for k, v in chat.items() if v is not None}, system, messages,
+    turn = openai_turn({k: v for k, v in chat.items() if v is not None}, system, messages,
                        default_model, caller)
+    return turn, {name: tool for name, (tool, _) in offered.items()}
+
+
+def _response_call(item: dict, where: str) -> dict:
+    """A function, custom or tool_search call item as a tool_use block."""
+    _require(isinstance(item.get("call_id"), str), f"{where}.call_id: required.")
+    if item["type"] == "custom_tool_call":
+        _require(isinstance(item.get("name"), str) and isinstance(item.get("input"), str),
+                 f"{where}: a custom_tool_call needs name and input strings.")
+        return {"type": "tool_use", "id": item["call_id"], "name": item["name"],
+                "input": {CUSTOM_INPUT: item["input"]}}
+    if item["type"] == "tool_search_call":
+        arguments = item.get("arguments") or {}
+        _require(isinstance(arguments, dict), f"{where}.arguments: must be an object.")
+        return {"type": "tool_use", "id": item["call_id"], "name": "tool_search",
+                "input": arguments}
+    _require(all(isinstance(item.get(k), str) for k in ("name", "arguments")) and
+             isinstance(item.get("namespace") or "", str),
+             f"{where}: a function_call needs call_id, name and arguments.")
+    return _chat_assistant_blocks({"tool_calls": [{"id": item["call_id"], "function": {
+        "name": responses_tool_name(item["name"], item.get("namespace")),
+        "arguments": item["arguments"]}}]}, where)[0]
+
+
+def resolve_item_references(items: Any, lookup: Callable[[str], dict | None]) -> Any:
+    """The input with each `item_reference` replaced by the stored item it names
+    (clients such as the AI SDK send earlier output items so); a 400 for one that is
+    unknown, as the API's own."""
+    if not isinstance(items, list):
+        return items
+    resolved = []
+    for i, item in enumerate(items):
+        if isinstance(item, dict) and item.get("type") == "item_reference":
+            found = lookup(item["id"]) if isinstance(item.get("id"), str) else None
+            _require(found is not None, f"input.{i}.id: item '{item.get('id')}' was not "
+                                        "found; it expired, was not stored (store: false) or "
+                                        "the proxy restarted: send the item itself instead.")
+            item = found
+        resolved.append(item)
+    return resolved
 
 
 def chat_usage(usage: dict) -> dict:
@@ -1996,8 +2198,10 @@ class ResponseTranslator:
               "previous_response_id", "temperature", "tool_choice", "tools", "top_p", "text",
               "reasoning", "store", "truncation")
 
-    def __init__(self, response_id: str, created: int, request: dict):
+    def __init__(self, response_id: str, created: int, request: dict,
+                 tools: dict[str, ResponsesTool] | None = None):
         self.response_id, self.created, self.request = response_id, created, request
+        self.tools = tools or {}                # flat name -> how its calls go back
         self.assembler = MessageAssembler()
         self.items: list[dict] = []
         self._open: dict[int, dict] = {}        # content block index -> its output item
@@ -2056,7 +2260,12 @@ class ResponseTranslator:
         for item in self._open.values():     # cut short: never "completed"
             item["status"] = "incomplete"
         failed = dict(self.response("failed"), error={"code": code, "message": err.message})
-        return begun + [self._event("error", code=code, message=err.message, param=None),
+        # The documented flat fields, and the nested error OpenAI sends too: with it
+        # both of the openai SDK's stream readers raise (with the flat ones alone,
+        # `responses.create(stream=True)` yields the failure as an ordinary event).
+        nested = {"type": err.error_type, "code": code, "message": err.message, "param": None}
+        return begun + [self._event("error", code=code, message=err.message, param=None,
+                                    error=nested),
                         self._event("response.failed", response=failed)]
 
     def _start(self, index: int, block: dict) -> list[dict]:
@@ -2065,9 +2274,7 @@ class ResponseTranslator:
             item = {"type": "message", "id": f"msg_{uuid.uuid4().hex[:24]}",
                     "status": "in_progress", "role": "assistant", "content": []}
         elif block.get("type") == "tool_use":
-            item = {"type": "function_call", "id": f"fc_{uuid.uuid4().hex[:24]}",
-                    "call_id": block["id"], "name": block["name"], "arguments": "",
-                    "status": "in_progress"}
+            item = self._call_item(block)
         elif block.get("type") == "thinking":
             item = {"type": "reasoning", "id": f"rs_{uuid.uuid4().hex[:24]}", "summary": []}
         else:
@@ -2083,10 +2290,24 @@ class ResponseTranslator:
                                       output_index=position, content_index=0, part=dict(part)))
         return events
 
+    def _call_item(self, block: dict) -> dict:
+        """The output item of a tool_use, of the kind the client's tool is."""
+        tool = self.tools.get(block["name"], ResponsesTool("function", block["name"]))
+        base = {"call_id": block["id"], "status": "in_progress"}
+        if tool.kind == "custom":
+            return {"type": "custom_tool_call", "id": f"ctc_{uuid.uuid4().hex[:24]}",
+                    **base, "name": tool.name, "input": ""}
+        if tool.kind == "tool_search":
+            return {"type": "tool_search_call", "id": f"tsc_{uuid.uuid4().hex[:24]}",
+                    **base, "execution": "client", "arguments": {}}
+        item = {"type": "function_call", "id": f"fc_{uuid.uuid4().hex[:24]}", **base,
+                "name": tool.name, "arguments": ""}
+        return {**item, "namespace": tool.namespace} if tool.namespace else item
+
     def _delta(self, index: int, delta: dict) -> list[dict]:
         item = self._open.get(index)
-        if item is None:
-            return []
+        if item is None or item["type"] in ("custom_tool_call", "tool_search_call"):
+            return []       # their input is whole at the block's end
         position = self.items.index(item)
         if delta.get("type") == "text_delta":
             item["content"][0]["text"] += delta["text"]
@@ -2117,6 +2338,14 @@ class ResponseTranslator:
             events.append(self._event("response.function_call_arguments.done",
                                       item_id=item["id"], output_index=position,
                                       name=item["name"], arguments=item["arguments"]))
+        elif item["type"] == "custom_tool_call":
+            text = (block.get("input") or {}).get(CUSTOM_INPUT, "")
+            item["input"] = text if isinstance(text, str) else json.dumps(text)
+            events.append(self._event("response.custom_tool_call_input.done",
+                                      item_id=item["id"], output_index=position,
+                                      input=item["input"]))
+        elif item["type"] == "tool_search_call":
+            item["arguments"] = block.get("input") or {}
         else:
             item["summary"] = [{"type": "summary_text", "text": block.get("thinking", "")}]
         if "status" in item:
@@ -3515,12 +3744,83 @@ async def handle_usage(app: App, request: Request, out: Responder) -> None:
         await out.send_json(200, usage_windows(*app.rate_limit))
 
 
+@dataclasses.dataclass
+class StoredThread:
+    """A message thread as its latest answer left it."""
+
+    used_at: float
+    caller: str
+    fixed: dict                     # the create request's system and tools
+    messages: list[dict]            # the whole conversation, the answer last
+    state: str = "open"             # open -> continuing -> continued
+
+
+class ThreadStore:
+    """Message threads by their latest answer's id: at most THREADS_KEPT, each until
+    idle for THREAD_IDLE_S, each for its caller. An answer is continued once, as
+    the API's are (a client forks with a new create)."""
+
+    def __init__(self) -> None:
+        self._kept: dict[str, StoredThread] = {}    # insertion order = age
+
+    def put(self, message_id: str, caller: str, fixed: dict, messages: list[dict]) -> None:
+        now = time.monotonic()
+        self._kept[message_id] = StoredThread(now, caller, fixed, messages)
+        for old in list(self._kept):
+            if len(self._kept) <= THREADS_KEPT and now - self._kept[old].used_at < THREAD_IDLE_S:
+                break
+            del self._kept[old]
+
+    def take(self, message_id: str, caller: str) -> StoredThread:
+        """The thread to continue from `message_id`, now marked as being continued."""
+        kept = self._kept.get(message_id)
+        if kept is None or kept.caller != caller or \
+                time.monotonic() - kept.used_at >= THREAD_IDLE_S:
+            raise NotFound(f"thread: no thread holds message '{message_id}' (unknown, expired "
+                           "or the proxy restarted); send the whole conversation with "
+                           "{\"type\": \"create\"}.", code="thread_not_found")
+        if kept.state != "open":
+            raise InvalidRequest(
+                f"thread: message '{message_id}' was continued already; continue from the "
+                "thread's latest message." if kept.state == "continued" else
+                f"thread: another request is continuing from message '{message_id}'.",
+                code="thread_already_continued" if kept.state == "continued"
+                else "thread_continue_in_flight")
+        kept.state = "continuing"
+        return kept
+
+    @staticmethod
+    def settle(thread: StoredThread, continued: bool) -> None:
+        """The continue request ended: it went on from there, or it may be retried."""
+        thread.state = "continued" if continued else "open"
+        thread.used_at = time.monotonic()
+
+
 async def handle_messages(app: App, request: Request, out: Responder) -> None:
-    """POST /v1/messages, streaming or not."""
+    """POST /v1/messages, streaming or not (and message threads)."""
     body = parse_json_body(request.body)
+    previous_id = parse_thread(body)
+    thread = app.threads.take(previous_id, request.caller) if previous_id else None
+    answered = False
+    try:
+        if thread is not None:
+            body = thread_continued(body, thread.fixed, thread.messages)
+        message = await answer_messages(app, request, body, out)
+        answered = True
+        if previous_id is not None and message.get("stop_reason") != "refusal":
+            app.threads.put(message["id"], request.caller,
+                            {name: body[name] for name in THREAD_FIXED if name in body},
+                            body["messages"] + answer_as_history(message))
+    finally:
+        if thread is not None:
+            app.threads.settle(thread, continued=answered)
+
+
+async def answer_messages(app: App, request: Request, body: dict, out: Responder) -> dict:
+    """Answer a Messages request, streaming or not; return the Message it made."""
     turn = dataclasses.replace(
         messages_request_to_turn(body, app.config.default_model, request.caller),
-        betas=request.head.header("anthropic-beta", "").strip())
+        betas=without_threads_beta(request.head.header("anthropic-beta", "")))
     out.model = turn.model
     if app.config.debug:
         log.debug("%s turn: model=%s history=%d params=%s betas=%s dropped=%s",
@@ -3528,12 +3828,17 @@ async def handle_messages(app: App, request: Request, out: Responder) -> None:
                   turn.betas or "-", ",".join(dropped_params(body)) or "-")
     async with contextlib.aclosing(run_turn(app, turn, out)) as items:
         if not turn.stream:
-            await out.send_json(200, await collect_message(items, out))
-            return
-        await forward_stream(items, out, app.config,
-                             lambda event: [encode_sse(event, event.get("type"))],
-                             ANTHROPIC_PING)
+            message = await collect_message(items, out)
+            await out.send_json(200, message)
+            return message
+        assembler = MessageAssembler()
+
+        def frames(event: dict) -> list[bytes]:
+            assembler.feed(event)
+            return [encode_sse(event, event.get("type"))]
+        await forward_stream(items, out, app.config, frames, ANTHROPIC_PING)
     await out.end_stream()
+    return assembler.message
 
 
 def note_usage(out: Responder, event: dict) -> None:
@@ -3638,27 +3943,48 @@ async def handle_chat_completions(app: App, request: Request, out: Responder) ->
         await out.end_stream()
 
 
+@dataclasses.dataclass
+class StoredResponse:
+    """What a stored response leaves for later requests of its caller."""
+
+    stored_at: float
+    caller: str
+    conversation: list[dict]        # the Turn's messages and the answer, Anthropic form
+    items: dict[str, dict]          # its output items by id, for `item_reference`
+
+
 class ResponseStore:
-    """Conversations of recent responses, for `previous_response_id`: at most
+    """Recent responses, for `previous_response_id` and `item_reference`: at most
     RESPONSES_KEPT, each for RESPONSES_KEEP_S, each for the caller who made it."""
 
     def __init__(self) -> None:
-        self._kept: dict[str, tuple[float, str, list[dict]]] = {}  # insertion order = age
+        self._kept: dict[str, StoredResponse] = {}  # insertion order = age
+        self._item_owner: dict[str, str] = {}       # output item id -> response id
 
-    def put(self, response_id: str, caller: str, conversation: list[dict]) -> None:
+    def put(self, response_id: str, caller: str, conversation: list[dict],
+            items: list[dict]) -> None:
         now = time.monotonic()
-        self._kept[response_id] = (now, caller, conversation)
+        self._kept[response_id] = StoredResponse(now, caller, conversation,
+                                                 {item["id"]: item for item in items})
+        self._item_owner.update((item["id"], response_id) for item in items)
         for old in list(self._kept):
-            if len(self._kept) <= RESPONSES_KEPT and now - self._kept[old][0] < RESPONSES_KEEP_S:
+            if len(self._kept) <= RESPONSES_KEPT and \
+                    now - self._kept[old].stored_at < RESPONSES_KEEP_S:
                 break
-            del self._kept[old]
+            for item_id in self._kept.pop(old).items:
+                self._item_owner.pop(item_id, None)
 
-    def get(self, response_id: str, caller: str) -> list[dict] | None:
+    def get(self, response_id: str, caller: str) -> StoredResponse | None:
         kept = self._kept.get(response_id)
-        if kept is None or time.monotonic() - kept[0] >= RESPONSES_KEEP_S or \
-                kept[1] != caller:
+        if kept is None or time.monotonic() - kept.stored_at >= RESPONSES_KEEP_S or \
+                kept.caller != caller:
             return None
-        return kept[2]
+        return kept
+
+    def item(self, item_id: str, caller: str) -> dict | None:
+        """A stored output item of this caller's, by its id."""
+        kept = self.get(self._item_owner.get(item_id, ""), caller)
+        return kept.items.get(item_id) if kept else None
 
 
 async def handle_responses(app: App, request: Request, out: Responder) -> None:
@@ -3668,13 +3994,18 @@ async def handle_responses(app: App, request: Request, out: Responder) -> None:
     if previous_id is not None:
         if not isinstance(previous_id, str):
             raise InvalidRequest("previous_response_id: must be a string.")
-        previous = app.responses.get(previous_id, request.caller)
-        if previous is None:
+        stored = app.responses.get(previous_id, request.caller)
+        if stored is None:
             raise InvalidRequest(f"previous_response_id: '{previous_id}' is unknown or has "
                                  "expired; send the whole input instead.")
-    turn = responses_request_to_turn(body, app.config.default_model, request.caller, previous)
+        previous = stored.conversation
+    body = dict(body, input=resolve_item_references(
+        body.get("input"), lambda item_id: app.responses.item(item_id, request.caller)))
+    turn, tools = responses_request_to_turn(body, app.config.default_model, request.caller,
+                                            previous)
     out.model = turn.model
-    translator = ResponseTranslator("resp_" + uuid.uuid4().hex[:24], int(time.time()), body)
+    translator = ResponseTranslator("resp_" + uuid.uuid4().hex[:24], int(time.time()), body,
+                                    tools)
     async with contextlib.aclosing(run_turn(app, turn, out)) as items:
         if not turn.stream:
             async for kind, payload in items:
@@ -3693,7 +4024,7 @@ async def handle_responses(app: App, request: Request, out: Responder) -> None:
                 raise BadGateway("The upstream returned no message.")
     if body.get("store") is not False:
         app.responses.put(translator.response_id, request.caller, turn.history + [
-            turn.prompt, *answer_as_history(translator.assembler.message)])
+            turn.prompt, *answer_as_history(translator.assembler.message)], translator.items)
     if turn.stream:
         await out.end_stream()
     else:
@@ -3969,6 +4300,7 @@ class App:
         self.config = config
         self.engine = Engine(config)
         self.responses = ResponseStore()
+        self.threads = ThreadStore()
         self.rate_limit: tuple[dict, float] | None = None    # latest info, when seen
         self.started = time.monotonic()
         self.requests = self.tokens_in = self.tokens_out = 0

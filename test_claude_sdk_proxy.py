@@ -157,7 +157,7 @@ class ScriptedUpstream:
         usage = {"input_tokens": int(context.group(1)) if context else 17, "output_tokens": 1,
                  "cache_read_input_tokens": 3, "cache_creation_input_tokens": 2}
         event("message_start", {"type": "message_start", "message": {
-            "id": "msg_scripted", "type": "message", "role": "assistant", "model": body["model"],
+            "id": f"msg_scripted_{uuid.uuid4().hex[:12]}", "type": "message", "role": "assistant", "model": body["model"],
             "content": [], "stop_reason": None, "stop_sequence": None, "usage": usage}})
         broken = re.search(r"\[\[broken (\d{3})\]\]", text)
         if broken:                      # some text, then the API's mid-stream error event
@@ -1038,8 +1038,15 @@ class AuthAndModelsTest(PureAssertions, unittest.TestCase):
         self.assertEqual(proxy.model_lookup(listed["id"]), listed)
         self.assertEqual(proxy.model_lookup("claude-opus-4-1-20250805"), {
             "type": "model", "id": "claude-opus-4-1-20250805",
-            "display_name": "claude-opus-4-1-20250805", "created_at": "1970-01-01T00:00:00Z",
-            "object": "model", "created": 0, "owned_by": "anthropic"})
+            "display_name": "Claude Opus 4.1", "created_at": "2025-08-05T00:00:00Z",
+            "object": "model", "created": 1754352000, "owned_by": "anthropic"})
+        for model_id, name in (("claude-opus-4-7", "Claude Opus 4.7"),
+                               ("claude-sonnet-4-6[1m]", "Claude Sonnet 4.6"),
+                               ("claude-3-7-sonnet-20250219", "Claude Sonnet 3.7")):
+            with self.subTest(model_id=model_id):
+                entry = proxy.model_lookup(model_id)
+                self.assertEqual(entry["display_name"], name)
+                self.assertGreater(entry["created"], 1700000000)    # never 1970
 
     def test_model_lookup_unknown_is_404(self):
         for model_id in ("gpt-4o", "claude-instant-1", "opus", ""):
@@ -1596,7 +1603,7 @@ class OpenAITranslationTest(PureAssertions, unittest.TestCase):
             {"role": U, "content": [text_block("a"), text_block("b")]},
             {"role": A, "content": [{"type": "tool_use", "id": "call_1", "name": "now",
                                      "input": {}}]}])
-        responses = proxy.responses_request_to_turn({"model": "m", "input": [
+        responses, _ = proxy.responses_request_to_turn({"model": "m", "input": [
             {"role": "user", "content": "a"},
             {"role": "assistant", "content": [{"type": "output_text", "text": " "}]},
             {"role": "user", "content": ""},
@@ -2381,18 +2388,23 @@ class StreamPacingTest(unittest.TestCase):
         status, events = self.stream_events("[[delay 1]] [[drop]]")
         self.assertEqual((status, events[-1]), (200, "error"))
         self.assertNotIn("message_stop", events)
-        client = self.proxy.openai_client()
-        events = list(client.responses.create(model="sonnet", input="[[delay 1]] [[drop]]",
-                                              stream=True))
+        status, _, data = post_raw(self.proxy.port, "/v1/responses", {
+            "model": "sonnet", "input": "[[delay 1]] [[drop]]", "stream": True})
+        events = [json.loads(text) for _, text in parse_sse(data) if text]   # no pings
         # Begun, whether or not the upstream's message_start got out before the drop.
-        self.assertEqual([(e.type, e.sequence_number) for e in events],
+        self.assertEqual([(e["type"], e["sequence_number"]) for e in events],
                          [("response.created", 0), ("response.in_progress", 1), ("error", 2),
                           ("response.failed", 3)])
         error, failed = events[-2], events[-1]
-        self.assertEqual((error.type, error.code, failed.type, failed.response.status,
-                          failed.response.error.code),
-                         ("error", "server_error", "response.failed", "failed", "server_error"))
-        self.assertEqual(error.message, failed.response.error.message)
+        self.assertEqual((error["code"], error["error"]["code"], failed["response"]["status"],
+                          failed["response"]["error"]["code"]),
+                         ("server_error", "server_error", "failed", "server_error"))
+        self.assertEqual(error["message"], failed["response"]["error"]["message"])
+        client = self.proxy.openai_client()
+        with self.assertRaises(openai.APIError) as caught:      # both readers raise
+            list(client.responses.create(model="sonnet", input="[[delay 1]] [[drop]]",
+                                         stream=True))
+        self.assertEqual(caught.exception.message, error["message"])
 
 
 class AuthTest(ApiAssertions, unittest.TestCase):
@@ -4270,8 +4282,9 @@ class OpenAIResponsesTest(OpenAICase):
                       caught.exception.body["message"])
         with self.assertRaises(openai.BadRequestError) as caught:
             self.client.responses.create(model="sonnet", input="x",
-                                         tools=[{"type": "web_search"}])
-        self.assertIn("tools: web_search: only function tools", caught.exception.body["message"])
+                                         tools=[{"type": "web_search"}],
+                                         tool_choice={"type": "web_search"})
+        self.assertIn("'web_search' is a hosted tool", caught.exception.body["message"])
         stored = self.client.responses.create(model="sonnet", input="not kept", store=False)
         with self.assertRaises(openai.BadRequestError):
             self.client.responses.create(model="sonnet", input="x",
@@ -4300,6 +4313,71 @@ def post_raw(port: int, path: str, body: dict, *headers: str) -> tuple[int, dict
                      f"application/json\r\n{extra}content-length: {len(data)}\r\n\r\n"
                      f"{data}".encode())
         return read_response(sock.makefile("rb"))
+
+
+def codex_request(model: str, items: list[dict]) -> dict:
+    """A request as Codex CLI 0.171 `exec` sends it to a custom Responses provider
+    (recorded; instructions shortened): developer messages instead of instructions,
+    its environment as a user message, the whole history each time (store: false),
+    ids in client_metadata, and for a model it knows (gpt-5.5) its freeform
+    apply_patch tool, a client-run tool_search and namespaces deferred to it."""
+    known = model.startswith("gpt-")
+    strict_function = {"type": "function", "strict": False, "parameters": {
+        "type": "object", "properties": {"target": {"type": "string"}},
+        "required": ["target"], "additionalProperties": False}}
+    namespace = {"type": "namespace", "name": "multi_agent_v1",
+                 "description": "Tools for spawning and managing sub-agents.",
+                 "tools": [dict(strict_function, name="close_agent", description="Close."),
+                           dict(strict_function, name="spawn_agent", description="Spawn.")]}
+    tools = [{"type": "function", "name": "exec_command", "strict": False,
+              "description": "Runs a command in a PTY, returning output or a session ID.",
+              "parameters": {"type": "object", "properties": {
+                  "cmd": {"type": "string", "description": "Shell command to execute."},
+                  "workdir": {"type": "string"}, "yield_time_ms": {"type": "number"}},
+                  "required": ["cmd"], "additionalProperties": False}}]
+    if known:
+        tools += [{"type": "custom", "name": "apply_patch",
+                   "description": "The `apply_patch` tool can be used to edit files. This is a "
+                                  "FREEFORM tool, so do not wrap the patch in JSON.",
+                   "format": {"type": "grammar", "syntax": "lark",
+                              "definition": 'start: begin_patch hunk+ end_patch\n'
+                                            'begin_patch: "*** Begin Patch" LF'}},
+                  {"type": "tool_search", "execution": "client",
+                   "description": "# Tool discovery", "parameters": {
+                       "type": "object", "properties": {"limit": {"type": "number"},
+                                                        "query": {"type": "string"}},
+                       "required": ["query"], "additionalProperties": False}},
+                  {"type": "web_search", "external_web_access": True,
+                   "search_content_types": ["text", "image"]}]
+    else:
+        tools += [namespace, {"type": "web_search", "external_web_access": True}]
+    session = "01a23b45-387a-71a1-85e8-e2e8a4871f42"
+    body = {"model": model, "stream": True, "input": [
+        {"type": "message", "id": "msg_bbea253a-e977-575c-ae4b-d0cb07bc9d32", "role": "developer",
+         "content": [{"type": "input_text", "text": "You are a coding agent running in the "
+                                                     "Codex CLI."}]},
+        {"type": "message", "id": "msg_01a23b45-38c0-74f2-a997-bfd7cd2f19e9", "role": "developer",
+         "content": [{"type": "input_text", "text": "<skills_instructions>..."},
+                     {"type": "input_text", "text": "<permissions instructions>..."}]},
+        {"type": "message", "id": "msg_01a23b45-38c0-74f2-a997-bfe44c9f58a2", "role": "user",
+         "content": [{"type": "input_text", "text": "<environment_context>\n  <cwd>/w</cwd>\n"
+                                                     "</environment_context>"}]}] + items,
+        "tools": tools, "tool_choice": "auto", "parallel_tool_calls": True,
+        "reasoning": {"effort": "medium"} if known else {"summary": "auto"}, "store": False,
+        "include": ["reasoning.encrypted_content"], "prompt_cache_key": session,
+        "client_metadata": {"session_id": session, "thread_id": session,
+                            "turn_id": "01a23b45-3896-7572-afbb-51fea43dee66",
+                            "x-codex-window-id": f"{session}:0",
+                            "x-codex-installation-id": "0cb46a19-5fe9-45e2-adc7-60f78c61624b",
+                            "x-codex-turn-metadata": json.dumps({"request_kind": "turn"})}}
+    if known:
+        body["text"] = {"verbosity": "low"}
+    return body
+
+
+def codex_user(text: str) -> dict:
+    return {"type": "message", "id": f"msg_{uuid.uuid4()}", "role": "user",
+            "content": [{"type": "input_text", "text": text}]}
 
 
 class ClientsAsShippedTest(OpenAICase):
@@ -4347,6 +4425,224 @@ class ClientsAsShippedTest(OpenAICase):
             for _ in self.client.chat.completions.create(
                     model="sonnet", stream=True, messages=[{"role": "user", "content": ask}]):
                 pass
+
+    def codex_turn(self, model: str, items: list[dict]) -> tuple[list[dict], dict]:
+        """One Codex request: the output items it reads (output_item.done) and the
+        completed response."""
+        status, _, data = post_raw(self.server.port, "/v1/responses", codex_request(model, items),
+                                   "authorization: Bearer k", "accept: text/event-stream",
+                                   "originator: codex_exec")
+        self.assertEqual(status, 200, data[:300])
+        events = [json.loads(text) for _, text in parse_sse(data) if text]
+        self.assertEqual(events[-1]["type"], "response.completed", events[-1])
+        done = [e["item"] for e in events if e["type"] == "response.output_item.done"]
+        self.assertEqual(done, events[-1]["response"]["output"])
+        return done, events[-1]["response"]
+
+    def test_codex_cli_plain_turn_shell_round_trip_and_namespaced_call(self):
+        ask = codex_user('Run it. [[tool exec_command {"cmd": "echo hi"}]]')
+        items, _ = self.codex_turn("claude-sonnet-4-5", [ask])
+        call = items[-1]
+        self.assertEqual((call["type"], call["name"], json.loads(call["arguments"])),
+                         ("function_call", "exec_command", {"cmd": "echo hi"}))
+        first = UPSTREAM.messages_requests()[0]
+        self.assertEqual(sorted(t["name"] for t in first["body"]["tools"]),
+                         ["mcp__c__exec_command", "mcp__c__multi_agent_v1__close_agent",
+                          "mcp__c__multi_agent_v1__spawn_agent"])   # web_search not offered
+        self.assertIn("You are a coding agent running in the Codex CLI.",
+                      first["body"]["system"][-1]["text"])
+        # Codex echoes every field of the call, status and id included.
+        echoed = [dict(i, status="completed") for i in items]
+        output = {"type": "function_call_output", "id": "fco_01a23b45", "call_id": call["call_id"],
+                  "output": "Process exited with code 0\nOutput:\nhi\n"}
+        items, response = self.codex_turn("claude-sonnet-4-5", [ask] + echoed + [output])
+        self.assertEqual(items[0]["content"][0]["text"],
+                         f"Results: {call['call_id']}=Process exited with code 0\nOutput:\nhi\n")
+        self.assertEqual(response["usage"]["total_tokens"], 64)
+        requests = UPSTREAM.messages_requests()
+        self.assertEqual(len({r["headers"]["X-Claude-Code-Session-Id"] for r in requests}), 1,
+                         "the parked CLI took the shell's output")
+        # A namespaced tool is called by its own name, with its namespace.
+        UPSTREAM.clear()
+        items, _ = self.codex_turn("claude-sonnet-4-5", [codex_user(
+            'Close it. [[tool multi_agent_v1__close_agent {"target": "a1"}]]')])
+        call = items[-1]
+        self.assertEqual((call["name"], call["namespace"], json.loads(call["arguments"])),
+                         ("close_agent", "multi_agent_v1", {"target": "a1"}))
+
+    def test_codex_cli_with_a_model_it_knows_apply_patch_and_tool_search(self):
+        patch = "*** Begin Patch\n*** Add File: hello.txt\n+hello\n*** End Patch\n"
+        ask = codex_user("Create a file. [[tool apply_patch %s]]" % json.dumps({"input": patch}))
+        items, _ = self.codex_turn("gpt-5.5", [ask])
+        call = items[-1]
+        self.assertEqual((call["type"], call["name"], call["input"]),
+                         ("custom_tool_call", "apply_patch", patch))
+        offered = {t["name"]: t for t in UPSTREAM.messages_requests()[0]["body"]["tools"]}
+        self.assertEqual(sorted(offered), ["mcp__c__apply_patch", "mcp__c__exec_command",
+                                           "mcp__c__tool_search"])
+        self.assertEqual(offered["mcp__c__apply_patch"]["input_schema"]["required"], ["input"])
+        self.assertIn('begin_patch: "*** Begin Patch" LF',
+                      offered["mcp__c__apply_patch"]["description"])
+        reasoning = {"type": "reasoning", "id": "rs_ae6db94a9d4940f680c2", "content": None,
+                     "summary": [{"type": "summary_text", "text": "Thinking."}],
+                     "encrypted_content": None}
+        result = {"type": "custom_tool_call_output", "id": "ctco_01a23b45",
+                  "call_id": call["call_id"], "output": "Success. Updated the following files:"
+                                                       "\nA hello.txt\n"}
+        items, _ = self.codex_turn("gpt-5.5", [ask, reasoning] + [
+            dict(i, status="completed") for i in items] + [result])
+        self.assertEqual(items[0]["content"][0]["text"],
+                         f"Results: {call['call_id']}=Success. Updated the following files:"
+                         "\nA hello.txt\n")
+        sent = conversation(UPSTREAM.messages_requests()[-1]["body"])
+        self.assertEqual(sent[-1]["content"][0]["tool_use_id"], call["call_id"])
+        # tool_search: the tools it finds are offered from the next request on.
+        UPSTREAM.clear()
+        ask = codex_user('Find agent tools. [[tool tool_search {"query": "sub-agent"}]]')
+        items, _ = self.codex_turn("gpt-5.5", [ask])
+        call = items[-1]
+        self.assertEqual((call["type"], call["execution"], call["arguments"]),
+                         ("tool_search_call", "client", {"query": "sub-agent"}))
+        found = codex_request("claude-x", [])["tools"][1]        # the namespace
+        items, _ = self.codex_turn("gpt-5.5", [ask, dict(call, status="completed"), {
+            "type": "tool_search_output", "id": "tso_01", "call_id": call["call_id"],
+            "status": "completed", "execution": "client", "tools": [found]}])
+        self.assertTrue(items[0]["content"][0]["text"].startswith(f"Results: {call['call_id']}="))
+        self.assertIn("mcp__c__multi_agent_v1__spawn_agent",
+                      [t["name"] for t in UPSTREAM.messages_requests()[-1]["body"]["tools"]])
+
+    def test_ai_sdk_item_references_resolve_to_stored_items(self):
+        # @ai-sdk/openai 3.0 (the default `openai(...)` model) without store: false
+        # sends earlier assistant messages and reasoning as item_reference.
+        weather = {"type": "function", "name": "weather", "description": "Weather for a city",
+                   "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                  "required": ["city"], "additionalProperties": False}}
+        ask = {"role": "user", "content": [{"type": "input_text", "text":
+               'Weather in Paris? [[thinking]] [[tool weather {"city":"Paris"}]]'}]}
+        first = self.client.responses.create(model="gpt-5", input=[ask], tools=[weather],
+                                             tool_choice="auto")
+        kinds = [item.type for item in first.output]
+        self.assertEqual(kinds, ["message", "function_call"])
+        message, call = first.output
+        result = {"type": "function_call_output", "call_id": call.call_id,
+                  "output": '{"city":"Paris","tempC":21}'}
+        second = self.client.responses.create(model="gpt-5", tools=[weather], tool_choice="auto",
+                                              input=[ask, {"type": "item_reference",
+                                                           "id": message.id},
+                                                     {"type": "function_call",
+                                                      "call_id": call.call_id, "name": "weather",
+                                                      "arguments": '{"city":"Paris"}'}, result])
+        self.assertEqual(second.output_text,
+                         f'Results: {call.call_id}={{"city":"Paris","tempC":21}}')
+        sent = conversation(UPSTREAM.messages_requests()[-1]["body"])
+        self.assertEqual([b["type"] for b in sent[1]["content"]], ["text", "tool_use"])
+        self.assertEqual(sent[1]["content"][0]["text"], "Calling.")
+        third = self.client.responses.create(model="gpt-5", tools=[weather], tool_choice="auto",
+                                             input=[
+            ask, {"type": "item_reference", "id": message.id},
+            {"type": "function_call", "call_id": call.call_id, "name": "weather",
+             "arguments": '{"city":"Paris"}'}, result,
+            {"type": "item_reference", "id": second.output[0].id},
+            {"role": "user", "content": [{"type": "input_text", "text": "Thanks."}]}])
+        self.assertEqual(third.output_text, UPSTREAM_TEXT)
+        sessions = {r["headers"]["X-Claude-Code-Session-Id"] for r in UPSTREAM.messages_requests()}
+        self.assertEqual(len(sessions), 1, "each turn went on warm")
+        for references in ([{"type": "item_reference", "id": "msg_never_made"}],
+                           [{"type": "item_reference", "id": message.id}]):
+            with self.subTest(references=references):
+                client = self.client if references[0]["id"] != message.id else \
+                    self.server.openai_client(api_key="another-app")   # not its item
+                with self.assertRaises(openai.BadRequestError) as caught:
+                    client.responses.create(model="gpt-5", input=[ask] + references + [
+                        {"role": "user", "content": "and?"}])
+                self.assertIn("input.1.id: item", caught.exception.body["message"])
+
+    def test_anthropic_tool_runners_and_thread_keep_the_conversation(self):
+        # anthropic 2.16's tool_runner and thread() use message threads by default:
+        # a continue carries only the new messages, no system and no tools.
+        client = self.server.client()
+
+        @anthropic.beta_tool
+        def get_weather(city: str) -> str:
+            """Weather for a city.
+
+            Args:
+                city: The city.
+            """
+            return f"Sunny in {city}"
+        for stream in (False, True):
+            with self.subTest(stream=stream):
+                UPSTREAM.clear()
+                runner = client.beta.messages.tool_runner(
+                    model="sonnet", max_tokens=256, system="You are terse.", tools=[get_weather],
+                    stream=stream, messages=[{"role": "user", "content":
+                                              'Paris? [[tool get_weather {"city": "Paris"}]]'}])
+                for _ in runner:
+                    pass
+                final = runner.until_done()
+                first, second = UPSTREAM.messages_requests()
+                tool_id = conversation(second["body"])[-1]["content"][0]["tool_use_id"]
+                self.assertEqual(final.content[0].text, f"Results: {tool_id}=Sunny in Paris")
+                self.assertEqual(second["body"]["system"][-1]["text"], "You are terse.")
+                self.assertEqual([t["name"] for t in second["body"]["tools"]],
+                                 ["mcp__c__get_weather"])
+                self.assertEqual(first["headers"]["X-Claude-Code-Session-Id"],
+                                 second["headers"]["X-Claude-Code-Session-Id"])
+                self.assertNotIn("message-threads", first["headers"].get("anthropic-beta", ""))
+        UPSTREAM.clear()
+        thread = client.beta.messages.thread(model="sonnet", max_tokens=64,
+                                             system="Answer in French.")
+        thread.send({"role": "user", "content": "first question"})
+        answer = thread.send({"role": "user", "content": "second question"})
+        self.assertEqual(answer.content[0].text, UPSTREAM_TEXT)
+        sent = UPSTREAM.messages_requests()[-1]["body"]
+        self.assertEqual([as_blocks(m["content"])[0]["text"] for m in conversation(sent)],
+                         ["first question", UPSTREAM_TEXT, "second question"])
+        self.assertEqual(sent["system"][-1]["text"], "Answer in French.")
+
+    def test_thread_errors_are_the_apis_and_the_sdk_recovers_from_a_lost_thread(self):
+        def post(body):
+            status, _, data = post_raw(self.server.port, "/v1/messages", dict(
+                {"model": "sonnet", "max_tokens": 32}, **body),
+                "anthropic-beta: message-threads-2026-08-12")
+            return status, json.loads(data)
+        status, first = post({"thread": {"type": "create"}, "system": "S",
+                              "messages": [{"role": "user", "content": "one"}]})
+        self.assertEqual(status, 200)
+        table = [({"type": "continue", "previous_message_id": "msg_unknown"}, {},
+                  404, "not_found_error", "thread_not_found"),
+                 ({"type": "continue", "previous_message_id": first["id"]}, {"system": "T"},
+                  400, "invalid_request_error", "thread_fingerprint_mismatch")]
+        for thread, extra, status, kind, code in table:
+            with self.subTest(code=code):
+                got, error = post(dict({"thread": thread, "messages": [
+                    {"role": "user", "content": "two"}]}, **extra))
+                self.assertEqual((got, error["error"]["type"],
+                                  error["error"]["details"]["error_code"]), (status, kind, code))
+        status, _ = post({"thread": {"type": "continue", "previous_message_id": first["id"]},
+                          "messages": [{"role": "user", "content": "two"}]})
+        self.assertEqual(status, 200)
+        status, error = post({"thread": {"type": "continue", "previous_message_id": first["id"]},
+                              "messages": [{"role": "user", "content": "fork"}]})
+        self.assertEqual((status, error["error"]["details"]["error_code"]),
+                         (400, "thread_already_continued"))
+        thread = self.server.client().beta.messages.thread(model="sonnet", max_tokens=32,
+                                                          system="S")
+        thread.send({"role": "user", "content": "one"})
+        for caller, expected in (("another-app", 404), ("test-key", 200)):
+            status, _, _ = post_raw(self.server.port, "/v1/messages", {
+                "model": "sonnet", "max_tokens": 32, "messages": [
+                    {"role": "user", "content": "elsewhere"}],
+                "thread": {"type": "continue", "previous_message_id":
+                           thread.previous_message_id}}, f"x-api-key: {caller}")
+            self.assertEqual(status, expected)      # threads are per caller
+        UPSTREAM.clear()
+        # Continued elsewhere: the SDK gets thread_already_continued and replays whole.
+        thread.send({"role": "user", "content": "two"})
+        sent = UPSTREAM.messages_requests()
+        self.assertEqual(len(sent), 1)
+        self.assertEqual([as_blocks(m["content"])[0]["text"] for m in conversation(sent[0]["body"])],
+                         ["one", UPSTREAM_TEXT, "two"])
 
     def test_litellm_structured_output_beta_form_is_carried_as_output_config(self):
         # LiteLLM 1.110, anthropic/claude-sonnet-4-5 with response_format.
