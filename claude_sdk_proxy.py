@@ -104,9 +104,11 @@ MAX_HEAD_BYTES = 64 * 1024              # nginx allows 4 x 8 KiB, node 16 KiB: a
 MAX_HEADER_COUNT = 100                  # Apache's LimitRequestFields default
 HEADER_TIMEOUT_S = 30.0                 # a whole request head (nginx allows 60 s)
 BODY_TIMEOUT_S = 60.0                   # between reads of a body (nginx: 60 s)
+MIN_BODY_RATE = 1024                    # bytes/s a body averages after its first timeout's
+                                        # worth (a trickle of a byte a minute holds a slot)
 KEEPALIVE_IDLE_S = 75.0                 # between requests (nginx: 75 s)
 SEND_TIMEOUT_S = 60.0                   # a client that reads nothing of its answer (nginx: 60 s)
-HEAD_HOLD_S = 3.0                       # a stream's head waits this long for the first event
+HEAD_HOLD_S = 3.0                       # a stream's first 102 Processing after this silence
 PING_INTERVAL_S = 15.0                  # keeps proxies and clients from idling out
 SHUTDOWN_GRACE_S = 30.0                 # in-flight requests get this long after SIGTERM
 RETRY_AFTER_DEFAULT_S = 5               # for a throttle that came without a reset time
@@ -242,9 +244,11 @@ def is_loopback(host: str) -> bool:
     if host.lower() == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
+        address = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
         return False
+    mapped = getattr(address, "ipv4_mapped", None)      # ::ffff:127.0.0.1
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 def startup_problems(config: Config, environ: dict) -> tuple[list[str], list[str]]:
@@ -420,6 +424,8 @@ HTTP_REASONS = {
 }
 _TOKEN_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")      # RFC 9110 5.6.2
 _TARGET_RE = re.compile(rb"/[\x21-\x7e]*")                    # origin-form only
+# RFC 9110 7.2: uri-host [":" port], uri-host an IP literal or a reg-name (RFC 3986).
+_HOST_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(:[0-9]*)?")
 
 
 @dataclasses.dataclass
@@ -494,8 +500,24 @@ def parse_request_head(data: bytes) -> RequestHead:
     hosts = sum(name == "host" for name, _ in headers)
     if hosts > 1 or (hosts == 0 and version == b"HTTP/1.1"):     # RFC 9112 3.2
         raise InvalidRequest("An HTTP/1.1 request needs exactly one Host header.")
+    if any(name == "host" and not _HOST_RE.fullmatch(value) for name, value in headers):
+        raise InvalidRequest("Host: must be a host name or address and an optional port.")
     return RequestHead(method.decode("ascii"), target.decode("ascii"),
                        version.decode("ascii"), headers)
+
+
+_BARE_LF_RE = re.compile(rb"(?<!\r)\n")
+
+
+def check_head_start(data: bytes) -> None:
+    """Raise at once when the bytes read so far cannot begin an HTTP/1.x request
+    head (a TLS handshake, bare-LF line ends), instead of at the head timeout."""
+    start = data.lstrip(b"\r\n")          # empty lines before a request are ignored
+    if start and not _TOKEN_RE.match(start[:1]):
+        raise InvalidRequest("Not an HTTP/1.x request (TLS? this proxy speaks plain HTTP).")
+    if _BARE_LF_RE.search(start):
+        raise InvalidRequest("A line of the request head ends in a bare LF; HTTP/1.1 needs "
+                             "CRLF (RFC 9112 section 2.2).")
 
 
 def body_length(head: RequestHead) -> int | None:
@@ -591,6 +613,7 @@ def encode_chunk(data: bytes) -> bytes:
 # The Anthropic API names every event (`event: message_start`); OpenAI's APIs send
 # bare `data:` lines. Both end a frame with a blank line.
 
+PROCESSING = b"HTTP/1.1 102 Processing\r\n\r\n"    # an interim answer: the status is to come
 ANTHROPIC_PING = b'event: ping\ndata: {"type":"ping"}\n\n'
 OPENAI_PING = b": ping\n\n"      # an SSE comment: OpenAI's clients skip it, proxies see bytes
 
@@ -670,7 +693,9 @@ def check_local_caller(head: RequestHead) -> None:
         not name or LOCAL_NAMES.fullmatch(name) is not None or _is_ip(name))
     web_origin = origin is not None and (origin == "null" or origin.lower().startswith(
         ("http://", "https://")))
-    if not local_host or (web_origin and not is_loopback(host_of(origin) or "")):
+    origin_name = host_of(origin) or "" if web_origin else ""
+    local_origin = LOCAL_NAMES.fullmatch(origin_name) is not None or is_loopback(origin_name)
+    if not local_host or (web_origin and not local_origin):
         raise PermissionDenied(
             "This proxy has no API key, so it answers only requests addressed to this "
             "machine (an IP address, localhost) and not sent from a web page of another "
@@ -813,12 +838,26 @@ def parse_json_body(body: bytes) -> dict:
     if not body:
         raise InvalidRequest("Request body is empty; expected a JSON object.")
     try:
-        value = json.loads(body)
-    except (UnicodeDecodeError, ValueError) as exc:
+        # NaN and Infinity are not JSON (RFC 8259 section 6); Python writes them back
+        # as such, and the CLI then ignores the whole extra body that carries them.
+        value = json.loads(body, parse_constant=_not_json)
+        if _ESCAPED_SURROGATE.search(body):
+            # A lone surrogate has no UTF-8 form: the CLI cannot be given it.
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except RecursionError:
+        raise InvalidRequest("Request body is not valid JSON: nested too deeply.") from None
+    except (UnicodeError, ValueError) as exc:
         raise InvalidRequest(f"Request body is not valid JSON: {exc}") from None
     if not isinstance(value, dict):
         raise InvalidRequest("Request body must be a JSON object.")
     return value
+
+
+_ESCAPED_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def _require(cond: bool, message: str) -> None:
@@ -2375,6 +2414,27 @@ try:
 except ImportError:         # main() explains how to install it
     sdk = None
 
+
+def _in_own_session(open_process: Callable) -> Callable:
+    """anyio.open_process, with which the SDK spawns each CLI (its only call), made
+    to start it in a session of its own. An idle CLI is stopped (`_freeze`), and when
+    a process group holding a stopped process is orphaned -- the shell or start
+    script that ran the proxy with `&` exits -- the kernel sends the whole group
+    SIGHUP and SIGCONT: in the proxy's group that killed the proxy, unlogged. Nor
+    does the terminal's Ctrl-C or hang-up reach a CLI then: the proxy ends its CLIs
+    itself, after its drain. The SDK has no option for it, and a parent cannot move
+    a child that has exec'd to another group."""
+    @functools.wraps(open_process)
+    async def open_process_in_own_session(*args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("start_new_session", True)
+        return await open_process(*args, **kwargs)
+    return open_process_in_own_session
+
+
+if sdk is not None:
+    import anyio
+    anyio.open_process = _in_own_session(anyio.open_process)
+
 _CLOSED = object()          # end-of-turn marker in a CliProcess outbox
 RATE_LIMIT_WINDOWS = {
     "five_hour": "5-hour", "seven_day": "weekly", "seven_day_opus": "weekly Opus",
@@ -3902,16 +3962,22 @@ async def forward_stream(items: AsyncIterator[tuple[str, Any]], out: Responder,
                          ping: bytes) -> None:
     """Forward the upstream's events as the SSE frames `frames` makes of each.
 
-    The head waits for the first event (so an early 429 or 529 is a real status,
-    never a 200 and an error event: the CLI's rate-limit report before a 429 starts
-    nothing) but never longer than `head_hold_s`; a `ping` fills every silence of
-    `ping_interval_s`. The caller ends the stream.
+    The status waits for the first event, however long the upstream takes, so a
+    429 or 529 is a real status, never a 200 and an error event (the CLI's
+    rate-limit report before a 429 starts nothing). Meanwhile a `102 Processing`
+    after `head_hold_s` and every `ping_interval_s` of silence keeps the line alive
+    without committing the status (HTTP/1.1 clients skip 1xx answers, RFC 9110
+    section 15.2; an HTTP/1.0 client, which may not get one, gets the 200 head
+    then). After the head a `ping` fills every silence. The caller ends the stream.
     """
     async with paced_stream(items, config) as ticks:
         async for item in ticks:
             if item is not None and item[0] != "stream":
                 continue
             if not out.head_sent:
+                if item is None and out.chunked:
+                    await out.conn.write(PROCESSING)
+                    continue
                 await out.start_stream()
             if item is None:
                 await out.write(ping)
@@ -4138,6 +4204,7 @@ class Connection:
                 head = bytes(self.buf[:end + 4])
                 del self.buf[:end + 4]
                 return head
+            check_head_start(bytes(self.buf))
             if self.buf.strip(b"\r\n") and deadline is None:
                 deadline = time.monotonic() + self.config.header_timeout_s
             timeout = self.config.keepalive_idle_s if deadline is None else \
@@ -4156,9 +4223,10 @@ class Connection:
 
     async def read_body(self, length: int | None, max_bytes: int) -> bytes:
         """A Content-Length body (length) or a chunked one (None)."""
+        started = time.monotonic()
         if length is not None:
             while len(self.buf) < length:
-                await self._fill_body()
+                await self._fill_body(started, len(self.buf))
             body = bytes(self.buf[:length])
             del self.buf[:length]
             return body
@@ -4166,15 +4234,21 @@ class Connection:
         body = bytearray(decoder.feed(bytes(self.buf)))
         self.buf.clear()
         while not decoder.done:
-            await self._fill_body()
+            await self._fill_body(started, len(body))
             body += decoder.feed(bytes(self.buf))
             self.buf.clear()
         self.buf += decoder.leftover
         return bytes(body)
 
-    async def _fill_body(self) -> None:
+    async def _fill_body(self, started: float, received: int) -> None:
+        """More body bytes: within body_timeout_s of the last, and at MIN_BODY_RATE
+        on average after the first body_timeout_s."""
+        left = started + self.config.body_timeout_s + received / MIN_BODY_RATE - \
+            time.monotonic()
         try:
-            if not await self.fill(self.config.body_timeout_s):
+            if left <= 0:
+                raise asyncio.TimeoutError
+            if not await self.fill(min(self.config.body_timeout_s, left)):
                 raise InvalidRequest("Connection closed inside the request body.")
         except asyncio.TimeoutError:
             raise InvalidRequest("Timed out reading the request body.") from None
@@ -4309,6 +4383,7 @@ class App:
         self.busy: set[asyncio.Task] = set()    # connection tasks serving a request
         self.connections: set[asyncio.Task] = set()
         self.shutting_down = False
+        self.drained = asyncio.Event()      # the drain is over: in-flight answers fail now
 
 
 async def serve_connection(app: App, reader: asyncio.StreamReader,
@@ -4408,8 +4483,15 @@ async def run_handler(app: App, conn: Connection, handler: Callable, request: Re
     work = asyncio.ensure_future(asyncio.wait_for(handler(app, request, out),
                                                   app.config.timeout_s))
     watch = asyncio.ensure_future(conn.watch_eof())
+    drained = asyncio.ensure_future(app.drained.wait())
     try:
-        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({work, watch, drained}, return_when=asyncio.FIRST_COMPLETED)
+        if not work.done() and drained.done():
+            # Ended the way the API ends an interrupted answer: its error, in the
+            # stream when one has begun, then a clean end (never a cut-off body).
+            out.keep_alive = False
+            raise ServiceUnavailable("The proxy is shutting down; retry the request.",
+                                     retry_after_header(1))
         if not work.done():
             raise ClientGone
         try:
@@ -4420,7 +4502,7 @@ async def run_handler(app: App, conn: Connection, handler: Callable, request: Re
             raise GatewayTimeout(f"The request took longer than {app.config.timeout_s:g} s "
                                  "(CLAUDE_PROXY_TIMEOUT_MS).") from None
     finally:
-        for task in (work, watch):
+        for task in (work, watch, drained):
             if not task.done():
                 task.cancel()
                 with contextlib.suppress(BaseException):
@@ -4462,9 +4544,21 @@ async def serve(config: Config, ready: Callable[[int], None] | None = None,
     if reaped:
         log.warning("Killed %d Claude Code CLI processes left by a crashed earlier run.", reaped)
     start_watchdog()
+    def on_stop_signal() -> None:
+        if stop.is_set():           # a second signal: the operator will not wait
+            log.warning("Stopping now: in-flight requests end with an error.")
+            app.drained.set()
+        stop.set()
     for signum in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.add_signal_handler(signum, stop.set)
+            loop.add_signal_handler(signum, on_stop_signal)
+    # A hang-up is no reason to stop: it comes when the terminal the proxy was
+    # started from with `&` goes away (its shell passes it on to its jobs), and
+    # from `kill -HUP`, which asks a daemon to reload, and there is nothing to
+    # reload. So the proxy goes on serving, as under nohup, and says so.
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+        loop.add_signal_handler(signal.SIGHUP, log.warning, "SIGHUP ignored: still "
+                                "serving (stop the proxy with SIGTERM or SIGINT).")
 
     async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if len(app.connections) >= config.max_connections:
@@ -4498,8 +4592,14 @@ async def serve(config: Config, ready: Callable[[int], None] | None = None,
         for conn in list(app.idle):        # EOF ends their wait for a next request
             conn.writer.close()
         deadline = time.monotonic() + config.shutdown_grace_s
-        while app.busy and time.monotonic() < deadline:
-            await asyncio.wait(set(app.busy), timeout=deadline - time.monotonic())
+        drained = asyncio.ensure_future(app.drained.wait())
+        while app.busy and not drained.done() and time.monotonic() < deadline:
+            await asyncio.wait(set(app.busy) | {drained}, timeout=deadline - time.monotonic(),
+                               return_when=asyncio.FIRST_COMPLETED)
+        drained.cancel()
+        app.drained.set()                   # what is still answering ends with an error
+        if app.busy:
+            await asyncio.wait(set(app.busy), timeout=5)
         for task in list(app.busy):
             task.cancel()
         if app.connections:

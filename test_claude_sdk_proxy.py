@@ -134,12 +134,12 @@ class ScriptedUpstream:
 
     def answer(self, handler, body):
         text = self.last_text(body)
-        marker = re.search(r"\[\[error (\d{3})(?: (window|too long))?\]\]", text)
-        if marker:
-            return self.send_error(handler, int(marker.group(1)), marker.group(2))
         delay = re.search(r"\[\[delay ([0-9.]+)\]\]", text)
         if delay:
             time.sleep(float(delay.group(1)))     # scripted slowness, not synchronisation
+        marker = re.search(r"\[\[error (\d{3})(?: (window|too long))?\]\]", text)
+        if marker:
+            return self.send_error(handler, int(marker.group(1)), marker.group(2))
         stop = re.search(r"\[\[stop (\w+)\]\]", text)
         handler.send_response(200)
         if "[[limits warning]]" in text:
@@ -401,7 +401,7 @@ def read_response(sock_file) -> tuple[int, dict, bytes]:
     while (line := sock_file.readline()) not in (b"\r\n", b""):
         name, _, value = line.decode().partition(":")
         headers[name.strip().lower()] = value.strip()
-    if status == 100:
+    if 100 <= status < 200:
         return status, headers, b""
     if headers.get("transfer-encoding") == "chunked":
         body = b""
@@ -987,7 +987,7 @@ class AuthAndModelsTest(PureAssertions, unittest.TestCase):
             ((b"Host: evil.example:3456", b"Origin: http://evil.example:3456"), False),
             ((b"Host: evil.example:3456",), False),
             ((b"Host: 127.0.0.1:3456", b"Origin: null"), False),     # a sandboxed page
-            ((b"Host: [::1",), False), ((b"Host: 127.0.0.1.evil.example",), False),
+            ((b"Host: 127.0.0.1.evil.example",), False),
             ((b"Host: evil.local",), False),
             # Names no one can register, addresses, and apps' own origins.
             ((b"Host: host.docker.internal:3456",), True), ((b"Host: localhost.",), True),
@@ -995,7 +995,13 @@ class AuthAndModelsTest(PureAssertions, unittest.TestCase):
             ((b"Host: 0.0.0.0:3456",), True), ((b"Host: [::ffff:127.0.0.1]:3456",), True),
             ((b"Host:",), True), ((b"Host: localhost", b"Origin: app://obsidian.md"), True),
             ((b"Host: localhost", b"Origin: vscode-webview://abc"), True),
-            ((b"Host: localhost", b"Origin: HTTPS://evil.example"), False)]
+            ((b"Host: localhost", b"Origin: HTTPS://evil.example"), False),
+            # Pages from the names a Host may have (a dev server, a container's host).
+            ((b"Host: localhost", b"Origin: http://app.localhost:5173"), True),
+            ((b"Host: localhost", b"Origin: http://localhost.:3000"), True),
+            ((b"Host: localhost", b"Origin: http://host.docker.internal"), True),
+            ((b"Host: localhost", b"Origin: http://[::ffff:127.0.0.1]"), True),
+            ((b"Host: localhost", b"Origin: http://[::ffff:10.0.0.1]"), False)]
         for lines, answered in table:
             with self.subTest(lines=lines):
                 head = proxy.parse_request_head(raw_head(*lines))
@@ -1005,6 +1011,10 @@ class AuthAndModelsTest(PureAssertions, unittest.TestCase):
                     self.assertProxyError(refused, proxy.check_local_caller, head)
         old = proxy.parse_request_head(b"GET / HTTP/1.0\r\n\r\n")     # no Host at all
         self.assertIsNone(proxy.check_local_caller(old))
+        for host in (b"evil.com@127.0.0.1", b"127.0.0.1#evil.com", b"[::1]evil.com", b"[::1",
+                     b"a b", b"127.0.0.1:80:80", b"127.0.0.1/x"):
+            with self.subTest(host=host):       # not a host: a 400 before any check
+                self.assertProxyError(INV, proxy.parse_request_head, raw_head(b"Host: " + host))
 
     def test_resolve_model(self):
         table = [("claude-opus-4-1-20250805", "sonnet", "claude-opus-4-1-20250805"),
@@ -1339,7 +1349,16 @@ class AnthropicTranslationTest(PureAssertions, unittest.TestCase):
                  (b"\xff\xfe\xfa", "Request body is not valid JSON"),
                  (b"[1, 2]", "Request body must be a JSON object."),
                  (b'"x"', "Request body must be a JSON object."),
-                 (b"null", "Request body must be a JSON object.")]
+                 (b"null", "Request body must be a JSON object."),
+                 # NaN reached the CLI's extra body, which then dropped every parameter.
+                 (b'{"temperature": NaN}', "Request body is not valid JSON: NaN"),
+                 (b'{"output_config": {"format": {"schema": {"maximum": Infinity}}}}',
+                  "Request body is not valid JSON: Infinity"),
+                 (b'{"a": -Infinity}', "Request body is not valid JSON: -Infinity"),
+                 (b'{"system": "\\ud83d alone"}', "Request body is not valid JSON"),
+                 (b'{"a": ' * 100_000 + b"1" + b"}" * 100_000,
+                  "Request body is not valid JSON: nested too deeply.")]
+        self.assertEqual(proxy.parse_json_body(b'{"s": "\\ud83d\\ude00"}'), {"s": "\U0001F600"})
         for data, prefix in table:
             with self.subTest(data=data):
                 self.assertProxyError(INV, proxy.parse_json_body, data, prefix=prefix)
@@ -2373,25 +2392,71 @@ class StreamPacingTest(unittest.TestCase):
                                "messages": [{"role": "user", "content": text}]})
             sock.sendall(f"POST /v1/messages HTTP/1.1\r\nhost: localhost\r\ncontent-type: "
                          f"application/json\r\ncontent-length: {len(body)}\r\n\r\n{body}".encode())
-            status, _, data = read_response(sock.makefile("rb"))
+            reader = sock.makefile("rb")
+            status, _, data = read_response(reader)
+            while status < 200:         # 102 Processing while the upstream is silent
+                status, _, data = read_response(reader)
         return status, [event for event, _ in parse_sse(data)]
 
-    def test_stream_sends_pings_while_the_upstream_is_silent(self):
-        status, events = self.stream_events("[[delay 2]] slow")
-        self.assertEqual(status, 200)
-        self.assertEqual(events[0], "ping", "the head and a ping go out before the first event")
-        self.assertIn("message_start", events)
-        self.assertEqual(events[-1], "message_stop")
+    def test_a_slow_upstream_gets_interim_answers_and_its_real_status(self):
+        # Under load the first event can take seconds: the status waits for it (an
+        # SDK retries a 429 only as a status), 102s keep the line alive meanwhile.
+        for text, status, first in (("[[delay 1]] slow", 200, "message_start"),
+                                    ("[[delay 1]] [[error 429]]", 429, None),
+                                    ("[[delay 1]] [[error 529]]", 529, None)):
+            with self.subTest(text=text):
+                with contextlib.closing(socket.create_connection(
+                        ("127.0.0.1", self.proxy.port))) as sock:
+                    body = json.dumps({"model": "claude-sonnet-5-5", "max_tokens": 10,
+                                       "stream": True, "messages": [
+                                           {"role": "user", "content": text}]})
+                    sock.sendall(f"POST /v1/messages HTTP/1.1\r\nhost: localhost\r\n"
+                                 f"content-type: application/json\r\ncontent-length: "
+                                 f"{len(body)}\r\n\r\n{body}".encode())
+                    reader = sock.makefile("rb")
+                    statuses = []
+                    while not statuses or statuses[-1][0] < 200:
+                        statuses.append(read_response(reader))
+                self.assertEqual(statuses[0][0], 102)
+                self.assertEqual(statuses[-1][0], status)
+                if first:
+                    events = [event for event, _ in parse_sse(statuses[-1][2])]
+                    self.assertEqual((events[0], events[-1]), (first, "message_stop"))
+                else:
+                    self.assertIn("retry-after", statuses[-1][1])
+        with self.assertRaises(anthropic.RateLimitError):       # an SDK sees the status
+            with self.proxy.client().messages.stream(
+                    model="sonnet", max_tokens=10,
+                    messages=[{"role": "user", "content": "[[delay 1]] [[error 429]]"}]) as s:
+                s.get_final_message()
+        with self.assertRaises(openai.RateLimitError):
+            list(self.proxy.openai_client().chat.completions.create(
+                model="sonnet", stream=True,
+                messages=[{"role": "user", "content": "[[delay 1]] [[error 429]]"}]))
 
-    def test_a_stream_broken_off_ends_in_an_error_never_as_if_complete(self):
-        # The CLI ends a stream the upstream cut with a message_stop of its own.
+    def test_a_stream_cut_after_its_start_never_ends_as_if_complete(self):
+        # The CLI ends a stream the upstream cut with a message_stop of its own. Cut
+        # right after message_start, the client gets a 502 (when the CLI had not
+        # passed the start on yet) or the stream and an error event.
         status, events = self.stream_events("[[delay 1]] [[drop]]")
-        self.assertEqual((status, events[-1]), (200, "error"))
+        self.assertIn((status, events[-1:]), ((502, [None]), (200, ["error"])))
         self.assertNotIn("message_stop", events)
         status, _, data = post_raw(self.proxy.port, "/v1/responses", {
             "model": "sonnet", "input": "[[delay 1]] [[drop]]", "stream": True})
+        kinds = [event for event, text in parse_sse(data) if text] if status == 200 else \
+            [json.loads(data)["error"]["type"]]
+        self.assertIn((status, kinds[-2:]), ((502, ["api_error"]),
+                                             (200, ["error", "response.failed"])))
+
+    def test_an_http_1_0_stream_begun_on_silence_fails_as_its_api_ends_a_stream(self):
+        # HTTP/1.0 gets no 102: its head goes out on silence, before the response began.
+        body = json.dumps({"model": "sonnet", "input": "[[delay 1]] [[drop]]", "stream": True})
+        raw = raw_exchange(self.proxy.port, (
+            f"POST /v1/responses HTTP/1.0\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\n\r\n{body}").encode(), timeout=60)
+        head, _, data = raw.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 "), head)
         events = [json.loads(text) for _, text in parse_sse(data) if text]   # no pings
-        # Begun, whether or not the upstream's message_start got out before the drop.
         self.assertEqual([(e["type"], e["sequence_number"]) for e in events],
                          [("response.created", 0), ("response.in_progress", 1), ("error", 2),
                           ("response.failed", 3)])
@@ -2400,11 +2465,6 @@ class StreamPacingTest(unittest.TestCase):
                           failed["response"]["error"]["code"]),
                          ("server_error", "server_error", "failed", "server_error"))
         self.assertEqual(error["message"], failed["response"]["error"]["message"])
-        client = self.proxy.openai_client()
-        with self.assertRaises(openai.APIError) as caught:      # both readers raise
-            list(client.responses.create(model="sonnet", input="[[delay 1]] [[drop]]",
-                                         stream=True))
-        self.assertEqual(caught.exception.message, error["message"])
 
 
 class AuthTest(ApiAssertions, unittest.TestCase):
@@ -2712,6 +2772,67 @@ class LifecycleTest(ApiAssertions, unittest.TestCase):
         self.assertTrue(wait_until(lambda: all(process_state(pid) in ("", "Z") for pid in clis),
                                    timeout=30), [process_state(pid) for pid in clis])
 
+    def test_a_proxy_whose_start_script_exits_goes_on_serving_and_stops_clean(self):
+        # A script (or a shell) that ran it with `&` exits: the kernel sends SIGHUP to
+        # a process group it orphans with a stopped process in it, as an idle CLI is.
+        import subprocess
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("CLAUDE_PROXY_")},
+               "CLAUDE_PROXY_MAX_SPARES": "0"}
+        script = subprocess.Popen(
+            ["bash", "-c", '"$0" "$1" --port 0 </dev/null >/dev/null & echo "$!"; read -r _',
+             sys.executable, proxy.__file__], env=env, text=True, stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            preexec_fn=os.setpgrp)  # a job of its own, as a shell runs a script
+        self.addCleanup(script.wait)
+        self.addCleanup(script.kill)
+        pid = int(script.stdout.readline())
+
+        def clis():         # once the script is gone, no longer this process's
+            found = []
+            for child in proxy.descendants(pid):
+                with contextlib.suppress(OSError), open(f"/proc/{child}/comm") as comm:
+                    if comm.read().strip() == "claude" and process_state(child) != "Z":
+                        found.append(child)
+            return found
+
+        def kill_what_is_left():
+            if process_state(pid) not in ("", "Z"):
+                for each in [*clis(), pid]:
+                    with contextlib.suppress(OSError):
+                        os.kill(each, signal.SIGKILL)
+        self.addCleanup(kill_what_is_left)
+        self.addCleanup(script.stdout.close)
+        url = next(found.group(1) for line in script.stderr
+                   if (found := re.search(r"listening on (http://\S+)", line)))
+        threading.Thread(target=script.stderr.read, daemon=True).start()
+        client = anthropic.Anthropic(base_url=url, api_key="k", max_retries=0,
+                                     timeout=CLIENT_TIMEOUT)
+
+        def ask(text):
+            return client.messages.create(model="claude-sonnet-5-5", max_tokens=10, messages=[
+                {"role": "user", "content": text}]).content[0].text
+        self.assertEqual(ask("before"), UPSTREAM_TEXT)
+        self.assertTrue(wait_until(lambda: clis() and all(process_state(cli) == "T"
+                                                          for cli in clis())), clis())
+        script.stdin.close()                    # the script's work is done: it exits
+        script.wait(30)
+        self.assertEqual(ask("after"), UPSTREAM_TEXT)
+        left = clis()
+        os.kill(pid, signal.SIGTERM)
+        self.assertTrue(wait_until(lambda: process_state(pid) in ("", "Z"), timeout=40))
+        self.assertTrue(wait_until(lambda: all(process_state(cli) in ("", "Z")
+                                               for cli in left)),
+                        [process_state(cli) for cli in left])
+
+    def test_a_hang_up_does_not_stop_the_proxy(self):
+        server = BenchProxy(max_spares=0)
+        self.addCleanup(server.process.kill)
+        os.kill(server.process.pid, signal.SIGHUP)      # the terminal went away
+        bench_chat(server.client(), [{"role": "user", "content": "hi"}], "app")
+        self.assertIsNone(server.process.poll())
+        server.stop()
+        self.assertEqual(server.process.returncode, 0)
+
     def test_what_a_killed_proxy_left_on_disk_goes_at_the_next_start(self):
         # A resumed CLI's config directory holds the conversation and a login copy.
         tmp = tempfile.mkdtemp(prefix="proxy-test-tmp-")
@@ -2786,6 +2907,51 @@ class LifecycleTest(ApiAssertions, unittest.TestCase):
         self.assertEqual(result["message"].content[0].text, UPSTREAM_TEXT)
         self.assertEqual(result["code"], 0)
         self.assertEqual(cli_children(), [])
+
+    def test_a_stream_still_running_when_the_drain_ends_gets_the_apis_error_and_a_clean_end(self):
+        server = ProxyThread(shutdown_grace_s=0.5)
+        UPSTREAM.clear()
+        statuses = {}
+
+        def stream(path, body):
+            statuses[path] = post_raw(server.port, path, body)
+        streams = [threading.Thread(target=stream, args=args) for args in (
+            ("/v1/messages", {"model": "sonnet", "max_tokens": 10, "stream": True,
+                              "messages": [{"role": "user", "content": "[[hang]]"}]}),
+            ("/v1/responses", {"model": "sonnet", "stream": True, "input": "[[hang]]"}))]
+        for thread in streams:
+            thread.start()
+        self.assertTrue(wait_until(lambda: UPSTREAM.in_flight == 2))
+        self.assertEqual(server.stop(), 0)
+        for thread in streams:
+            thread.join(30)
+        # read_response read each chunked body to its final chunk.
+        status, _, data = statuses["/v1/messages"]
+        frames = parse_sse(data)
+        self.assertEqual((status, frames[-1][0]), (200, "error"))
+        self.assertIn("shutting down", json.loads(frames[-1][1])["error"]["message"])
+        status, _, data = statuses["/v1/responses"]
+        self.assertEqual([event for event, text in parse_sse(data) if text][-2:],
+                         ["error", "response.failed"])
+        self.assertEqual(cli_children(), [])
+
+    def test_a_second_signal_ends_the_drain_at_once(self):
+        server = BenchProxy(max_spares=0)
+        self.addCleanup(server.process.kill)
+        UPSTREAM.clear()
+        port = int(server.url.rsplit(":", 1)[1])
+        answer = {}
+        streamer = threading.Thread(target=lambda: answer.update(sse=post_raw(
+            port, "/v1/messages", {"model": "sonnet", "max_tokens": 10, "stream": True,
+                                   "messages": [{"role": "user", "content": "[[hang]]"}]})))
+        streamer.start()
+        self.assertTrue(wait_until(lambda: UPSTREAM.in_flight == 1))
+        server.process.send_signal(signal.SIGTERM)      # drain: up to 30 s
+        self.assertTrue(wait_until(lambda: refused(port)), "draining")
+        server.process.send_signal(signal.SIGTERM)      # no: now
+        self.assertEqual(server.process.wait(10), 0)
+        streamer.join(10)
+        self.assertEqual(parse_sse(answer["sse"][2])[-1][0], "error")
 
     def test_missing_cli_is_503(self):
         server = ProxyThread(cli_path="/nonexistent/claude")
@@ -2890,6 +3056,9 @@ class HttpProtocolTest(unittest.TestCase):
             (b"GET /v1/models HTTP/1.1\r\n\r\n", 400),                     # no Host
             (b"GET /v1/models HTTP/1.1\r\nhost: localhost\r\nhost: localhost\r\n\r\n", 400),
             (b"GET /v1/models\n HTTP/1.1\r\nhost: localhost\r\n\r\n", 400),   # a bare LF
+            # Never a whole head: answered at once, not after the 30 s head timeout.
+            (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", 400),    # a TLS ClientHello
+            (b"GET / HTTP/1.1\nHost: localhost\n\n", 400),                # bare LFs only
         ]
         for request, status in cases:
             with self.subTest(request=request[:40]):
@@ -2916,6 +3085,19 @@ class HttpProtocolTest(unittest.TestCase):
         raw = raw_exchange(server.port, b"POST /v1/messages HTTP/1.1\r\nHost: localhost\r\n"
                                         b"Content-Length: 10\r\n\r\n{}")
         self.assertIn(b"Timed out reading the request body.", raw)
+        trickle = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        self.addCleanup(trickle.close)
+        started = time.monotonic()
+        trickle.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: localhost\r\n"
+                        b"Content-Length: 1000\r\n\r\n")
+        with contextlib.suppress(OSError):
+            for _ in range(50):             # a body byte every 0.1 s: each read is quick
+                trickle.sendall(b"X")
+                time.sleep(0.1)             # the slowness under test, not a wait
+        self.assertLess(time.monotonic() - started, 4.5, "the body had a deadline")
+        status, _, body = read_response(trickle.makefile("rb"))
+        self.assertEqual(status, 400)
+        self.assertIn(b"Timed out reading the request body.", body)
         idle = socket.create_connection(("127.0.0.1", server.port), timeout=10)
         self.addCleanup(idle.close)
         self.assertTrue(closed_by_server(idle), "an idle socket is closed")
@@ -4312,7 +4494,11 @@ def post_raw(port: int, path: str, body: dict, *headers: str) -> tuple[int, dict
         sock.sendall(f"POST {path} HTTP/1.1\r\nhost: localhost\r\ncontent-type: "
                      f"application/json\r\n{extra}content-length: {len(data)}\r\n\r\n"
                      f"{data}".encode())
-        return read_response(sock.makefile("rb"))
+        reader = sock.makefile("rb")
+        answer = read_response(reader)
+        while answer[0] < 200:          # 102 Processing while the upstream is silent
+            answer = read_response(reader)
+        return answer
 
 
 def codex_request(model: str, items: list[dict]) -> dict:
@@ -4415,6 +4601,9 @@ class ClientsAsShippedTest(OpenAICase):
         self.assertNotIn("response.output_item.done", kinds)
         self.assertEqual([item["status"] for item in frames[-1][1]["response"]["output"]],
                          ["incomplete"])
+        self.assertEqual(frames[-2][1]["error"]["message"], "scripted overloaded_error")
+        with self.assertRaises(openai.APIError):    # OpenAI's nested error: both readers raise
+            list(self.client.responses.create(model="sonnet", input=ask, stream=True))
         with self.assertRaises(anthropic.APIStatusError) as caught:
             with self.server.client().messages.stream(
                     model="sonnet", max_tokens=50,
