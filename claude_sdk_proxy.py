@@ -67,6 +67,7 @@ import math
 import os
 import re
 import shutil
+import shlex
 import signal
 import socket
 import stat
@@ -183,9 +184,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
         "CLAUDE_PROXY_MAX_CONNECTIONS, CLAUDE_PROXY_CLI_PATH, CLAUDE_PROXY_AGENT_DIR. "
         "See README.md.",
     )
-    parser.add_argument("command", nargs="?", choices=("serve", "login", "doctor"),
+    parser.add_argument("command", nargs="?", choices=("serve", "login", "setup-token", "doctor"),
                         default="serve", help="serve (the default); login: sign the CLI in "
-                        "to your Claude account; doctor: check the set-up, with one real call")
+                        "to your Claude account; setup-token: make a long-lived token for a "
+                        "machine without a browser; doctor: check the set-up, with one real call")
     parser.add_argument("-p", "--port", type=int, help=f"listen port (default {DEFAULT_PORT})")
     parser.add_argument("-H", "--host", help=f"bind address (default {DEFAULT_HOST})")
     parser.add_argument("-d", "--debug", action="store_true", help="debug logging")
@@ -1926,34 +1928,31 @@ def responses_tools(tools: Any, where: str = "tools") -> dict[str, tuple[Respons
             function["description"] = description
         offered[function["name"]] = (tool, {"type": "function", "function": function})
 
-    for i, tool in enumerate(tools):
-        at = f"{where}.{i}"
+    def add(tool: Any, at: str, namespace: str | None) -> None:
         _require(isinstance(tool, dict) and isinstance(tool.get("type"), str),
                  f"{at}: must be an object with a type.")
         kind = tool["type"]
+        if kind in ("function", "custom", "namespace"):
+            _require(isinstance(tool.get("name"), str), f"{at}.name: required, a string.")
         if kind == "function":
-            _require(isinstance(tool.get("name"), str), f"{at}.name: required, a string.")
-            offer(ResponsesTool("function", tool["name"]), tool.get("description"),
+            offer(ResponsesTool("function", tool["name"], namespace), tool.get("description"),
                   tool.get("parameters"))
-        elif kind == "namespace":
-            _require(isinstance(tool.get("name"), str) and isinstance(tool.get("tools"), list),
-                     f"{at}: a namespace needs a name and a list of tools.")
+        elif kind == "namespace" and namespace is None:
+            _require(isinstance(tool.get("tools"), list), f"{at}.tools: required, a list.")
             for j, member in enumerate(tool["tools"]):
-                _require(isinstance(member, dict) and member.get("type") == "function" and
-                         isinstance(member.get("name"), str),
-                         f"{at}.tools.{j}: must be a function tool.")
-                offer(ResponsesTool("function", member["name"], tool["name"]),
-                      member.get("description"), member.get("parameters"))
+                add(member, f"{at}.tools.{j}", tool["name"])
         elif kind == "custom":
-            _require(isinstance(tool.get("name"), str), f"{at}.name: required, a string.")
-            offer(ResponsesTool("custom", tool["name"]), custom_tool_description(tool, at), {
-                "type": "object", "properties": {CUSTOM_INPUT: {"type": "string"}},
-                "required": [CUSTOM_INPUT], "additionalProperties": False})
-        elif kind == "tool_search" and tool.get("execution") == "client":
+            offer(ResponsesTool("custom", tool["name"], namespace),
+                  custom_tool_description(tool, at), {
+                      "type": "object", "properties": {CUSTOM_INPUT: {"type": "string"}},
+                      "required": [CUSTOM_INPUT], "additionalProperties": False})
+        elif kind == "tool_search" and tool.get("execution") == "client" and namespace is None:
             offer(ResponsesTool("tool_search", "tool_search"), tool.get("description"),
                   tool.get("parameters"))
         else:
             _require(kind in HOSTED_TOOLS, f"{at}.type: '{kind}' is not a supported tool.")
+    for i, tool in enumerate(tools):
+        add(tool, f"{where}.{i}", None)
     return offered
 
 
@@ -2055,6 +2054,9 @@ def responses_request_to_turn(body: dict, default_model: str, caller: str = "",
             append_turn(messages, "user", [{"type": "tool_result", "tool_use_id": item["call_id"],
                                             "content": _response_tool_output(item.get("output"),
                                                                              where)}])
+        elif kind == "additional_tools":
+            # Codex's default model gets its tools so, as the first input item.
+            offered.update(responses_tools(item.get("tools"), f"{where}.tools"))
         elif kind == "tool_search_output":
             # The tools a client-run search found are offered from here on.
             _require(isinstance(item.get("call_id"), str), f"{where}.call_id: required.")
@@ -2093,18 +2095,19 @@ def responses_request_to_turn(body: dict, default_model: str, caller: str = "",
 def _response_call(item: dict, where: str) -> dict:
     """A function, custom or tool_search call item as a tool_use block."""
     _require(isinstance(item.get("call_id"), str), f"{where}.call_id: required.")
+    _require(isinstance(item.get("namespace") or "", str), f"{where}.namespace: a string.")
     if item["type"] == "custom_tool_call":
         _require(isinstance(item.get("name"), str) and isinstance(item.get("input"), str),
                  f"{where}: a custom_tool_call needs name and input strings.")
-        return {"type": "tool_use", "id": item["call_id"], "name": item["name"],
+        return {"type": "tool_use", "id": item["call_id"],
+                "name": responses_tool_name(item["name"], item.get("namespace")),
                 "input": {CUSTOM_INPUT: item["input"]}}
     if item["type"] == "tool_search_call":
         arguments = item.get("arguments") or {}
         _require(isinstance(arguments, dict), f"{where}.arguments: must be an object.")
         return {"type": "tool_use", "id": item["call_id"], "name": "tool_search",
                 "input": arguments}
-    _require(all(isinstance(item.get(k), str) for k in ("name", "arguments")) and
-             isinstance(item.get("namespace") or "", str),
+    _require(all(isinstance(item.get(k), str) for k in ("name", "arguments")),
              f"{where}: a function_call needs call_id, name and arguments.")
     return _chat_assistant_blocks({"tool_calls": [{"id": item["call_id"], "function": {
         "name": responses_tool_name(item["name"], item.get("namespace")),
@@ -2333,14 +2336,15 @@ class ResponseTranslator:
         """The output item of a tool_use, of the kind the client's tool is."""
         tool = self.tools.get(block["name"], ResponsesTool("function", block["name"]))
         base = {"call_id": block["id"], "status": "in_progress"}
-        if tool.kind == "custom":
-            return {"type": "custom_tool_call", "id": f"ctc_{uuid.uuid4().hex[:24]}",
-                    **base, "name": tool.name, "input": ""}
         if tool.kind == "tool_search":
             return {"type": "tool_search_call", "id": f"tsc_{uuid.uuid4().hex[:24]}",
                     **base, "execution": "client", "arguments": {}}
-        item = {"type": "function_call", "id": f"fc_{uuid.uuid4().hex[:24]}", **base,
-                "name": tool.name, "arguments": ""}
+        if tool.kind == "custom":
+            item = {"type": "custom_tool_call", "id": f"ctc_{uuid.uuid4().hex[:24]}", **base,
+                    "name": tool.name, "input": ""}
+        else:
+            item = {"type": "function_call", "id": f"fc_{uuid.uuid4().hex[:24]}", **base,
+                    "name": tool.name, "arguments": ""}
         return {**item, "namespace": tool.namespace} if tool.namespace else item
 
     def _delta(self, index: int, delta: dict) -> list[dict]:
@@ -2440,11 +2444,38 @@ RATE_LIMIT_WINDOWS = {
     "five_hour": "5-hour", "seven_day": "weekly", "seven_day_opus": "weekly Opus",
     "seven_day_sonnet": "weekly Sonnet", "overage": "extra-usage",
 }
-LOGIN_HINT = ("The proxy's Claude login is missing or was rejected. On the proxy's host run "
-              "`python claude_sdk_proxy.py login` (headless: `claude setup-token` where you "
-              "can log in, then start the proxy with CLAUDE_CODE_OAUTH_TOKEN), then retry.")
+SDK_REQUIREMENT = "claude-agent-sdk==0.2.188"   # the SDK the tests ran against
 _API_ERROR_RE = re.compile(r"API Error: (?:(\d{3}) )?(.*?)(?:\.? This is a server-side issue.*)?$",
                            re.S)
+
+
+def self_command() -> str:
+    """This program as a command that works as printed on this box: the interpreter
+    running it and its real path (Debian has no `python`; a venv's is not on PATH)."""
+    return f"{shlex.quote(sys.executable)} {shlex.quote(os.path.abspath(__file__))}"
+
+
+def install_hint() -> str:
+    return f"{shlex.quote(sys.executable)} -m pip install '{SDK_REQUIREMENT}'"
+
+
+def login_hint() -> str:
+    """What to do about a missing or rejected login, as commands for this box."""
+    return (f"On the proxy's host run `{self_command()} login`; without a browser there, run "
+            f"`{self_command()} setup-token` where you can log in and start the proxy with "
+            "CLAUDE_CODE_OAUTH_TOKEN=<that token>.")
+
+
+def login_status(binary: str) -> tuple[bool | None, str]:
+    """Whether the CLI has a login, by its own `auth status` (no upstream call):
+    (logged in, how or why not); None when the CLI cannot tell."""
+    import subprocess
+    try:
+        status = json.loads(subprocess.run([binary, "auth", "status"], capture_output=True,
+                                           text=True, timeout=60).stdout)
+    except (OSError, ValueError, subprocess.SubprocessError) as exc:
+        return None, f"could not ask the CLI: {exc}"
+    return bool(status.get("loggedIn")), str(status.get("authMethod", "?"))
 
 
 def cli_binary(config: Config) -> str | None:
@@ -2784,7 +2815,8 @@ def result_error(data: dict, rate_limit: dict | None, now: float) -> ProxyError:
     if status is None and found and found.group(1):
         status = int(found.group(1))
     if status == 401 or "Not logged in" in text or "/login" in text:
-        return AuthenticationFailed(f"{LOGIN_HINT} (upstream: {upstream_message})")
+        return AuthenticationFailed(f"The proxy's Claude login is missing or was rejected. "
+                                    f"{login_hint()} Then retry. (upstream: {upstream_message})")
     if status == 429 and rate_limit and rate_limit.get("resetsAt") and \
             rate_limit.get("status") == "rejected":
         message, retry_after = rate_limit_message(rate_limit, now)
@@ -4614,20 +4646,17 @@ async def serve(config: Config, ready: Callable[[int], None] | None = None,
 # 12. Command line -- argument parsing and main(argv) -> int
 # =============================================================================
 
-LOGIN_HELP = """On a machine without a browser: run `claude setup-token` wherever you can log
-in, then start the proxy with CLAUDE_CODE_OAUTH_TOKEN=<that token>."""
-
-
-def login(config: Config, extra: list[str]) -> int:
-    """`login`: the CLI's own sign-in, in this terminal."""
+def login(config: Config, command: list[str]) -> int:
+    """`login` and `setup-token`: the CLI's own sign-in or token, in this terminal."""
     binary = cli_binary(config)
     if binary is None:
-        print("No Claude Code CLI found: pip install claude-agent-sdk==0.2.188.",
-              file=sys.stderr)
+        print(f"No Claude Code CLI found: {install_hint()}", file=sys.stderr)
         return 2
-    print(LOGIN_HELP)
+    if command[0] == "auth":
+        print(f"On a machine without a browser: run `{self_command()} setup-token` wherever "
+              "you can log in, then start the proxy with CLAUDE_CODE_OAUTH_TOKEN=<that token>.")
     import subprocess
-    return subprocess.call([binary, "auth", "login", *extra])
+    return subprocess.call([binary, *command])
 
 
 def doctor(config: Config) -> int:
@@ -4640,30 +4669,42 @@ def doctor(config: Config) -> int:
     checks += [("note", True, warning) for warning in warnings]
     versions = sdk_versions()
     checks.append(("claude-agent-sdk", sdk is not None,
-                   versions["sdk"] or "missing: pip install claude-agent-sdk==0.2.188"))
+                   versions["sdk"] or f"missing: {install_hint()}"))
     binary = cli_binary(config)
     checks.append(("Claude Code CLI", binary is not None,
                    f"{versions['cli'] or '?'} at {binary}" if binary else "not found"))
     if binary:
-        try:
-            status = json.loads(subprocess.run([binary, "auth", "status"], capture_output=True,
-                                               text=True, timeout=60).stdout)
-            logged_in = bool(status.get("loggedIn")) or bool(os.environ.get(
-                "CLAUDE_CODE_OAUTH_TOKEN"))
-            checks.append(("login", logged_in, status.get("authMethod", "?") if logged_in else
-                           f"not logged in: python {sys.argv[0]} login. {LOGIN_HELP}"))
-        except (OSError, ValueError, subprocess.SubprocessError) as exc:
-            checks.append(("login", False, f"could not ask the CLI: {exc}"))
+        logged_in, how = login_status(binary)
+        checks.append(("login", bool(logged_in), how if logged_in else
+                       f"not logged in. {login_hint()}" if logged_in is False else how))
     try:
         with socket.create_server((config.host, config.port)):
             checks.append(("port", True, f"{config.host}:{config.port} is free"))
     except OSError as exc:
-        checks.append(("port", False, f"{config.host}:{config.port}: {exc.strerror}"))
+        running = running_proxy(config)
+        checks.append(("port", running is not None, f"{config.host}:{config.port}: " + (
+            f"taken by a running claude-sdk-proxy {running}" if running else exc.strerror)))
     if all(ok for name, ok, _ in checks if name != "port") and not config.agent_dir:
         checks.append(("upstream call", *asyncio.run(doctor_call(config))))
     for name, ok, detail in checks:
         print(f"{'ok  ' if ok else 'FAIL'} {name}: {detail}")
     return 0 if all(ok for _, ok, _ in checks) else 1
+
+
+def running_proxy(config: Config) -> str | None:
+    """The version of the claude-sdk-proxy answering on the configured port, if one does."""
+    host = "127.0.0.1" if config.host in ("0.0.0.0", "") else config.host.strip("[]")
+    try:
+        with socket.create_connection((host, config.port), timeout=5) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+    except OSError:
+        return None
+    head, _, body = answer.partition(b"\r\n\r\n")
+    server = re.search(rb"(?im)^server: claude-sdk-proxy/(\S+)", head)
+    return server.group(1).decode() if server else None
 
 
 async def doctor_call(config: Config) -> tuple[bool, str]:
@@ -4696,18 +4737,22 @@ def base_url(host: str, port: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the proxy (or login, doctor); return the process exit code."""
     args, extra = build_arg_parser().parse_known_args(argv)
-    if extra and args.command != "login":
+    if extra and args.command not in ("login", "setup-token"):
         build_arg_parser().error(f"unrecognized arguments: {' '.join(extra)}")
     if args.version:
         versions = sdk_versions()
-        print(f"claude-sdk-proxy {versions['proxy']}\nclaude-agent-sdk {versions['sdk']}\n"
-              f"Claude Code CLI {versions['cli']}")
+        missing = f"not installed ({install_hint()})"
+        print(f"claude-sdk-proxy {versions['proxy']}\n"
+              f"claude-agent-sdk {versions['sdk'] or missing}\n"
+              f"Claude Code CLI {versions['cli'] or missing}")
         return 0
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") \
         if hasattr(os, "sysconf") else 8 << 30
     config = config_from(args, dict(os.environ), memory)
     if args.command == "login":
-        return login(config, extra)
+        return login(config, ["auth", "login", *extra])
+    if args.command == "setup-token":
+        return login(config, ["setup-token", *extra])
     if args.command == "doctor":
         return doctor(config)
     logging.basicConfig(level=logging.DEBUG if config.debug else logging.INFO,
@@ -4721,9 +4766,14 @@ def main(argv: list[str] | None = None) -> int:
     if not config.debug:
         logging.getLogger("claude_agent_sdk").setLevel(logging.WARNING)
     if sdk is None:
-        print("claude-agent-sdk is not installed: `pip install claude-agent-sdk==0.2.188`, or run "
-              "`pipx run claude_sdk_proxy.py`.", file=sys.stderr)
+        print(f"claude-agent-sdk is not installed: `{install_hint()}`, or run "
+              f"`pipx run {shlex.quote(os.path.abspath(__file__))}`.", file=sys.stderr)
         return 2
+    binary = cli_binary(config)
+    logged_in, how = login_status(binary) if binary else (None, "")
+    if logged_in is False:
+        log.error("The Claude Code CLI has no login, so every request will be a 401. %s",
+                  login_hint())
     with private_temp() as workdir:
         config = dataclasses.replace(config, workdir=workdir)
 

@@ -2295,7 +2295,9 @@ class MessagesEndToEndTest(ApiAssertions, unittest.TestCase):
         with self.assertRaises(anthropic.AuthenticationError) as caught:
             self.client.messages.create(model="claude-sonnet-5-5", max_tokens=10,
                                         messages=[{"role": "user", "content": "[[error 401]]"}])
-        self.assertIn("python claude_sdk_proxy.py login",
+        # A command that works as printed: this interpreter and the script's real path.
+        self.assertIn(f"`{proxy.self_command()} login`", caught.exception.body["error"]["message"])
+        self.assertIn(f"{os.path.abspath(proxy.__file__)} setup-token",
                       caught.exception.body["error"]["message"])
 
     def test_validation_errors_are_precise_400s(self):
@@ -3170,13 +3172,42 @@ class CommandLineTest(unittest.TestCase):
                                       HOME=tempfile.mkdtemp(prefix="proxy-test-nologin-"))
         self.assertEqual(logged_out.returncode, 1)
         self.assertIn("FAIL login: not logged in", logged_out.stdout)
-        self.assertIn("claude setup-token", logged_out.stdout)
+        self.assertIn(f"{sys.executable} {os.path.abspath(proxy.__file__)} setup-token",
+                      logged_out.stdout)
+
+    def test_doctor_beside_a_running_proxy_names_it(self):
+        server = ProxyThread()
+        self.addCleanup(server.stop)
+        done = self.run_command("doctor", "-p", str(server.port), "--agent-dir", "/nonexistent")
+        self.assertIn(f"ok   port: 127.0.0.1:{server.port}: taken by a running claude-sdk-proxy "
+                      f"{proxy.__version__}", done.stdout)
+
+    def test_a_start_without_a_login_says_what_to_do(self):
+        import subprocess
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("CLAUDE_PROXY_")},
+               "CLAUDE_CODE_OAUTH_TOKEN": "", "HOME": tempfile.mkdtemp(prefix="proxy-nologin-")}
+        started = subprocess.Popen([sys.executable, proxy.__file__, "-p", "0"], env=env,
+                                   stderr=subprocess.PIPE, text=True)
+        self.addCleanup(started.wait, 30)
+        self.addCleanup(started.terminate)
+        self.addCleanup(started.stderr.close)
+        lines = []
+        for line in started.stderr:
+            lines.append(line)
+            if "listening on" in line:
+                break
+        said = "".join(lines)
+        self.assertIn("has no login, so every request will be a 401", said)
+        self.assertIn(f"`{proxy.self_command()} login`", said)
 
     def test_login_runs_the_clis_own_sign_in(self):
         done = self.run_command("login", "--", "--help")    # the CLI's own login options
         self.assertEqual(done.returncode, 0, done.stderr)
-        self.assertIn("claude setup-token", done.stdout)
+        self.assertIn(f"{proxy.self_command()} setup-token", done.stdout)
         self.assertIn("Sign in to your Anthropic account", done.stdout)
+        done = self.run_command("setup-token", "--", "--help")
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertIn("long-lived authentication token", done.stdout)
 
     def test_the_base_url_it_announces_is_one_clients_parse(self):
         for host, url in (("127.0.0.1", "http://127.0.0.1:3456"),
@@ -4699,6 +4730,43 @@ class ClientsAsShippedTest(OpenAICase):
         self.assertTrue(items[0]["content"][0]["text"].startswith(f"Results: {call['call_id']}="))
         self.assertIn("mcp__c__multi_agent_v1__spawn_agent",
                       [t["name"] for t in UPSTREAM.messages_requests()[-1]["body"]["tools"]])
+
+    def test_codex_cli_default_model_tools_in_an_additional_tools_item(self):
+        # Codex 0.171's default model (gpt-6.2-sol; also what `exec resume` falls back
+        # to) gets no top-level tools: namespaces in an `additional_tools` input item,
+        # one of them holding a custom tool.
+        body = codex_request("gpt-6.2-sol", [])
+        del body["tools"]
+        body.update(parallel_tool_calls=False,
+                    reasoning={"effort": "low", "context": "all_turns"})
+        tools = {"type": "additional_tools", "id": "at_5a4ae22c", "role": "developer", "tools": [
+            {"type": "namespace", "name": "functions", "description": "Code mode.", "tools": [
+                {"type": "custom", "name": "exec", "description": "Run JavaScript.",
+                 "format": {"type": "grammar", "syntax": "lark",
+                            "definition": "start: plain_source"}},
+                {"type": "function", "name": "wait", "description": "Wait.", "strict": False,
+                 "parameters": {"type": "object", "properties": {}}}]},
+            {"type": "namespace", "name": "clock", "description": "Time.", "tools": [
+                {"type": "function", "name": "sleep", "description": "Sleep.",
+                 "parameters": {"type": "object", "properties": {"ms": {"type": "number"}}}}]}]}
+        ask = codex_user('Run it. [[tool functions__exec {"input": "console.log(1)"}]]')
+        body["input"] = [tools] + body["input"] + [ask]
+        status, _, data = post_raw(self.server.port, "/v1/responses", body)
+        self.assertEqual(status, 200, data[:300])
+        events = [json.loads(text) for _, text in parse_sse(data) if text]
+        call = [e["item"] for e in events if e["type"] == "response.output_item.done"][-1]
+        self.assertEqual((call["type"], call["namespace"], call["name"], call["input"]),
+                         ("custom_tool_call", "functions", "exec", "console.log(1)"))
+        offered = [t["name"] for t in UPSTREAM.messages_requests()[-1]["body"]["tools"]]
+        self.assertEqual(sorted(offered), ["mcp__c__clock__sleep", "mcp__c__functions__exec",
+                                           "mcp__c__functions__wait"])
+        body["input"] += [dict(call, status="completed"), {
+            "type": "custom_tool_call_output", "id": "ctco_1", "call_id": call["call_id"],
+            "output": "1"}]
+        status, _, data = post_raw(self.server.port, "/v1/responses", body)
+        events = [json.loads(text) for _, text in parse_sse(data) if text]
+        self.assertEqual(events[-1]["response"]["output"][0]["content"][0]["text"],
+                         f"Results: {call['call_id']}=1")
 
     def test_ai_sdk_item_references_resolve_to_stored_items(self):
         # @ai-sdk/openai 3.0 (the default `openai(...)` model) without store: false
