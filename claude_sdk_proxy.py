@@ -2524,6 +2524,9 @@ def cli_environment(turn: Turn) -> dict[str, str]:
         "CLAUDE_CODE_DISABLE_NONSTREAMING_FALLBACK": "1",
         # The client's parameters, merged last into every upstream body.
         "CLAUDE_CODE_EXTRA_BODY": json.dumps(turn.params, separators=(",", ":")),
+        # The CLI inherits the proxy's environment; the proxy's own key is not its
+        # business (and agent mode's tools can read the CLI's environment).
+        "CLAUDE_PROXY_API_KEY": "",
     }
     if "thinking" not in turn.params:
         # No thinking unless the client asked: this removes `thinking` and
@@ -3021,6 +3024,11 @@ class CliProcess:
             self._refuse_queued_turns()
             with contextlib.suppress(BaseException):
                 await asyncio.wait_for(client.disconnect(), CLI_CLOSE_TIMEOUT_S)
+            if self._stopping and self._process is not None:
+                remove_cli_leftovers(self._process.pid, self.options.env.get(
+                    "CLAUDE_CONFIG_DIR") or os.environ.get("CLAUDE_CONFIG_DIR") or
+                    os.path.join(os.path.expanduser("~"), ".claude"), tempfile.gettempdir(),
+                    time.time())
 
     async def _next_job(self) -> Any:
         """The next job. A CLI that waits for one longer than CLI_FREEZE_AFTER_S is
@@ -3137,6 +3145,31 @@ def _pid_alive(pid: int) -> bool:
 
 TEMP_PREFIX = "claude-sdk-proxy-run-"
 TEMP_LOCK = "lock"          # held (flock) for the proxy's life: unlockable means left behind
+
+
+FSWATCH_PROBE_S = 60.0      # a CLI's start-up probe directory is gone well within this
+
+
+def remove_cli_leftovers(pid: int, config_dir: str, temp_dir: str, now: float) -> None:
+    """Remove what a killed CLI leaves (one closed politely removes its own): its
+    session record and key in its config directory (the user's real ~/.claude), its
+    socket, and start-up probe directories older than FSWATCH_PROBE_S."""
+    sessions = os.path.join(config_dir, "sessions")
+    with contextlib.suppress(OSError):
+        for name in os.listdir(sessions):
+            if name.startswith(f"{pid}.") and name.endswith((".json", ".key")):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(sessions, name))
+    with contextlib.suppress(OSError):
+        os.unlink(os.path.join(temp_dir, "cc-socks", f"{pid}.sock"))
+    probes = os.path.join(temp_dir, f"claude-{os.getuid()}")
+    with contextlib.suppress(OSError):
+        for name in os.listdir(probes):
+            path = os.path.join(probes, name)
+            with contextlib.suppress(OSError):
+                if name.startswith("fswatch-probe-") and \
+                        now - os.lstat(path).st_mtime > FSWATCH_PROBE_S:
+                    shutil.rmtree(path, ignore_errors=True)
 
 
 def remove_left_temps(system: str) -> None:

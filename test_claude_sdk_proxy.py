@@ -459,6 +459,11 @@ def cli_children() -> list[int]:
     return found
 
 
+def read_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def process_state(pid: int) -> str:
     """A process's state letter from /proc ("T": stopped); "" once it is gone."""
     try:
@@ -1919,6 +1924,10 @@ def stream_event(event: dict, parent: str | None = None):
 
 
 class SdkAdapterTest(unittest.TestCase):
+    def test_the_cli_never_inherits_the_proxys_key(self):
+        turn = proxy.messages_request_to_turn(valid_body(), "sonnet")
+        self.assertEqual(proxy.cli_environment(turn)["CLAUDE_PROXY_API_KEY"], "")
+
     def test_a_cli_going_on_without_a_client_call_is_seen_at_its_next_upstream_call(self):
         start = stream_event({"type": "message_start", "message": {}})
         call = stream_event({"type": "content_block_start", "index": 1, "content_block": {
@@ -2806,7 +2815,8 @@ class LifecycleTest(ApiAssertions, unittest.TestCase):
         self.addCleanup(script.stdout.close)
         url = next(found.group(1) for line in script.stderr
                    if (found := re.search(r"listening on (http://\S+)", line)))
-        threading.Thread(target=script.stderr.read, daemon=True).start()
+        threading.Thread(target=lambda: (script.stderr.read(), script.stderr.close()),
+                         daemon=True).start()
         client = anthropic.Anthropic(base_url=url, api_key="k", max_retries=0,
                                      timeout=CLIENT_TIMEOUT)
 
@@ -2850,7 +2860,7 @@ class LifecycleTest(ApiAssertions, unittest.TestCase):
             paths = [os.path.join(root, name) for root, _, names in os.walk(tmp)
                      for name in names]
             return [path for path in paths if os.path.isfile(path) and
-                    secret.encode() in open(path, "rb").read()]
+                    secret.encode() in read_bytes(path)]
         self.assertTrue(files_with_secret(), "the resumed CLI's transcript, while it lives")
         beside = BenchProxy(tmpdir=tmp, max_spares=0)       # a live one's are left alone
         self.addCleanup(beside.stop)
@@ -2936,6 +2946,31 @@ class LifecycleTest(ApiAssertions, unittest.TestCase):
         self.assertEqual([event for event, text in parse_sse(data) if text][-2:],
                          ["error", "response.failed"])
         self.assertEqual(cli_children(), [])
+
+    def test_killed_clis_leave_nothing_in_the_real_home_or_the_temp_directory(self):
+        # A SIGKILLed CLI (evicted at the cap, stopped at shutdown) cannot remove its
+        # session record and key under ~/.claude nor its socket; the proxy does.
+        tmp = tempfile.mkdtemp(prefix="proxy-test-left-")
+        self.addCleanup(shutil.rmtree, tmp, ignore_errors=True)
+        server = BenchProxy(tmpdir=tmp, max_spares=0, max_sessions=1, max_concurrent=1)
+        self.addCleanup(server.process.kill)
+        sessions = os.path.join(os.environ["HOME"], ".claude", "sessions")
+        started = set()
+        for shape in range(3):                  # each new shape evicts the last CLI
+            server.client().messages.create(model="sonnet", max_tokens=5, system=str(shape),
+                                            messages=[{"role": "user", "content": "hi"}])
+            started.update(server.clis())
+
+        def left_by(pids):
+            files = [name for root, _, names in os.walk(tmp) for name in names] + \
+                os.listdir(sessions)
+            return [name for name in files if name.split(".")[0] in {str(p) for p in pids}]
+        live = set(server.clis())
+        self.assertEqual(len(started), 3)
+        self.assertTrue(wait_until(lambda: not left_by(started - live)), left_by(started))
+        self.assertTrue(left_by(live), "a live CLI's own files are left alone")
+        server.stop()
+        self.assertEqual(left_by(started), [])
 
     def test_a_second_signal_ends_the_drain_at_once(self):
         server = BenchProxy(max_spares=0)
@@ -4997,7 +5032,12 @@ class BenchProxy:
                 break
         else:
             raise RuntimeError("the proxy did not start")
-        threading.Thread(target=self.process.stderr.read, daemon=True).start()
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self) -> None:
+        """Read the log to the end (the proxy's exit), then close the pipe."""
+        with self.process.stderr:
+            self.process.stderr.read()
 
     def client(self) -> anthropic.Anthropic:
         return anthropic.Anthropic(base_url=self.url, api_key="bench", max_retries=0,
