@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 # /// script
 # requires-python = ">=3.10"
-# dependencies = ["claude-agent-sdk==0.2.188"]     # the version the tests ran against
+# dependencies = ["claude-agent-sdk>=0.2.180"]     # the range the tests ran against
 # ///
 """claude-sdk-proxy: the Anthropic and OpenAI APIs, served from a Claude subscription.
 
@@ -2444,7 +2444,11 @@ RATE_LIMIT_WINDOWS = {
     "five_hour": "5-hour", "seven_day": "weekly", "seven_day_opus": "weekly Opus",
     "seven_day_sonnet": "weekly Sonnet", "overage": "extra-usage",
 }
-SDK_REQUIREMENT = "claude-agent-sdk==0.2.188"   # the SDK the tests ran against
+# The SDKs the suite passes on: from the floor (older ones change a client's tool
+# result on its way up, or start no CLI at all) to the newest it was run against.
+SDK_FLOOR = (0, 2, 180)
+SDK_NEWEST_TESTED = (0, 2, 189)
+SDK_REQUIREMENT = "claude-agent-sdk>=" + ".".join(map(str, SDK_FLOOR))
 _API_ERROR_RE = re.compile(r"API Error: (?:(\d{3}) )?(.*?)(?:\.? This is a server-side issue.*)?$",
                            re.S)
 
@@ -2453,6 +2457,24 @@ def self_command() -> str:
     """This program as a command that works as printed on this box: the interpreter
     running it and its real path (Debian has no `python`; a venv's is not on PATH)."""
     return f"{shlex.quote(sys.executable)} {shlex.quote(os.path.abspath(__file__))}"
+
+
+def sdk_version_notes(version: str | None) -> tuple[list[str], list[str]]:
+    """(errors, notes) about an installed SDK version against the tested range."""
+    if not version:
+        return [], []
+    found = tuple(int(part) for part in re.findall(r"\d+", version)[:3])
+    def dotted(numbers: tuple) -> str:
+        return ".".join(map(str, numbers))
+    if found < SDK_FLOOR:
+        return [f"claude-agent-sdk {version} is older than {dotted(SDK_FLOOR)}, the oldest "
+                f"this proxy works with: `{install_hint()} --upgrade`."], []
+    if found > SDK_NEWEST_TESTED:
+        return [], [f"claude-agent-sdk {version} is newer than {dotted(SDK_NEWEST_TESTED)}, "
+                    "the newest this proxy's tests ran against; if anything misbehaves, "
+                    f"`{shlex.quote(sys.executable)} -m pip install "
+                    f"'claude-agent-sdk=={dotted(SDK_NEWEST_TESTED)}'` is known good."]
+    return [], []
 
 
 def install_hint() -> str:
@@ -4701,8 +4723,10 @@ def doctor(config: Config) -> int:
     checks += [("configuration", False, error) for error in errors]
     checks += [("note", True, warning) for warning in warnings]
     versions = sdk_versions()
-    checks.append(("claude-agent-sdk", sdk is not None,
-                   versions["sdk"] or f"missing: {install_hint()}"))
+    too_old, newer = sdk_version_notes(versions["sdk"])
+    checks.append(("claude-agent-sdk", sdk is not None and not too_old,
+                   " ".join(too_old) or versions["sdk"] or f"missing: {install_hint()}"))
+    checks += [("note", True, note) for note in newer]
     binary = cli_binary(config)
     checks.append(("Claude Code CLI", binary is not None,
                    f"{versions['cli'] or '?'} at {binary}" if binary else "not found"))
@@ -4802,6 +4826,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"claude-agent-sdk is not installed: `{install_hint()}`, or run "
               f"`pipx run {shlex.quote(os.path.abspath(__file__))}`.", file=sys.stderr)
         return 2
+    too_old, newer = sdk_version_notes(sdk.__version__)
+    if too_old:
+        print("\n".join(too_old), file=sys.stderr)
+        return 2
+    for note in newer:
+        log.warning("%s", note)
     binary = cli_binary(config)
     logged_in, how = login_status(binary) if binary else (None, "")
     if logged_in is False:

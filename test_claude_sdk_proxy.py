@@ -31,6 +31,7 @@ import asyncio
 import base64
 import contextlib
 import copy
+import dataclasses
 import datetime as dt
 import io
 import math
@@ -450,13 +451,15 @@ def cli_children() -> list[int]:
             if ppid in mine and pid not in mine:
                 mine.add(pid)
                 changed = True
-    found = []
+    names = {}
     for pid in mine - {os.getpid()}:
         with contextlib.suppress(OSError):
             with open(f"/proc/{pid}/comm") as f:
-                if f.read().strip() == "claude" and parents[pid][1] != "Z":
-                    found.append(pid)
-    return found
+                names[pid] = f.read().strip()
+    # The CLIs the proxy started, not what a CLI starts (some CLI versions run
+    # helper processes of their own under the same name).
+    return [pid for pid, name in names.items() if name == "claude" and
+            parents[pid][1] != "Z" and names.get(parents[pid][0]) != "claude"]
 
 
 def read_bytes(path: str) -> bytes:
@@ -1923,6 +1926,93 @@ def stream_event(event: dict, parent: str | None = None):
                                  parent_tool_use_id=parent)
 
 
+class SdkSurfaceTest(unittest.TestCase):
+    """What the proxy relies on in the SDK and the CLI, by name: an SDK or CLI release
+    that moves one fails here, in seconds, saying which (some drift hangs the
+    end-to-end tests instead of failing them)."""
+
+    def test_private_sdk_names_the_proxy_uses(self):
+        import inspect
+        import claude_agent_sdk as sdk
+        from claude_agent_sdk._internal import query
+        from claude_agent_sdk._internal.transport import subprocess_cli
+        from claude_agent_sdk._internal import _mcp_compat
+        from claude_agent_sdk import _cli_version
+        client_source = inspect.getsource(sdk.ClaudeSDKClient)
+        table = [
+            ("_cli_version.__cli_version__",
+             isinstance(getattr(_cli_version, "__cli_version__", None), str)),
+            ("_internal._mcp_compat.build_tool_server",
+             callable(getattr(_mcp_compat, "build_tool_server", None))),
+            ("ClaudeSDKClient._transport", "self._transport" in client_source),
+            ("ClaudeSDKClient._query", "self._query" in client_source),
+            ("Query._send_control_request",
+             callable(getattr(query.Query, "_send_control_request", None))),
+            ("SubprocessCLITransport._process",
+             "self._process" in inspect.getsource(subprocess_cli.SubprocessCLITransport)),
+            # CLIs start in sessions of their own through the module attribute.
+            ("anyio.open_process(...) in the transport",
+             "anyio.open_process(" in inspect.getsource(subprocess_cli)),
+            ("the _internal.query logger's 'Fatal error in message reader'",
+             query.logger.name == "claude_agent_sdk._internal.query" and
+             "Fatal error in message reader" in inspect.getsource(query)),
+        ]
+        for name, present in table:
+            with self.subTest(name=name):
+                self.assertTrue(present, f"the SDK moved {name}")
+
+    def test_sdk_options_messages_and_errors_the_proxy_reads(self):
+        import claude_agent_sdk as sdk
+        options = {f.name for f in dataclasses.fields(sdk.ClaudeAgentOptions)}
+        for name in ("allowed_tools", "cli_path", "cwd", "env", "extra_args",
+                     "include_partial_messages", "max_buffer_size", "max_turns", "mcp_servers",
+                     "model", "resume", "session_store", "setting_sources", "stderr",
+                     "strict_mcp_config", "system_prompt", "thinking", "tools",
+                     "verbatim_prompts"):
+            with self.subTest(option=name):
+                self.assertIn(name, options, f"ClaudeAgentOptions.{name} moved")
+        for message, fields in ((sdk.StreamEvent, ("event", "parent_tool_use_id")),
+                                (sdk.RateLimitEvent, ("rate_limit_info",)),
+                                (sdk.ResultMessage, ("is_error", "subtype", "result",
+                                                     "api_error_status", "terminal_reason")),
+                                (sdk.RateLimitInfo, ("raw",))):
+            present = {f.name for f in dataclasses.fields(message)}
+            for name in fields:
+                with self.subTest(field=f"{message.__name__}.{name}"):
+                    self.assertIn(name, present, f"{message.__name__}.{name} moved")
+        for name in ("CLIConnectionError", "CLINotFoundError", "ProcessError", "ResultError",
+                     "McpSdkServerConfig", "ClaudeSDKClient"):
+            with self.subTest(name=name):
+                self.assertTrue(hasattr(sdk, name), f"claude_agent_sdk.{name} moved")
+
+    def test_cli_variables_and_strings_are_in_the_bundled_cli(self):
+        import mmap
+        turn = dataclasses.replace(proxy.messages_request_to_turn(valid_body(), "sonnet"),
+                                   tools=[WEATHER], betas="x")
+        names = [name for name in proxy.cli_environment(turn)
+                 if not name.startswith("CLAUDE_PROXY_")]
+        names += ["CLAUDE_CODE_RESUME_INTERRUPTED_TURN", "CLAUDE_CONFIG_DIR",
+                  "CLAUDE_CODE_OAUTH_TOKEN", "ANTHROPIC_BASE_URL"]
+        strings = ["rewind_conversation", "no-session-persistence",
+                   "anthropic/maxResultSizeChars", "API Error:", "prompt_too_long"]
+        self.assertGreaterEqual(len(names), 15)
+        binary = proxy.cli_binary(proxy.Config())
+        with open(binary, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as cli:
+            for name in names + strings:
+                with self.subTest(name=name):
+                    self.assertGreaterEqual(cli.find(name.encode()), 0,
+                                            f"the bundled CLI no longer knows {name}")
+
+    def test_the_installed_sdk_is_in_the_tested_range_and_notes_say_so(self):
+        import claude_agent_sdk as sdk
+        self.assertEqual(proxy.sdk_version_notes(sdk.__version__), ([], []))
+        older, _ = proxy.sdk_version_notes("0.2.179")
+        self.assertIn("older than 0.2.180", older[0])
+        self.assertIn("-m pip install 'claude-agent-sdk>=0.2.180' --upgrade", older[0])
+        _, newer = proxy.sdk_version_notes("0.2.999")
+        self.assertIn("newer than 0.2.189", newer[0])
+
+
 class SdkAdapterTest(unittest.TestCase):
     def test_the_cli_never_inherits_the_proxys_key(self):
         turn = proxy.messages_request_to_turn(valid_body(), "sonnet")
@@ -1973,10 +2063,12 @@ class SdkAdapterTest(unittest.TestCase):
 # Fuzzing: arbitrary bytes and JSON give API errors, never anything else
 # =============================================================================
 
+def json_containers(inner):
+    return st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=5)
+
+
 JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) |
-                    st.text(max_size=20),
-                    lambda inner: st.lists(inner, max_size=4) |
-                    st.dictionaries(st.text(max_size=12), inner, max_size=5), max_leaves=25)
+                    st.text(max_size=20), json_containers, max_leaves=25)
 ROLES = st.sampled_from(["user", "assistant", "system", "developer", "tool", "x"])
 BLOCK_TYPES = st.sampled_from(["text", "image", "tool_use", "tool_result", "thinking",
                                "image_url", "input_text", "input_image", "function_call",
