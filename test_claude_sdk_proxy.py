@@ -3199,34 +3199,26 @@ class HttpProtocolTest(unittest.TestCase):
     def test_slow_heads_slow_bodies_and_idle_sockets_are_cut(self):
         server = ProxyThread(header_timeout_s=0.5, body_timeout_s=0.3, keepalive_idle_s=0.3)
         self.addCleanup(server.stop)
-        trickle = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-        self.addCleanup(trickle.close)
-        started = time.monotonic()
-        trickle.sendall(b"GET / HTTP/1.1\r\n")
-        with contextlib.suppress(OSError):
-            for _ in range(50):             # a byte every 0.1 s: each read is quick
-                trickle.sendall(b"X")
-                time.sleep(0.1)             # the slowness under test, not a wait
-        self.assertLess(time.monotonic() - started, 4.5, "the head had a deadline")
-        status, _, body = read_response(trickle.makefile("rb"))
-        self.assertEqual(status, 400)
-        self.assertIn(b"Timed out reading the request head.", body)
+        def trickled(start: bytes) -> bytes:
+            """Send `start`, then a byte every 0.1 s (each read is quick): the answer."""
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+                started = time.monotonic()
+                sock.sendall(start)
+                with contextlib.suppress(OSError):
+                    for _ in range(50):
+                        sock.sendall(b"X")
+                        time.sleep(0.1)     # the slowness under test, not a wait
+                self.assertLess(time.monotonic() - started, 4.5, "a deadline cut it")
+                with sock.makefile("rb") as answer:
+                    status, _, body = read_response(answer)
+            self.assertEqual(status, 400)
+            return body
+        self.assertIn(b"Timed out reading the request head.", trickled(b"GET / HTTP/1.1\r\n"))
         raw = raw_exchange(server.port, b"POST /v1/messages HTTP/1.1\r\nHost: localhost\r\n"
                                         b"Content-Length: 10\r\n\r\n{}")
         self.assertIn(b"Timed out reading the request body.", raw)
-        trickle = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-        self.addCleanup(trickle.close)
-        started = time.monotonic()
-        trickle.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: localhost\r\n"
-                        b"Content-Length: 1000\r\n\r\n")
-        with contextlib.suppress(OSError):
-            for _ in range(50):             # a body byte every 0.1 s: each read is quick
-                trickle.sendall(b"X")
-                time.sleep(0.1)             # the slowness under test, not a wait
-        self.assertLess(time.monotonic() - started, 4.5, "the body had a deadline")
-        status, _, body = read_response(trickle.makefile("rb"))
-        self.assertEqual(status, 400)
-        self.assertIn(b"Timed out reading the request body.", body)
+        self.assertIn(b"Timed out reading the request body.", trickled(
+            b"POST /v1/messages HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1000\r\n\r\n"))
         idle = socket.create_connection(("127.0.0.1", server.port), timeout=10)
         self.addCleanup(idle.close)
         self.assertTrue(closed_by_server(idle), "an idle socket is closed")
