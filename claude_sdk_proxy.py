@@ -41,6 +41,12 @@ Rules:
     them: no prompt camouflage, no body override of `system` or `messages`.
   - Secrets and message content are logged only with --debug.
 
+The SDK beyond its public API (SdkSurfaceTest checks each by name): `_cli_version`,
+`_internal._mcp_compat.build_tool_server`, a client's `_transport._process` and
+`_query._send_control_request`, the `_internal.query` logger's "Fatal error in
+message reader", and its CLI spawn through `anyio.open_process` (made to start each
+CLI in a session of its own). Supported SDKs: SDK_FLOOR to SDK_NEWEST_TESTED.
+
 Known limits (what the CLI cannot be made to do): an assistant message as the last
 turn (prefill) is refused with a 400; the CLI adds its own system lines, an
 environment reminder (~1.3 KB) to the first user turn, and its own cache_control
