@@ -83,7 +83,7 @@ import tempfile
 import time
 import urllib.parse
 import uuid
-from typing import Any, AsyncIterator, Callable, Iterable, Iterator
+from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Mapping
 
 __version__ = "0.1.0"
 
@@ -259,8 +259,10 @@ def is_loopback(host: str) -> bool:
     return address.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
-def startup_problems(config: Config, environ: dict) -> tuple[list[str], list[str]]:
-    """What stops the proxy from starting, and what it warns about."""
+def startup_problems(config: Config, environ: dict, sandbox_problem: str | None = None
+                     ) -> tuple[list[str], list[str]]:
+    """What stops the proxy from starting, and what it warns about; `sandbox_problem`
+    is why agent mode's Bash sandbox cannot run here (`agent_sandbox_problem`)."""
     errors, warnings = [], []
     if not is_loopback(config.host) and not config.api_key:
         errors.append(
@@ -275,7 +277,14 @@ def startup_problems(config: Config, environ: dict) -> tuple[list[str], list[str
         if not os.path.isdir(config.agent_dir):
             errors.append(f"The agent directory {config.agent_dir} does not exist.")
         warnings.append(f"Agent mode: Claude runs the CLI's built-in tools (Bash included) "
-                        f"as this user, file tools confined to {config.agent_dir}.")
+                        f"as this user, file tools confined to {config.agent_dir}; Bash runs "
+                        "in the CLI's sandbox: no network, writes only there and in $TMPDIR, "
+                        "the login out of its reach.")
+        if sandbox_problem:
+            errors.append(f"Agent mode needs the CLI's Bash sandbox and it cannot run here: "
+                          f"{sandbox_problem} Without it Bash could read the subscription login "
+                          "(the CLI's environment, the credentials file) and show it to "
+                          "the model.")
     if environ.get("ANTHROPIC_API_KEY"):
         warnings.append("ANTHROPIC_API_KEY is set: the Claude Code CLI bills that API key, "
                         "not your subscription. Unset it to use the subscription.")
@@ -2748,12 +2757,54 @@ def cli_options(turn: Turn, config: Config, now: dt.datetime,
         # holds it; and the CLI saves ~3 ms of CPU a turn.
         extra_args={"no-session-persistence": None},
         cli_path=config.cli_path,
+        # Agent mode's Bash runs in the CLI's sandbox, or not at all.
+        sandbox=agent_sandbox(os.environ) if config.agent_dir else None,
         # One line of the CLI's output can hold a whole client message (it echoes
         # tool results), which the SDK's default 1 MB line limit would refuse; a
         # small body limit must not cut the CLI's own lines either.
         max_buffer_size=max(2 * config.max_body_bytes, SDK_LINE_LIMIT),
         stderr=(lambda line: log.debug("cli: %s", line.rstrip())) if config.debug else None,
     )
+
+
+def agent_sandbox(environ: Mapping[str, str]) -> dict:
+    """The CLI's sandbox for agent mode's Bash (bubblewrap on Linux, Seatbelt on macOS):
+    its own pid namespace, so no /proc/<pid>/environ of the CLI or the proxy (the
+    token); the login's credentials files unreadable; and the CLI refuses to run a
+    command at all rather than run it outside the sandbox."""
+    homes = [os.path.join(os.path.expanduser("~"), ".claude"),
+             environ.get("CLAUDE_CONFIG_DIR"), environ.get("CLAUDE_SECURESTORAGE_CONFIG_DIR")]
+    credentials = [os.path.join(os.path.abspath(home), ".credentials.json")
+                   for home in homes if home]
+    return {"enabled": True, "failIfUnavailable": True, "allowUnsandboxedCommands": False,
+            "filesystem": {"denyRead": list(dict.fromkeys(credentials))}}
+
+
+def agent_sandbox_problem(platform: str = sys.platform,
+                          which: Callable[[str], str | None] = shutil.which) -> str | None:
+    """Why the CLI's Bash sandbox cannot run on this box; None when it can."""
+    if platform == "darwin":
+        return None if os.path.exists("/usr/bin/sandbox-exec") else \
+            "/usr/bin/sandbox-exec is missing."
+    if not platform.startswith("linux"):
+        return f"the CLI has a Bash sandbox on Linux and macOS only, not on {platform}."
+    missing = [name for name in ("bwrap", "socat") if not which(name)]
+    if missing:
+        return (f"{' and '.join(missing)} not found: install them (Debian and Ubuntu: "
+                "`apt-get install -y bubblewrap socat`; Fedora: `dnf install bubblewrap "
+                "socat`).")
+    import subprocess
+    try:    # what the sandbox needs of the kernel: user, pid and network namespaces
+        done = subprocess.run([which("bwrap"), "--ro-bind", "/", "/", "--dev", "/dev",
+                               "--proc", "/proc", "--unshare-pid", "--unshare-net",
+                               "--die-with-parent", "--", "true"],
+                              capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"bubblewrap failed to run: {exc}."
+    if done.returncode:
+        return (f"bubblewrap cannot create its namespaces here ({done.stderr.strip()}); "
+                "see https://code.claude.com/docs/en/sandboxing.")
+    return None
 
 
 def agent_permissions(directory: str) -> list[str]:
@@ -4725,7 +4776,8 @@ def doctor(config: Config) -> int:
     import subprocess
     checks: list[tuple[str, bool, str]] = []
     checks.append(("python", sys.version_info >= (3, 10), sys.version.split()[0]))
-    errors, warnings = startup_problems(config, dict(os.environ))
+    errors, warnings = startup_problems(config, dict(os.environ), agent_sandbox_problem()
+                                        if config.agent_dir else None)
     checks += [("configuration", False, error) for error in errors]
     checks += [("note", True, warning) for warning in warnings]
     versions = sdk_versions()
@@ -4820,7 +4872,8 @@ def main(argv: list[str] | None = None) -> int:
         return doctor(config)
     logging.basicConfig(level=logging.DEBUG if config.debug else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s")
-    errors, warnings = startup_problems(config, dict(os.environ))
+    errors, warnings = startup_problems(config, dict(os.environ), agent_sandbox_problem()
+                                        if config.agent_dir else None)
     for warning in warnings:
         log.warning("%s", warning)
     if errors:

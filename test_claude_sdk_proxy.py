@@ -627,6 +627,22 @@ class ConfigTest(unittest.TestCase):
             with self.subTest(argv=argv, env=env):
                 self.assertEqual(problems(argv, env), expected)
 
+    def test_agent_mode_needs_the_sandbox(self):
+        self.assertIsNone(proxy.agent_sandbox_problem())     # CI installs bubblewrap, socat
+        self.assertIn("apt-get install -y bubblewrap socat",
+                      proxy.agent_sandbox_problem("linux", lambda name: None))
+        self.assertIn("Linux and macOS only", proxy.agent_sandbox_problem("win32"))
+        sandbox = proxy.agent_sandbox({"CLAUDE_CONFIG_DIR": "/srv/claude"})
+        self.assertEqual((sandbox["enabled"], sandbox["failIfUnavailable"],
+                          sandbox["allowUnsandboxedCommands"]), (True, True, False))
+        self.assertIn("/srv/claude/.credentials.json", sandbox["filesystem"]["denyRead"])
+        errors, _ = proxy.startup_problems(self.config(("--agent-dir", tempfile.gettempdir()),
+                                                       {}), {}, "bwrap not found.")
+        self.assertEqual(errors, ["Agent mode needs the CLI's Bash sandbox and it cannot run "
+                                  "here: bwrap not found. Without it Bash could read the "
+                                  "subscription login (the CLI's environment, the credentials "
+                                  "file) and show it to the model."])
+
     def test_the_key_is_read_as_clients_send_it(self):
         # From an env file or `echo`, a key keeps its newline; clients' keys are stripped.
         self.assertEqual(self.config(env={"CLAUDE_PROXY_API_KEY": " s3cret\n"}).api_key,
@@ -1967,7 +1983,7 @@ class SdkSurfaceTest(unittest.TestCase):
         for name in ("allowed_tools", "cli_path", "cwd", "env", "extra_args",
                      "include_partial_messages", "max_buffer_size", "max_turns", "mcp_servers",
                      "model", "resume", "session_store", "setting_sources", "stderr",
-                     "strict_mcp_config", "system_prompt", "thinking", "tools",
+                     "strict_mcp_config", "system_prompt", "thinking", "tools", "sandbox",
                      "verbatim_prompts"):
             with self.subTest(option=name):
                 self.assertIn(name, options, f"ClaudeAgentOptions.{name} moved")
@@ -4014,6 +4030,45 @@ class AgentModeTest(unittest.TestCase):
                 self.assertIn("haven't granted", result["content"])
                 self.assertEqual(outside.stop_reason, "end_turn")
 
+
+    def test_bash_cannot_reach_the_login(self):
+        # The soak's escape: Bash read the CLI's environment through /proc. The CLI's
+        # sandbox (bubblewrap on Linux: CI installs bubblewrap and socat) runs it in
+        # a pid namespace of its own, and the credentials file is unreadable in it.
+        token = os.environ["CLAUDE_CODE_OAUTH_TOKEN"]
+        credentials = os.path.join(os.environ["HOME"], ".claude", ".credentials.json")
+        with open(credentials, "w") as f:     # the env token still wins as the login
+            json.dump({"claudeAiOauth": {"accessToken": token + "-from-file"}}, f)
+        self.addCleanup(os.remove, credentials)
+        agent_dir = tempfile.mkdtemp(prefix="proxy-agent-")
+        self.addCleanup(shutil.rmtree, agent_dir, True)
+        server = ProxyThread(agent_dir=agent_dir)
+        self.addCleanup(server.stop)
+
+        def bash(command):
+            UPSTREAM.clear()
+            marker = json.dumps({"command": command})
+            message = server.client().messages.create(
+                model="sonnet", max_tokens=100,
+                messages=[{"role": "user", "content": f"[[builtin Bash {marker}]]"}])
+            requests = UPSTREAM.messages_requests()
+            self.assertEqual(len(requests), 2, "the Bash call's result went upstream")
+            [result] = conversation(requests[1]["body"])[-1]["content"]
+            self.assertNotIn(token, json.dumps([r["body"] for r in requests])
+                             + message.model_dump_json())     # (its header carries the login)
+            return result
+        for escape in (r"tr '\0' '\n' < /proc/$PPID/environ",
+                       r"cat /proc/*/environ | tr '\0' '\n'",
+                       "python3 -c 'import glob\nfor p in glob.glob(\"/proc/[0-9]*/environ\"):\n"
+                       "    try: print(open(p).read())\n    except OSError: pass'",
+                       "env", "cat ~/.claude/.credentials.json"):
+            with self.subTest(escape=escape):
+                bash(escape)
+        result = bash("echo made > made.txt && cat made.txt && pwd")
+        self.assertFalse(result.get("is_error"), result)
+        self.assertEqual(result["content"], f"made\n{agent_dir}")
+        with open(os.path.join(agent_dir, "made.txt")) as f:
+            self.assertEqual(f.read(), "made\n")
 
     def test_at_the_cap_an_agent_cli_is_evicted_not_recycled(self):
         # Its tools remember the files they read: a rewound CLI would still know.
