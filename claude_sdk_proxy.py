@@ -4120,7 +4120,7 @@ async def forward_stream(items: AsyncIterator[tuple[str, Any]], out: Responder,
                 continue
             if not out.head_sent:
                 if item is None and out.chunked:
-                    await out.conn.write(PROCESSING)
+                    await out.interim()
                     continue
                 await out.start_stream()
             if item is None:
@@ -4476,6 +4476,10 @@ class Responder:
             ("content-type", "text/event-stream; charset=utf-8"),
             ("cache-control", "no-cache"), ("x-accel-buffering", "no")]
             + framing + list((headers or {}).items())))
+
+    async def interim(self) -> None:
+        """A `102 Processing`: the line stays alive, the status is still to come."""
+        await self.conn.write(PROCESSING)
 
     async def write(self, data: bytes) -> None:
         """A piece of the stream, sent at once."""
