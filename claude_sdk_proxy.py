@@ -48,9 +48,10 @@ message reader", and its CLI spawn through `anyio.open_process` (made to start e
 CLI in a session of its own). Supported SDKs: SDK_FLOOR to SDK_NEWEST_TESTED.
 
 Known limits (what the CLI cannot be made to do): an assistant message as the last
-turn (prefill) is refused with a 400; the CLI adds its own system lines, an
-environment reminder (~1.3 KB) to the first user turn, and its own cache_control
-marks; system-block cache_control is not carried. README.md lists every parameter.
+turn (prefill) is refused with a 400; the CLI adds its own system lines, its own
+cache_control marks and an environment note (~0.9 KB) to the turn it began on (the
+first on a live CLI, the newest when resumed from a transcript); system-block
+cache_control is not carried. README.md lists every parameter and the note.
 """
 
 from __future__ import annotations

@@ -4368,6 +4368,136 @@ class ClientToolsTest(ApiAssertions, SharedProxyCase):
         self.assertEqual(second[-1]["content"][-1]["text"], "And tomorrow?")
 
 
+# The advice lines of the CLI's environment note, each CLI of the tested range. A CLI
+# that words its note otherwise fails ConversationExtrasTest naming the new line.
+CLI_NOTE_ADVICE = (
+    "Downloaded files and extracted archives are untrusted data: put each in its own new,"
+    " empty directory, keep scripts you write in a different directory, and pass paths as"
+    " arguments instead of running an interpreter or build tool from inside it. Interpreters"
+    " load code from the script's directory and the current directory, so a planted `json.py`"
+    " runs on `import json`. Run any Python that reads them with `-I`. This does not apply to"
+    " code the user asked you to build or run.",
+    "In `curl`, send untrusted values with `--form-string`, not `-F`.",     # CLI 2.1.331+
+)
+
+
+class ConversationExtrasTest(SharedProxyCase):
+    """Exactly what the CLI adds to a client's conversation, on each path a turn takes."""
+
+    def create(self, model, messages, **kwargs):
+        return self.client.messages.create(model=model, max_tokens=300, messages=messages,
+                                           **kwargs)
+
+    def environment_lines(self) -> list[str]:
+        uname = os.uname()
+        return ["# Environment", "You have been invoked in the following environment: ",
+                f" - Primary working directory: {self.server.workdir}",
+                " - Is a git repository: false", f" - Platform: {sys.platform}",
+                " - Shell: ", f" - OS Version: {uname.sysname} {uname.release}"]
+
+    def assert_note(self, text: str, model: str) -> None:
+        """One environment note: the host lines, known advice, the model, the date."""
+        environment, model_line, date_line = text.split("\n\n")
+        lines = environment.split("\n")
+        expected = self.environment_lines()
+        self.assertEqual(len(lines[:len(expected)]), len(expected), text)
+        for line, start in zip(lines, expected):
+            self.assertTrue(line.startswith(start), f"{line!r} is not {start!r}...")
+        for line in lines[len(expected):]:
+            self.assertIn(line.removeprefix(" - "), CLI_NOTE_ADVICE,
+                          "a line the CLI adds that no CLI of the tested range sent")
+        self.assertRegex(model_line, rf"^You are powered by the model named [^\n]+\. The exact"
+                         rf" model ID is {re.escape(model)}\. Assistant knowledge cutoff is .+\.$")
+        self.assertEqual(date_line, f"Today's date is {dt.date.today().isoformat()}.")
+
+    def extras(self, model: str, body: dict) -> tuple[list[dict], list[int]]:
+        """The client's messages as the upstream got them, and after which of them
+        (by index) the CLI's note came, checked against the note's exact text."""
+        messages, after = [], []
+        for message in body["messages"]:
+            if message["role"] == "system":           # 5.x models: a message of its own
+                self.assert_note(message["content"], model)
+                after.append(len(messages) - 1)
+                continue
+            content = message["content"]
+            if isinstance(content, list):              # older models: reminders in the turn
+                reminders = [b["text"] for b in content if b.get("type") == "text"
+                             and b["text"].startswith("<system-reminder>")]
+                if reminders:
+                    wrapped = [r.removeprefix("<system-reminder>\n").rstrip("\n")
+                               .removesuffix("</system-reminder>").rstrip("\n")
+                               for r in reminders]
+                    self.assertEqual(len(wrapped), 3, reminders)
+                    self.assert_note("\n\n".join(wrapped), model)
+                    after.append(len(messages))
+                    content = [b for b in content if b.get("text") not in reminders]
+                content = strip_cache_control(content)
+            messages.append({"role": message["role"], "content": content})
+        return messages, after
+
+    def paths(self, model):
+        """The four paths of a turn, each with what the client sent on it."""
+        ask = [{"role": "user", "content": "first"}]
+        answer = self.create(model, ask)
+        warm = ask + [{"role": "assistant", "content": answer.content[0].text},
+                      {"role": "user", "content": "second"}]
+        self.create(model, warm)
+        resumed = [{"role": "user", "content": "other first"},
+                   {"role": "assistant", "content": "ok"},
+                   {"role": "user", "content": "other second"}]
+        self.create(model, resumed)
+        round_trips = []
+        for city, evict in (("Graz", False), ("Wien", True)):
+            call_ask = [{"role": "user", "content": f'{city} [[tool get_weather {{"city": "{city}"}}]]'}]
+            message = self.create(model, call_ask, tools=[WEATHER])
+            if evict:
+                for session in self.client.get("/sessions", cast_to=object)["data"]:
+                    if session["state"] == "awaiting_tools":
+                        self.client.delete(f"/sessions/{session['id']}", cast_to=object)
+            call = message.content[1]
+            round_trips.append(call_ask + [
+                {"role": "assistant", "content": [b.model_dump(exclude_none=True)
+                                                  for b in message.content]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id,
+                                              "content": city.lower()}]}])
+            self.create(model, round_trips[-1], tools=[WEATHER])
+        return warm, resumed, round_trips
+
+    def check_paths(self, model):
+        warm, resumed, (parked, revived) = self.paths(model)
+        requests = [r["body"] for r in UPSTREAM.messages_requests()]
+        self.assertEqual(len(requests), 7, "one upstream call a turn")
+        seen = [self.extras(model, body) for body in requests]
+        as_text = lambda ms: [{"role": m["role"], "content": as_blocks(m["content"])} for m in ms]
+        # Warm: the note follows the first user turn, where the CLI began, and stays there.
+        self.assertEqual((as_text(seen[1][0]), seen[1][1]), (as_text(warm), [0]))
+        # From a transcript: the note follows the turn the CLI began with, the last.
+        self.assertEqual((as_text(seen[2][0]), seen[2][1]), (as_text(resumed), [2]))
+        # A tool round on the parked CLI: the note stays after the first turn, and the
+        # client's result string arrives as the one text block it stands for.
+        parked_sent = self.upstream_names(parked)
+        parked_sent[2]["content"][0]["content"] = [{"type": "text", "text": "graz"}]
+        self.assertEqual((as_text(seen[4][0]), seen[4][1]), (as_text(parked_sent), [0]))
+        # A tool round after its CLI is gone: the results exactly, then the note.
+        self.assertEqual((as_text(seen[6][0]), seen[6][1]),
+                         (as_text(self.upstream_names(revived)), [2]))
+
+    @staticmethod
+    def upstream_names(messages):
+        """The client's messages with its tool calls under their upstream names."""
+        renamed = copy.deepcopy(messages)
+        for block in renamed[1]["content"]:
+            if block["type"] == "tool_use":
+                block["name"] = proxy.upstream_tool_name(block["name"])
+        return renamed
+
+    def test_a_5x_model_gets_the_note_as_a_system_message(self):
+        self.check_paths("claude-sonnet-5-5")
+
+    def test_an_older_model_gets_the_note_as_reminders_in_a_user_turn(self):
+        self.check_paths("claude-sonnet-4-5")
+
+
 OPENAI_WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather for a city.",
     "parameters": WEATHER["input_schema"]}}
