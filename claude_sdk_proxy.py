@@ -42,9 +42,9 @@ Rules:
   - Secrets and message content are logged only with --debug.
 
 The SDK beyond its public API (SdkSurfaceTest checks each by name): `_cli_version`,
-`_internal._mcp_compat.build_tool_server`, a client's `_transport._process` and
-`_query._send_control_request`, the `_internal.query` logger's "Fatal error in
-message reader", and its CLI spawn through `anyio.open_process` (made to start each
+`_internal._mcp_compat.build_tool_server`, a client's `_transport._process`,
+`_query._send_control_request` and `_query.close_receive_stream`, the
+`_internal.query` logger's "Fatal error in message reader", and its CLI spawn through `anyio.open_process` (made to start each
 CLI in a session of its own). Supported SDKs: SDK_FLOOR to SDK_NEWEST_TESTED.
 
 Known limits (what the CLI cannot be made to do): an assistant message as the last
@@ -313,6 +313,7 @@ class ProxyError(Exception):
     status = 500
     error_type = "api_error"
     openai_code: str | None = None
+    param: str | None = None        # the request field it is about, where there is one
 
     def __init__(self, message: str, headers: dict[str, str] | None = None,
                  code: str | None = None):
@@ -324,6 +325,20 @@ class ProxyError(Exception):
 
 class InvalidRequest(ProxyError):
     status, error_type = 400, "invalid_request_error"
+
+    @property
+    def param(self) -> str | None:
+        """The request field it is about: the path its message starts with."""
+        found = _PARAM_RE.match(self.message)
+        return found.group(1) if found else None
+
+    def moved(self, prefix: str, path: str) -> InvalidRequest:
+        """The same error with its path's `prefix` replaced by `path` (where the client
+        sent that field)."""
+        return type(self)(path + self.message[len(prefix):], self.headers, self.code)
+
+
+_PARAM_RE = re.compile(r"([A-Za-z_]\w*(?:\.\w+)*): ")
 
 
 class PromptTooLong(InvalidRequest):
@@ -1740,14 +1755,20 @@ def _chat_assistant_blocks(message: dict, where: str) -> list[dict]:
                  and isinstance(function.get("name"), str)
                  and isinstance(function.get("arguments", ""), str),
                  f"{at}: needs an id and a function with a name and arguments.")
-        try:
-            arguments = json.loads(function.get("arguments") or "{}")
-        except ValueError:
-            raise InvalidRequest(f"{at}.function.arguments: must be a JSON object.") from None
-        _require(isinstance(arguments, dict), f"{at}.function.arguments: must be a JSON object.")
         blocks.append({"type": "tool_use", "id": call["id"], "name": function["name"],
-                       "input": arguments})
+                       "input": call_arguments(function.get("arguments"),
+                                               f"{at}.function.arguments")})
     return blocks
+
+
+def call_arguments(text: str | None, where: str) -> dict:
+    """A call's JSON arguments, which must be an object."""
+    try:
+        arguments = json.loads(text or "{}")
+    except ValueError:
+        arguments = None
+    _require(isinstance(arguments, dict), f"{where}: must be a JSON object.")
+    return arguments
 
 
 def _chat_tools(body: dict) -> dict:
@@ -1762,9 +1783,10 @@ def _chat_tools(body: dict) -> dict:
             _require(isinstance(tool, dict) and tool.get("type") == "function"
                      and isinstance(function, dict),
                      f"tools.{i}: must be a function tool.")
-            converted = {"name": function.get("name"),
-                         "input_schema": function.get("parameters") or
-                         {"type": "object", "properties": {}}}
+            converted = {"name": check_function_name(function.get("name"),
+                                                     f"tools.{i}.function.name"),
+                         "input_schema": check_parameters(function.get("parameters"),
+                                                          f"tools.{i}.function.parameters")}
             if function.get("description") is not None:
                 converted["description"] = function["description"]
             out["tools"].append(converted)
@@ -1776,6 +1798,8 @@ def _chat_tools(body: dict) -> dict:
             name = function.get("name") if isinstance(function, dict) else None
             _require(choice.get("type") == "function" and isinstance(name, str),
                      "tool_choice: must be 'none', 'auto', 'required' or a function.")
+            _require(name in [tool["name"] for tool in out.get("tools", [])],
+                     "tool_choice.function.name: must name one of the request's tools.")
             anthropic_choice = {"type": "tool", "name": name}
         else:
             kinds = {"none": "none", "auto": "auto", "required": "any", None: "auto"}
@@ -1786,6 +1810,74 @@ def _chat_tools(body: dict) -> dict:
             anthropic_choice["disable_parallel_tool_use"] = True
         out["tool_choice"] = anthropic_choice
     return out
+
+
+def check_function_name(name: Any, where: str) -> str:
+    _require(isinstance(name, str) and TOOL_NAME_RE.match(name) is not None,
+             f"{where}: must be 1-64 letters, digits, underscores or dashes.")
+    return name
+
+
+def check_parameters(schema: Any, where: str) -> dict:
+    """A function's parameters as the tool's input_schema (none: no arguments)."""
+    if schema is None:
+        return {"type": "object", "properties": {}}
+    _require(isinstance(schema, dict) and schema.get("type") == "object",
+             f"{where}: must be a JSON schema with type 'object'.")
+    return schema
+
+
+def check_max_tokens(body: dict, *names: str) -> int | None:
+    """The first of `names` the request sets: an output token limit."""
+    for name in names:
+        if body.get(name) is not None:
+            _require(_is_int(body[name]) and body[name] >= 1,
+                     f"{name}: must be an integer of at least 1.")
+            return body[name]
+    return None
+
+
+def check_effort(effort: Any, where: str) -> str | None:
+    """An OpenAI reasoning effort as the upstream's output_config.effort."""
+    if effort is None:
+        return None
+    _require(isinstance(effort, str) and effort in OPENAI_EFFORTS,
+             f"{where}: must be one of {', '.join(OPENAI_EFFORTS)}.")
+    return OPENAI_EFFORTS[effort]
+
+
+class Origins:
+    """Where the client sent each block of the conversation it converts to, so that
+    an error of the shared checks (`messages.<i>.content.<k>: ...`) names the
+    client's own message or item instead."""
+
+    def __init__(self, messages: list[dict], where: str):
+        self.blocks = [[where] * self._count(message) for message in messages]
+
+    @staticmethod
+    def _count(message: dict) -> int:
+        return len(message["content"]) if isinstance(message["content"], list) else 1
+
+    def note(self, messages: list[dict], where: str) -> None:
+        """The client's `where` was just converted onto the end of `messages` (the
+        last message may have grown, new ones follow it)."""
+        for index in range(max(len(self.blocks) - 1, 0), len(messages)):
+            if index == len(self.blocks):
+                self.blocks.append([])
+            added = self._count(messages[index]) - len(self.blocks[index])
+            self.blocks[index] += [where] * added
+
+    def moved(self, err: InvalidRequest, name: str) -> InvalidRequest:
+        """`err` about the client's message or item, or its list `name`."""
+        found = re.match(r"messages(?:\.(\d+)(?:\.content\.(\d+))?)?", err.param or "")
+        if found is None:
+            return err
+        message, block = (int(group) if group else None for group in found.groups())
+        if message is None or message >= len(self.blocks) or not self.blocks[message]:
+            return err.moved("messages", name)
+        wheres = self.blocks[message]
+        return err.moved(err.param, wheres[block if block is not None and
+                                           block < len(wheres) else 0])
 
 
 def _chat_response_format(value: Any) -> dict | None:
@@ -1823,6 +1915,7 @@ def chat_request_to_turn(body: dict, default_model: str, caller: str = "") -> Tu
     messages = body.get("messages")
     _require(isinstance(messages, list) and messages, "messages: required, a non-empty list.")
     system, converted = [], []
+    origins = Origins([], "messages")
     for i, message in enumerate(messages):
         where = f"messages.{i}"
         _require(isinstance(message, dict), f"{where}: must be an object.")
@@ -1844,20 +1937,20 @@ def chat_request_to_turn(body: dict, default_model: str, caller: str = "") -> Tu
                                  "assistant or tool.")
         _add_openai_message(converted, "assistant" if role == "assistant" else "user",
                             blocks, where, i == len(messages) - 1)
-    return openai_turn(body, system, converted, default_model, caller)
+        origins.note(converted, where)
+    return openai_turn(body, system, converted, origins, default_model, caller)
 
 
-def openai_turn(body: dict, system: list[str], messages: list[dict], default_model: str,
-                caller: str) -> Turn:
+def openai_turn(body: dict, system: list[str], messages: list[dict], origins: Origins,
+                default_model: str, caller: str, list_name: str = "messages") -> Turn:
     """A Turn from converted messages and Chat Completions parameters (the Responses
-    API's are renamed to these first)."""
+    API's are checked and renamed to these first); the shared checks' errors name
+    the client's messages or items (`origins`)."""
     anthropic: dict[str, Any] = {"model": body.get("model"), "messages": messages,
                                  "stream": body.get("stream") or False}
     if system:
         anthropic["system"] = "\n\n".join(system)
-    max_tokens = body.get("max_completion_tokens")
-    if max_tokens is None:
-        max_tokens = body.get("max_tokens")
+    max_tokens = check_max_tokens(body, "max_completion_tokens", "max_tokens")
     if max_tokens is not None:
         anthropic["max_tokens"] = max_tokens
     for name in ("temperature", "top_p"):
@@ -1865,7 +1958,10 @@ def openai_turn(body: dict, system: list[str], messages: list[dict], default_mod
             anthropic[name] = body[name]
     stop = body.get("stop")
     if stop is not None:
-        anthropic["stop_sequences"] = [stop] if isinstance(stop, str) else stop
+        stops = [stop] if isinstance(stop, str) else stop
+        _require(isinstance(stops, list) and all(isinstance(s, str) and s for s in stops),
+                 "stop: must be a non-empty string or a list of non-empty strings.")
+        anthropic["stop_sequences"] = stops
     anthropic.update(_chat_tools(body))
     # OpenAI's successor of `user` names the end user the same way.
     name = "safety_identifier" if body.get("safety_identifier") is not None else "user"
@@ -1876,14 +1972,16 @@ def openai_turn(body: dict, system: list[str], messages: list[dict], default_mod
     output_format = _chat_response_format(body.get("response_format"))
     if output_format is not None:
         output_config["format"] = output_format
-    effort = body.get("reasoning_effort")
+    effort = check_effort(body.get("reasoning_effort"), "reasoning_effort")
     if effort is not None:
-        _require(isinstance(effort, str) and effort in OPENAI_EFFORTS,
-                 f"reasoning_effort: must be one of {', '.join(OPENAI_EFFORTS)}.")
-        output_config["effort"] = OPENAI_EFFORTS[effort]
+        output_config["effort"] = effort
     if output_config:
         anthropic["output_config"] = output_config
-    return messages_request_to_turn(anthropic, default_model, caller, max_tokens_required=False)
+    try:
+        return messages_request_to_turn(anthropic, default_model, caller,
+                                        max_tokens_required=False)
+    except InvalidRequest as err:
+        raise origins.moved(err, list_name) from None
 
 
 # -- Responses API -------------------------------------------------------------
@@ -1937,9 +2035,10 @@ def responses_tools(tools: Any, where: str = "tools") -> dict[str, tuple[Respons
     _require(isinstance(tools, list), f"{where}: must be a list.")
     offered: dict[str, tuple[ResponsesTool, dict]] = {}
 
-    def offer(tool: ResponsesTool, description: Any, parameters: Any) -> None:
+    def offer(tool: ResponsesTool, description: Any, parameters: Any, at: str) -> None:
+        check_function_name(tool.name, f"{at}.name")
         function = {"name": responses_tool_name(tool.name, tool.namespace),
-                    "parameters": parameters}
+                    "parameters": check_parameters(parameters, f"{at}.parameters")}
         if description is not None:
             function["description"] = description
         offered[function["name"]] = (tool, {"type": "function", "function": function})
@@ -1952,7 +2051,7 @@ def responses_tools(tools: Any, where: str = "tools") -> dict[str, tuple[Respons
             _require(isinstance(tool.get("name"), str), f"{at}.name: required, a string.")
         if kind == "function":
             offer(ResponsesTool("function", tool["name"], namespace), tool.get("description"),
-                  tool.get("parameters"))
+                  tool.get("parameters"), at)
         elif kind == "namespace" and namespace is None:
             _require(isinstance(tool.get("tools"), list), f"{at}.tools: required, a list.")
             for j, member in enumerate(tool["tools"]):
@@ -1961,10 +2060,10 @@ def responses_tools(tools: Any, where: str = "tools") -> dict[str, tuple[Respons
             offer(ResponsesTool("custom", tool["name"], namespace),
                   custom_tool_description(tool, at), {
                       "type": "object", "properties": {CUSTOM_INPUT: {"type": "string"}},
-                      "required": [CUSTOM_INPUT], "additionalProperties": False})
+                      "required": [CUSTOM_INPUT], "additionalProperties": False}, at)
         elif kind == "tool_search" and tool.get("execution") == "client" and namespace is None:
             offer(ResponsesTool("tool_search", "tool_search"), tool.get("description"),
-                  tool.get("parameters"))
+                  tool.get("parameters"), at)
         else:
             _require(kind in HOSTED_TOOLS, f"{at}.type: '{kind}' is not a supported tool.")
     for i, tool in enumerate(tools):
@@ -2045,6 +2144,7 @@ def responses_request_to_turn(body: dict, default_model: str, caller: str = "",
              "instructions: must be a string.")
     system = [instructions] if instructions else []
     messages = [dict(m) for m in previous or []]
+    origins = Origins(messages, "previous_response_id")
     for i, item in enumerate(items):
         where = f"input.{i}"
         _require(isinstance(item, dict), f"{where}: must be an object.")
@@ -2082,6 +2182,7 @@ def responses_request_to_turn(body: dict, default_model: str, caller: str = "",
         else:
             _require(kind == "reasoning", f"{where}.type: '{kind}' is not supported; use "
                                           "message, function_call or function_call_output items.")
+        origins.note(messages, where)
     choice = body.get("tool_choice")
     if isinstance(choice, dict):
         _require(choice.get("type") not in HOSTED_TOOLS,
@@ -2092,19 +2193,27 @@ def responses_request_to_turn(body: dict, default_model: str, caller: str = "",
     for name in ("text", "reasoning"):
         _require(isinstance(body.get(name) or {}, dict), f"{name}: must be an object.")
     text_format = (body.get("text") or {}).get("format")
-    if isinstance(text_format, dict) and text_format.get("type") == "json_schema":
-        text_format = {"type": "json_schema", "json_schema": text_format}
+    if text_format is not None:
+        _require(isinstance(text_format, dict) and text_format.get("type") in
+                 ("text", "json_object", "json_schema"),
+                 "text.format.type: must be 'text', 'json_object' or 'json_schema'.")
+        if text_format["type"] == "json_schema":
+            _require(isinstance(text_format.get("schema"), dict),
+                     "text.format.schema: required, an object.")
+            text_format = {"type": "json_schema", "json_schema": text_format}
+    effort = (body.get("reasoning") or {}).get("effort")
+    check_effort(effort, "reasoning.effort")
     chat = {"model": body.get("model"), "stream": body.get("stream", False),
-            "max_completion_tokens": body.get("max_output_tokens"),
+            "max_completion_tokens": check_max_tokens(body, "max_output_tokens"),
             "temperature": body.get("temperature"), "top_p": body.get("top_p"),
             "tools": [function for _, function in offered.values()] or None,
             "tool_choice": choice,
             "parallel_tool_calls": body.get("parallel_tool_calls"),
             "response_format": text_format,
-            "reasoning_effort": (body.get("reasoning") or {}).get("effort"),
+            "reasoning_effort": effort,
             "safety_identifier": body.get("safety_identifier"), "user": body.get("user")}
     turn = openai_turn({k: v for k, v in chat.items() if v is not None}, system, messages,
-                       default_model, caller)
+                       origins, default_model, caller, "input")
     return turn, {name: tool for name, (tool, _) in offered.items()}
 
 
@@ -2125,9 +2234,9 @@ def _response_call(item: dict, where: str) -> dict:
                 "input": arguments}
     _require(all(isinstance(item.get(k), str) for k in ("name", "arguments")),
              f"{where}: a function_call needs call_id, name and arguments.")
-    return _chat_assistant_blocks({"tool_calls": [{"id": item["call_id"], "function": {
-        "name": responses_tool_name(item["name"], item.get("namespace")),
-        "arguments": item["arguments"]}}]}, where)[0]
+    return {"type": "tool_use", "id": item["call_id"],
+            "name": responses_tool_name(item["name"], item.get("namespace")),
+            "input": call_arguments(item["arguments"], f"{where}.arguments")}
 
 
 def resolve_item_references(items: Any, lookup: Callable[[str], dict | None]) -> Any:
@@ -2415,8 +2524,10 @@ class ResponseTranslator:
 
 
 def error_to_openai(err: ProxyError) -> dict:
-    """OpenAI's error body, with the same statuses as the Anthropic side."""
-    return {"error": {"message": err.message, "type": err.error_type, "param": None,
+    """OpenAI's error body, with the same statuses as the Anthropic side; `param` in
+    OpenAI's notation (`input[0].arguments`)."""
+    param = re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", err.param) if err.param else None
+    return {"error": {"message": err.message, "type": err.error_type, "param": param,
                       "code": err.openai_code}}
 
 
@@ -2425,8 +2536,9 @@ def error_to_openai(err: ProxyError) -> dict:
 # =============================================================================
 # The only section that imports claude_agent_sdk. `cli_environment` and
 # `cli_options` say how a Turn is carried; `CliProcess` owns one CLI through a
-# ClaudeSDKClient; `turn_items` turns the SDK's messages into the engine's items
-# ("stream", raw event) / ("rate_limit", info) / ("result", data); and
+# ClaudeSDKClient, and its CliWatch stops it when it goes on without the client;
+# a `TurnReader` turns one turn's SDK messages into TurnEvents (Delta,
+# RateLimitReport, Answer, Finished, WentOn), the only things section 9 reads; and
 # `sdk_error` / `result_error` turn SDK failures into ProxyErrors, once, here.
 
 try:
@@ -2588,7 +2700,7 @@ class ToolBroker:
     (`expect`); the CLI's calls through the MCP server claim them by name and
     input, and wait until the engine `deliver`s the client's results. A call that
     claims nothing, or a CLI that goes on although a call never reached the broker
-    (`watch`), makes the broker `broken`: that CLI is not to be continued.
+    (CliWatch), makes the broker `broken`: that CLI is not to be continued.
     """
 
     def __init__(self) -> None:
@@ -2596,24 +2708,8 @@ class ToolBroker:
         self._early: list[tuple[str, dict, asyncio.Future]] = []
         self.expected = False               # this round's calls are known
         self.broken = False
-        self._sent = self._reached = 0      # client tool calls of the last upstream message
-
-    def watch(self, item: Any) -> bool:
-        """Follow the CLI's SDK items in order (its owner task calls this): True when
-        it starts an upstream call although a client tool call of the last message
-        never reached the broker. The SDK answers a call whose input fails the
-        tool's schema itself, so the CLI went on without the client's result."""
-        if not isinstance(item, sdk.StreamEvent) or item.parent_tool_use_id:
-            return False
-        block = item.event.get("content_block") or {}
-        if block.get("type") == "tool_use" and str(block.get("name")).startswith(MCP_PREFIX):
-            self._sent += 1
-        elif item.event.get("type") == "message_start":
-            went_on = self._reached < self._sent
-            self._sent = self._reached = 0
-            self.broken = self.broken or went_on
-            return went_on
-        return False
+        self.reached = 0                    # calls that reached it since the last upstream
+                                            # message began (CliWatch counts and resets)
 
     def begin(self) -> None:
         """A new round: a prompt or results were just sent to the CLI. The last
@@ -2653,7 +2749,7 @@ class ToolBroker:
     async def call(self, name: str, arguments: dict) -> dict:
         """The MCP handler's side: the client's result for this call. The CLI may
         call as soon as a tool_use block ends, before the engine saw the message end."""
-        self._reached += 1
+        self.reached += 1
         call = self._claim(name, arguments)
         if call is None and not self.expected:
             waiter = asyncio.get_running_loop().create_future()
@@ -2934,7 +3030,7 @@ class CliProcess:
         self._stopping = False              # close or kill asked: no new turns
         self._reading: asyncio.Queue | None = None    # the current turn's outbox
         self.parked = False                 # mid-turn, waiting for client tool results
-        self.watch: Callable[[Any], bool] = lambda item: False   # True: kill the CLI
+        self.goes_on: Callable[[Any], bool] = lambda item: False  # a CliWatch
         # Ids of the first and the latest prompt of the CLI's conversation, which a
         # rewind names; no first one when it began with a resumed transcript.
         self.first_message: str | None = None
@@ -3060,6 +3156,7 @@ class CliProcess:
         try:
             await client.connect()
         except BaseException as exc:       # connect() already tore the CLI down
+            _close_receive_stream(getattr(client, "_query", None))
             self._failure = sdk_error(exc) if not isinstance(exc, asyncio.CancelledError) \
                 else BadGateway("The Claude Code CLI was stopped while starting.")
             if not ready.done():
@@ -3084,13 +3181,9 @@ class CliProcess:
                 if message is not None:
                     await client.query(_single(message, message_id))
                 async for item in client.receive_response():
-                    # Killed here, not where the turn is read, to win the race
-                    # with the CLI's next upstream call: after a max_tokens stop
-                    # (and the like) it makes "recovery" calls; `watch` sees it
-                    # go on without the client's tool results. Either way it is
-                    # never reused.
-                    if _stop_the_cli_goes_on_after(item) or self.watch(item):
-                        self.kill_now()
+                    if self.goes_on(item):  # stopped here, ahead of its next upstream call
+                        self.kill_now()     # (on the reader's side it would be too late)
+                        item = WentOnAt(item)
                     self._outbox.put_nowait(item)
                 self._outbox.put_nowait(_CLOSED)
                 self._outbox = None
@@ -3102,8 +3195,10 @@ class CliProcess:
             if self._outbox is not None:
                 self._outbox.put_nowait(BadGateway("The Claude Code CLI stopped."))
             self._refuse_queued_turns()
+            query = getattr(client, "_query", None)
             with contextlib.suppress(BaseException):
                 await asyncio.wait_for(client.disconnect(), CLI_CLOSE_TIMEOUT_S)
+            _close_receive_stream(query)
             if self._stopping and self._process is not None:
                 remove_cli_leftovers(self._process.pid, self.options.env.get(
                     "CLAUDE_CONFIG_DIR") or os.environ.get("CLAUDE_CONFIG_DIR") or
@@ -3356,15 +3451,12 @@ def tell_watchdog(line: str) -> bool:
     return True
 
 
-# Stops after which the CLI calls the upstream again on its own, with a note of its
-# own in the conversation ("Output token limit hit. Resume directly...", "Your
-# response above was stopped by a safety classifier..."): no switch stops all.
-CLI_GOES_ON_AFTER = frozenset({"max_tokens", "model_context_window_exceeded", "refusal"})
-
-
-def _stop_the_cli_goes_on_after(item: Any) -> bool:
-    return isinstance(item, sdk.StreamEvent) and not item.parent_tool_use_id and \
-        (item.event.get("delta") or {}).get("stop_reason") in CLI_GOES_ON_AFTER
+def _close_receive_stream(query: Any) -> None:
+    """Close what the SDK's disconnect() leaves open when closing a killed CLI
+    fails (anyio warns of it when it is collected)."""
+    if query is not None:
+        with contextlib.suppress(Exception):
+            query.close_receive_stream()
 
 
 async def _single(message: dict, message_id: str) -> AsyncIterator[dict]:
@@ -3392,69 +3484,198 @@ async def _rewind(client: Any, messages: tuple[str, str]) -> bool:
     return False
 
 
-def turn_items(message: Any, state: dict) -> list[tuple[str, Any]]:
-    """The engine's items for one SDK message; raise the ProxyError an error result means.
+# Stops after which the CLI calls the upstream again on its own, with a note of its
+# own in the conversation ("Output token limit hit. Resume directly...", "Your
+# response above was stopped by a safety classifier..."): no switch stops all.
+CLI_GOES_ON_AFTER = frozenset({"max_tokens", "model_context_window_exceeded", "refusal"})
 
-    `state` carries what one turn has seen: the latest rate-limit information and
-    whether the answer is complete. The CLI answers a `max_tokens` stop (and the
-    others of CLI_GOES_ON_AFTER) with "recovery" calls of its own, so such a stop
-    ends the turn at once (the CLI's owner task has killed it: see
-    `CliProcess._own`); any later upstream message ends it with ("kill", None).
+@dataclasses.dataclass(frozen=True)
+class WentOnAt:
+    """In a CliProcess outbox, in place of the SDK message its CLI went on at."""
+
+    message: Any
+
+
+class CliWatch:
+    """The one decision to stop a CLI: it goes on without the client.
+
+    Its owner task feeds it every SDK message in order and stops the CLI the moment
+    it says so, ahead of the CLI's next upstream call, and hands that message to
+    the turn's reader as WentOnAt. A CLI goes on after a stop of CLI_GOES_ON_AFTER ("recovery"
+    calls); when it starts an upstream call although a client tool call of the
+    last message never reached the broker (the SDK answers a call whose input
+    fails the tool's schema itself) or claimed nothing; and when it starts one
+    after a whole answer, or one of a subagent.
     """
-    if isinstance(message, sdk.StreamEvent):
+
+    def __init__(self, broker: ToolBroker):
+        self.broker = broker
+        self._calls_sent = 0                # client tool calls of the last upstream message
+        self._stop_reason: str | None = None
+        self._answered = False              # the turn's answer is whole
+
+    def __call__(self, message: Any) -> bool:
+        if isinstance(message, sdk.ResultMessage):
+            self._answered = False          # the next turn starts with the next prompt
+            return False
+        if not isinstance(message, sdk.StreamEvent):
+            return False
         event = message.event
-        if message.parent_tool_use_id or state.get("complete"):
-            if event.get("type") != "message_start":
-                return []
-            state["killed"] = True
-            return [("kill", None)]
+        kind = event.get("type")
+        if message.parent_tool_use_id:
+            return kind == "message_start"
+        if kind == "message_start":
+            skipped = self.broker.reached < self._calls_sent
+            self.broker.reached = self._calls_sent = 0
+            went_on = self._answered or skipped or self.broker.broken
+            self.broker.broken = self.broker.broken or skipped
+            return went_on
         block = event.get("content_block") or {}
-        if event.get("type") == "message_start":
-            state["calls"] = []
-        elif event.get("type") == "content_block_start" and block.get("type") == "tool_use":
-            state.setdefault("calls", []).append(block.get("name"))
-        if (event.get("delta") or {}).get("stop_reason") == "tool_use":
-            # Built-in tools (agent mode) run in the CLI, which then calls again.
-            if set(state.get("calls", [])) <= state.get("builtin", set()):
-                state["agent_round"] = True
-            else:
-                state["tool_use"] = True
-        held = state.pop("held_stop", None)
-        if event.get("type") == "content_block_stop":
-            # Held until the next event shows whether the upstream sent it: the CLI
-            # closes a stream the upstream broke off with a content_block_stop and
-            # a message_delta without a stop_reason of its own (the API's message_delta
-            # always has one); forwarded, they would end the client's answer as if
-            # it were whole.
-            state["held_stop"] = event
+        stop = (event.get("delta") or {}).get("stop_reason")
+        if block.get("type") == "tool_use" and str(block.get("name")).startswith(MCP_PREFIX):
+            self._calls_sent += 1
+        elif stop:
+            self._stop_reason = stop
+            return stop in CLI_GOES_ON_AFTER
+        elif kind == "message_stop":
+            self._answered = self._stop_reason not in (None, "tool_use")
+        return False
+
+
+# -- reading a turn: SDK messages in, typed events out (section 9 sees only these)
+
+@dataclasses.dataclass(frozen=True)
+class Delta:
+    """One stream event of the answer as the client sees it: its own tool names, an
+    agent-mode answer's upstream messages as one."""
+
+    event: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class RateLimitReport:
+    """The subscription's rate-limit state, as the CLI reported it."""
+
+    info: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    """The answer is whole. `tool_calls` (upstream names): the client tool calls it
+    ends at, which the CLI now waits for."""
+
+    message: dict
+    tool_calls: list[dict]
+
+
+@dataclasses.dataclass(frozen=True)
+class Finished:
+    """The CLI reached the end of its turn: it can take the next one."""
+
+
+@dataclasses.dataclass(frozen=True)
+class WentOn:
+    """The CLI went on on its own after the answer; it has been stopped."""
+
+
+TurnEvent = Delta | RateLimitReport | Answer | Finished | WentOn
+
+
+class TurnReader:
+    """One turn of a CLI read as TurnEvents; raises the ProxyError an error result
+    means, and CliWentOn when the CLI went on before any answer began (the engine
+    then tries once more on a new CLI).
+
+    The CLI's stream is the upstream's with three seams of its own, left out here:
+    it closes a stream the upstream broke off with a content_block_stop, a
+    message_delta without a stop_reason and a message_stop (its error follows);
+    forwarded, they would end the client's answer as if it were whole.
+    """
+
+    def __init__(self, names: dict[str, str], builtin: set[str]):
+        self.names = names                  # upstream tool name -> the client's
+        self.builtin = builtin              # agent mode's tools, which the CLI runs
+        self.agent = AgentStream(builtin)
+        self.assembler = MessageAssembler()
+        self.rate_limit: dict | None = None
+        self._held: dict | None = None      # a content_block_stop, until the next event
+        self._stopped = False               # this upstream message has its stop_reason
+        self._tools_called: list[str] = []  # by this upstream message
+        self._agent_round = False           # it ends at built-in tools the CLI runs
+        self._client_calls = False          # it ends at the client's tools
+        self._answered = False
+
+    def feed(self, message: Any) -> list[TurnEvent]:
+        if isinstance(message, WentOnAt):
+            return self._went_on(message.message)
+        if isinstance(message, sdk.StreamEvent):
+            return [] if message.parent_tool_use_id or self._answered \
+                else self._stream(message.event)
+        if isinstance(message, sdk.RateLimitEvent):
+            self.rate_limit = dict(message.rate_limit_info.raw or {})
+            return [RateLimitReport(self.rate_limit)]
+        if isinstance(message, sdk.ResultMessage):
+            if message.is_error:
+                data = {f.name: getattr(message, f.name) for f in dataclasses.fields(message)}
+                raise result_error(data, self.rate_limit, time.time())
+            if not self._answered:
+                raise BadGateway("The upstream returned no message.")
+            return [Finished()]
+        return []
+
+    def _stream(self, event: dict) -> list[TurnEvent]:
+        kind = event.get("type")
+        stop = (event.get("delta") or {}).get("stop_reason")
+        block = event.get("content_block") or {}
+        if kind == "message_start":
+            self._tools_called, self._stopped = [], False
+        elif kind == "content_block_start" and block.get("type") == "tool_use":
+            self._tools_called.append(block.get("name"))
+        held, self._held = self._held, None
+        if kind == "content_block_stop":
+            self._held = event              # the next event tells whose it is
             return []
-        if event.get("type") == "message_delta" and \
-                not (event.get("delta") or {}).get("stop_reason"):
+        if kind == "message_delta" and not stop:
+            return []                       # the API's message_delta always has one
+        if kind == "message_stop" and not self._stopped:
             return []
-        if (event.get("delta") or {}).get("stop_reason"):
-            state["stopped"] = True
-        if event.get("type") == "message_stop":
-            if not state.pop("stopped", False):
-                # The CLI ends a stream the upstream broke off with a message_stop
-                # of its own; its error follows. Forwarded, it would end the
-                # client's stream as if the answer were complete.
-                return []
-            state["complete"] = not state.pop("agent_round", False)
-        released = [("stream", held)] if held is not None else []
-        if _stop_the_cli_goes_on_after(message):
-            state["complete"] = state["killed"] = True
-            return released + [("stream", event), ("stream", {"type": "message_stop"})]
-        return released + [("stream", event)]
-    if isinstance(message, sdk.RateLimitEvent):
-        info = dict(message.rate_limit_info.raw or {})
-        state["rate_limit"] = info
-        return [("rate_limit", info)]
-    if isinstance(message, sdk.ResultMessage):
-        data = {f.name: getattr(message, f.name) for f in dataclasses.fields(message)}
-        if message.is_error:
-            raise result_error(data, state.get("rate_limit"), time.time())
-        return [("result", data)]
-    return []
+        if stop:
+            self._stopped = True
+            if stop == "tool_use" and set(self._tools_called) <= self.builtin:
+                self._agent_round = True
+            elif stop == "tool_use":
+                self._client_calls = True
+        events = self._forward([held, event] if held is not None else [event])
+        if kind == "message_stop":
+            if not self._agent_round:
+                return events + [self._answer()]
+            self._agent_round = False
+        return events
+
+    def _went_on(self, message: Any) -> list[TurnEvent]:
+        if self._answered:
+            return [WentOn()]
+        if message.event.get("type") != "message_start" and not message.parent_tool_use_id:
+            # A stop it goes on after: the answer ends there.
+            return self._stream(message.event) + self._forward([{"type": "message_stop"}]) \
+                + [self._answer(), WentOn()]
+        text = "The Claude Code CLI went on without the client's tool results."
+        raise CliWentOn(text) if self.assembler.message is None else BadGateway(text)
+
+    def _forward(self, events: list[dict]) -> list[TurnEvent]:
+        out: list[TurnEvent] = []
+        for event in events:
+            for seen in self.agent.feed(client_event(event, self.names)):
+                self.assembler.feed(seen)
+                out.append(Delta(seen))
+        return out
+
+    def _answer(self) -> Answer:
+        self._answered = True
+        message = self.assembler.message
+        calls = [{**block, "name": upstream_tool_name(block["name"])}
+                 for block in message["content"] if block["type"] == "tool_use"]
+        return Answer(message, calls if self._client_calls else [])
 
 
 # =============================================================================
@@ -3473,7 +3694,7 @@ def turn_items(message: Any, state: dict) -> list[tuple[str, Any]]:
 # least recently used idle sessions. When that session is of a new chat's shape,
 # the new chat gets its CLI rewound to before its first message (only one that
 # started without history can) instead of a killed CLI and a cold start: warm,
-# and past the CLI's first-turn work. Items are those of section 8.
+# and past the CLI's first-turn work. Events are section 8's TurnEvents.
 
 @dataclasses.dataclass(eq=False)
 class LiveSession:
@@ -3520,15 +3741,16 @@ class Engine:
 
     # -- the request path ----------------------------------------------------
 
-    async def run(self, turn: Turn) -> AsyncIterator[tuple[str, Any]]:
-        """Yield ("stream" | "rate_limit" | "result", payload) for one Turn."""
+    async def run(self, turn: Turn) -> AsyncIterator[TurnEvent]:
+        """Yield the Delta, RateLimitReport and Answer events of one Turn: it ends
+        with one Answer, or raises."""
         await self._acquire_slot()
         try:
             for last_try in (False, True):
                 try:
-                    async with contextlib.aclosing(self._answer(turn)) as items:
-                        async for item in items:
-                            yield item
+                    async with contextlib.aclosing(self._answer(turn)) as events:
+                        async for event in events:
+                            yield event
                     return
                 except CliWentOn:       # before anything was yielded: once more, cold
                     if last_try:
@@ -3537,89 +3759,76 @@ class Engine:
             self._slots.release()
             self._refill_spare(turn)
 
-    async def _answer(self, turn: Turn) -> AsyncIterator[tuple[str, Any]]:
+    async def _answer(self, turn: Turn) -> AsyncIterator[TurnEvent]:
         """One try at a Turn, on the session `_session_for` finds."""
         session = None
-        names = client_tool_names(turn.tools)
         held = conversation_hash(turn.history)      # what a live session must hold
-        whole = None                # the digest to keep it under, once the answer is whole
-        state: dict = {"builtin": set(AGENT_TOOLS) if self.config.agent_dir else set()}
-        left = False
+        reader = TurnReader(client_tool_names(turn.tools),
+                            set(AGENT_TOOLS) if self.config.agent_dir else set())
+        holds = None                # the conversation it holds once the answer is whole
         try:
             session, results, spawned = await self._session_for(turn, held.hexdigest())
-            if results is None:
-                session.broker.begin()
-                session.process.send(None if spawned and prompt_in_transcript(turn)
-                                     else turn.prompt)
-            else:                       # the parked turn goes on with the client's results
-                session.process.parked = False
-                session.broker.deliver(results)
-                session.broker.begin()
-            assembler = MessageAssembler()
-            complete = False
-            agent = AgentStream(state["builtin"])
+            self._begin_turn(session, turn, results, spawned)
             async for message in session.process.receive():
-                if session.broker.broken and assembler.message is None:
-                    raise CliWentOn("The Claude Code CLI went on without the client's "
-                                    "tool results.")
-                items = turn_items(message, state)
-                if items and items[0][0] == "kill":
-                    session.process.kill_now()
-                    items = items[1:]
-                for kind, payload in items:
-                    if kind != "stream":
-                        yield kind, payload
-                        continue
-                    for event in agent.feed(client_event(payload, names)):
-                        assembler.feed(event)
-                        yield kind, event
-                if state.get("killed"):
-                    return
-                if state.get("complete") and not state.get("tool_use") and whole is None:
-                    whole = conversation_hash([turn.prompt, {
-                        "role": "assistant", "content": assembler.message["content"]}],
-                        held).hexdigest()
-                complete = isinstance(message, sdk.ResultMessage) or \
-                    bool(state.get("complete") and state.get("tool_use"))
-                if complete and state.get("tool_use"):
-                    break               # the CLI now calls the tools: they wait for the client
-            if complete and assembler.message is not None:
-                content = assembler.message["content"]
-                if state.get("tool_use"):
-                    session.broker.expect([{**b, "name": upstream_tool_name(b["name"])}
-                                           for b in content if b["type"] == "tool_use"])
-                    session.process.parked = True
-                answered = [turn.prompt, {"role": "assistant", "content": content}]
-                self._park(session, conversation_hash(answered, held).hexdigest())
-                session = None
+                for event in reader.feed(message):
+                    if isinstance(event, (Finished, WentOn)):
+                        if isinstance(event, Finished):
+                            self._park(session, holds)
+                            session = None
+                        return
+                    if isinstance(event, Answer):
+                        holds = conversation_hash([turn.prompt, {
+                            "role": "assistant", "content": event.message["content"]}],
+                            held).hexdigest()
+                        if event.tool_calls:    # the CLI now calls them: they wait
+                            session.broker.expect(event.tool_calls)     # for the client
+                            session.process.parked = True
+                            self._park(session, holds)
+                            session = None
+                    yield event
+                    if session is None:
+                        return
         except (GeneratorExit, asyncio.CancelledError):
-            left = True                 # the client went away
+            if session is not None and holds is not None:
+                # The client left once the answer was whole (a stream read up to
+                # its message_stop): the CLI is still on its way to its result.
+                session.finishing = True
+                self._in_background(self._finish(session, reader, holds))
+                session = None
             raise
         finally:
-            if session is not None and left and whole is not None and not state.get("killed"):
-                # The client left once the answer was whole (a stream read up to its
-                # message_stop): the CLI is still on its way to its result.
-                session.finishing = True
-                self._in_background(self._finish(session, whole))
-            elif session is not None:
+            if session is not None:
                 self._retire(session)
 
-    async def _finish(self, session: LiveSession, digest: str) -> None:
-        """Read a CLI whose answer is whole on to its result, then keep it (killed if
+    @staticmethod
+    def _begin_turn(session: LiveSession, turn: Turn, results: dict | None,
+                    spawned: bool) -> None:
+        """Send the CLI the Turn's prompt, or the client's results it is parked for."""
+        if results is None:
+            session.broker.begin()
+            session.process.send(None if spawned and prompt_in_transcript(turn)
+                                 else turn.prompt)
+        else:
+            session.process.parked = False
+            session.broker.deliver(results)
+            session.broker.begin()
+
+    async def _finish(self, session: LiveSession, reader: TurnReader, holds: str) -> None:
+        """Read a CLI whose answer is whole on to its result, then keep it (stopped if
         it does anything else, such as another upstream call)."""
         async def to_the_result() -> bool:
             async for message in session.process.receive():
-                if isinstance(message, sdk.StreamEvent) or \
-                        isinstance(message, sdk.ResultMessage) and message.is_error:
-                    return False
-            return True
+                for event in reader.feed(message):
+                    if isinstance(event, (Finished, WentOn)):
+                        return isinstance(event, Finished)
+            return False
         try:
             finished = await asyncio.wait_for(to_the_result(), CLI_CLOSE_TIMEOUT_S)
         except (asyncio.TimeoutError, ProxyError):
             finished = False
         session.finishing = False
         if finished and self.sessions.get(session.id) is session:    # not evicted meanwhile
-            self._park(session, digest)
+            self._park(session, holds)
         else:
             self._retire(session)
 
@@ -3701,7 +3910,7 @@ class Engine:
         shape = dataclasses.replace(turn, history=[], prompt={"role": "user", "content": ""})
         process = CliProcess(cli_options(shape if spare else turn, self.config,
                                          dt.datetime.now(dt.timezone.utc), broker))
-        process.watch = broker.watch
+        process.goes_on = CliWatch(broker)
         session = LiveSession(process, shape, broker, busy=not spare)
         self.sessions[session.id] = session
         self._ensure_reaper()
@@ -3924,21 +4133,24 @@ async def handle_delete_session(app: App, request: Request, out: Responder) -> N
     await out.send_json(200, {"id": session_id, "type": "session_deleted"})
 
 
-async def run_turn(app: App, turn: Turn, out: Responder) -> AsyncIterator[tuple[str, Any]]:
-    """The engine's items for one Turn; the rate-limit state they carry goes into the
-    response headers and GET /usage on the way. The CLI reports it after the answer,
-    so a stream's head carries the state as the previous answer left it."""
+async def run_turn(app: App, turn: Turn, out: Responder) -> AsyncIterator[TurnEvent]:
+    """The engine's events for one Turn; the rate-limit state they carry goes into the
+    response headers and GET /usage on the way, the model and tokens of what went
+    out into the request log. The CLI reports the rate-limit state after the answer,
+    so a stream's head carries it as the previous answer left it."""
     if app.rate_limit is not None:
         out.headers.update(rate_limit_headers(app.rate_limit[0]))
-    async with contextlib.aclosing(app.engine.run(turn)) as items:
-        async for kind, payload in items:
+    async with contextlib.aclosing(app.engine.run(turn)) as events:
+        async for event in events:
             if app.config.debug:
-                log.debug("%s %s %s", out.request_id, kind,
-                          payload.get("type") or payload.get("subtype") or "")
-            if kind == "rate_limit":
-                app.rate_limit = (payload, time.time())
-                out.headers.update(rate_limit_headers(payload))
-            yield kind, payload
+                log.debug("%s %s %s", out.request_id, type(event).__name__,
+                          event.event.get("type") if isinstance(event, Delta) else "")
+            if isinstance(event, RateLimitReport):
+                app.rate_limit = (event.info, time.time())
+                out.headers.update(rate_limit_headers(event.info))
+            elif isinstance(event, Delta):
+                note_usage(out, event.event)
+            yield event
 
 
 async def handle_usage(app: App, request: Request, out: Responder) -> None:
@@ -4031,19 +4243,16 @@ async def answer_messages(app: App, request: Request, body: dict, out: Responder
         log.debug("%s turn: model=%s history=%d params=%s betas=%s dropped=%s",
                   request.request_id, turn.model, len(turn.history), json.dumps(turn.params),
                   turn.betas or "-", ",".join(dropped_params(body)) or "-")
-    async with contextlib.aclosing(run_turn(app, turn, out)) as items:
+    async with contextlib.aclosing(run_turn(app, turn, out)) as events:
         if not turn.stream:
-            message = await collect_message(items, out)
+            message = await final_answer(events)
             await out.send_json(200, message)
             return message
-        assembler = MessageAssembler()
-
-        def frames(event: dict) -> list[bytes]:
-            assembler.feed(event)
-            return [encode_sse(event, event.get("type"))]
-        await forward_stream(items, out, app.config, frames, ANTHROPIC_PING)
+        message = await forward_stream(events, out, app.config,
+                                       lambda event: [encode_sse(event, event["type"])],
+                                       ANTHROPIC_PING)
     await out.end_stream()
-    return assembler.message
+    return message
 
 
 def note_usage(out: Responder, event: dict) -> None:
@@ -4056,16 +4265,18 @@ def note_usage(out: Responder, event: dict) -> None:
         out.usage.update({k: v for k, v in (event.get("usage") or {}).items() if v is not None})
 
 
-async def collect_message(items: AsyncIterator[tuple[str, Any]], out: Responder) -> dict:
-    """The non-streaming answer: every stream event folded into one Message."""
-    assembler = MessageAssembler()
-    async for kind, payload in items:
-        if kind == "stream":
-            note_usage(out, payload)
-            assembler.feed(payload)
-    if assembler.message is None:
-        raise BadGateway("The upstream returned no message.")
-    return assembler.message
+async def final_answer(events: AsyncIterator[TurnEvent],
+                       feed: Callable[[dict], Any] = lambda event: None) -> dict:
+    """The answer of a turn that is not streamed: its message, once the engine is
+    done; `feed` sees each stream event on the way."""
+    message = None
+    async for event in events:
+        if isinstance(event, Delta):
+            feed(event.event)
+        elif isinstance(event, Answer):
+            message = event.message
+    assert message is not None, "Engine.run ends with an Answer or raises"
+    return message
 
 
 async def paced(items: AsyncIterator[Any], first_wait: float,
@@ -4102,10 +4313,11 @@ def paced_stream(items: AsyncIterator[Any], config: Config) -> Any:
     return contextlib.aclosing(paced(items, config.head_hold_s, config.ping_interval_s))
 
 
-async def forward_stream(items: AsyncIterator[tuple[str, Any]], out: Responder,
+async def forward_stream(events: AsyncIterator[TurnEvent], out: Responder,
                          config: Config, frames: Callable[[dict], Iterable[bytes]],
-                         ping: bytes) -> None:
-    """Forward the upstream's events as the SSE frames `frames` makes of each.
+                         ping: bytes) -> dict:
+    """Forward the answer's stream events as the SSE frames `frames` makes of each;
+    return the answer's message.
 
     The status waits for the first event, however long the upstream takes, so a
     429 or 529 is a real status, never a 200 and an error event (the CLI's
@@ -4115,9 +4327,12 @@ async def forward_stream(items: AsyncIterator[tuple[str, Any]], out: Responder,
     section 15.2; an HTTP/1.0 client, which may not get one, gets the 200 head
     then). After the head a `ping` fills every silence. The caller ends the stream.
     """
-    async with paced_stream(items, config) as ticks:
+    message = None
+    async with paced_stream(events, config) as ticks:
         async for item in ticks:
-            if item is not None and item[0] != "stream":
+            if isinstance(item, Answer):
+                message = item.message
+            if item is not None and not isinstance(item, Delta):
                 continue
             if not out.head_sent:
                 if item is None and out.chunked:
@@ -4127,11 +4342,10 @@ async def forward_stream(items: AsyncIterator[tuple[str, Any]], out: Responder,
             if item is None:
                 await out.write(ping)
                 continue
-            note_usage(out, item[1])
-            for frame in frames(item[1]):
+            for frame in frames(item.event):
                 await out.write(frame)
-    if not out.head_sent:
-        raise BadGateway("The upstream returned no message.")
+    assert message is not None, "Engine.run ends with an Answer or raises"
+    return message
 
 
 async def handle_chat_completions(app: App, request: Request, out: Responder) -> None:
@@ -4140,15 +4354,15 @@ async def handle_chat_completions(app: App, request: Request, out: Responder) ->
     turn = chat_request_to_turn(body, app.config.default_model, request.caller)
     out.model = turn.model
     completion_id, created = "chatcmpl-" + uuid.uuid4().hex[:24], int(time.time())
-    async with contextlib.aclosing(run_turn(app, turn, out)) as items:
+    async with contextlib.aclosing(run_turn(app, turn, out)) as events:
         if not turn.stream:
-            message = await collect_message(items, out)
+            message = await final_answer(events)
             await out.send_json(200, message_to_chat_completion(message, completion_id,
                                                                 created))
             return
         options = body.get("stream_options") or {}
         chunks = ChunkTranslator(completion_id, created, options.get("include_usage", False))
-        await forward_stream(items, out, app.config,
+        await forward_stream(events, out, app.config,
                              lambda event: map(encode_sse, chunks.feed(event)), OPENAI_PING)
         await out.write(encode_sse("[DONE]"))
         await out.end_stream()
@@ -4217,25 +4431,18 @@ async def handle_responses(app: App, request: Request, out: Responder) -> None:
     out.model = turn.model
     translator = ResponseTranslator("resp_" + uuid.uuid4().hex[:24], int(time.time()), body,
                                     tools)
-    async with contextlib.aclosing(run_turn(app, turn, out)) as items:
+    async with contextlib.aclosing(run_turn(app, turn, out)) as events:
         if not turn.stream:
-            async for kind, payload in items:
-                if kind == "stream":
-                    note_usage(out, payload)
-                    translator.feed(payload)
-            if translator.assembler.message is None:
-                raise BadGateway("The upstream returned no message.")
+            message = await final_answer(events, translator.feed)
         else:
             out.stream_error = translator.failed
-            await forward_stream(
-                items, out, app.config,
+            message = await forward_stream(
+                events, out, app.config,
                 lambda event: (encode_sse(e, e["type"]) for e in translator.feed(event)),
                 OPENAI_PING)
-            if translator.assembler.message is None:
-                raise BadGateway("The upstream returned no message.")
     if body.get("store") is not False:
         app.responses.put(translator.response_id, request.caller, turn.history + [
-            turn.prompt, *answer_as_history(translator.assembler.message)], translator.items)
+            turn.prompt, *answer_as_history(message)], translator.items)
     if turn.stream:
         await out.end_stream()
     else:
@@ -4249,10 +4456,11 @@ class Route:
     method: str
     pattern: re.Pattern
     handler: Callable
+    dialect: str | None         # the API it speaks; None: the caller's (`dialect_for`)
 
 
-def _route(method: str, path: str, handler: Callable) -> Route:
-    return Route(method, re.compile("^" + path + "$"), handler)
+def _route(method: str, path: str, handler: Callable, dialect: str | None = None) -> Route:
+    return Route(method, re.compile("^" + path + "$"), handler, dialect)
 
 
 ROUTES = (
@@ -4261,10 +4469,10 @@ ROUTES = (
     # their own paths to it: hence the optional /chat.
     _route("GET", r"/v1(?:/chat)?/models", handle_models),
     _route("GET", r"/v1(?:/chat)?/models/(?P<model_id>[^/]+)", handle_model),
-    _route("POST", r"/v1/messages", handle_messages),
-    _route("POST", r"/v1/messages/count_tokens", handle_count_tokens),
-    _route("POST", r"/v1(?:/chat)?/chat/completions", handle_chat_completions),
-    _route("POST", r"/v1(?:/chat)?/responses", handle_responses),
+    _route("POST", r"/v1/messages", handle_messages, "anthropic"),
+    _route("POST", r"/v1/messages/count_tokens", handle_count_tokens, "anthropic"),
+    _route("POST", r"/v1(?:/chat)?/chat/completions", handle_chat_completions, "openai"),
+    _route("POST", r"/v1(?:/chat)?/responses", handle_responses, "openai"),
     _route("GET", r"/usage", handle_usage),
     _route("GET", r"/sessions", handle_sessions),
     _route("DELETE", r"/sessions/(?P<session_id>[^/]+)", handle_delete_session),
@@ -4579,7 +4787,7 @@ async def serve_request(app: App, conn: Connection, raw_head: bytes, out: Respon
         method, path, out.method = head.method, head.path, head.method
         out.chunked = head.version == "HTTP/1.1"
         out.keep_alive = head.keep_alive and not app.shutting_down
-        out.dialect = dialect_for_path(path)
+        out.dialect = dialect_for(head)
         authorized = True
         if app.config.api_key is None:
             check_local_caller(head)
@@ -4658,9 +4866,20 @@ async def run_handler(app: App, conn: Connection, handler: Callable, request: Re
                     await task
 
 
-def dialect_for_path(path: str) -> str:
-    """Which API's error format a path speaks."""
-    return "openai" if re.search(r"/(chat|completions|responses)(/|$)", path) else "anthropic"
+def dialect_for(head: RequestHead) -> str:
+    """Which API's errors a caller reads: its route's API; where that does not say
+    (the models list, an unknown path), the caller's own: OpenAI's SDKs send their
+    key as a Bearer token and never `anthropic-version` or `x-api-key`, which
+    Anthropic's send."""
+    try:
+        route = match_route(head.method, head.path)[0]
+    except ProxyError:
+        route = None
+    if route is not None and route.dialect is not None:
+        return route.dialect
+    bearer = (head.header("authorization") or "").lower().startswith("bearer ")
+    anthropic = head.header("anthropic-version") or head.header("x-api-key")
+    return "openai" if bearer and not anthropic else "anthropic"
 
 
 def log_request(app: App, out: Responder, method: str, path: str, started: float) -> None:
@@ -4836,12 +5055,8 @@ async def doctor_call(config: Config) -> tuple[bool, str]:
                                         config.default_model)
         started = time.monotonic()
         try:
-            assembler = MessageAssembler()
-            async with contextlib.aclosing(engine.run(turn)) as items:
-                async for kind, payload in items:
-                    if kind == "stream":
-                        assembler.feed(payload)
-            model = (assembler.message or {}).get("model", "?")
+            async with contextlib.aclosing(engine.run(turn)) as events:
+                model = (await final_answer(events)).get("model", "?")
             return True, f"{model} answered in {time.monotonic() - started:.1f} s"
         except ProxyError as err:
             return False, f"{err.status} {err.message}"

@@ -1773,14 +1773,27 @@ class OpenAITranslationTest(PureAssertions, unittest.TestCase):
             ({"tools": CHAT_TOOLS, "tool_choice": "sometimes"}, "tool_choice: must be 'none'"),
             ({"tools": CHAT_TOOLS, "tool_choice": {"type": "function"}}, "tool_choice: must be"),
             ({"tools": CHAT_TOOLS, "tool_choice": {"type": "function", "function": {
-                "name": "other"}}}, "tool_choice.name: must name one of the request's tools."),
+                "name": "other"}}},
+             "tool_choice.function.name: must name one of the request's tools."),
             ({"response_format": {"type": "yaml"}}, "response_format.type: must be 'text', "
                                                     "'json_object' or 'json_schema'."),
             ({"response_format": {"type": "json_schema", "json_schema": {"name": "r"}}},
              "response_format.json_schema.schema: required, an object."),
             ({"reasoning_effort": "max"}, "reasoning_effort: must be one of none, minimal,"),
             ({"user": 7}, "user: must be a string."), ({"temperature": 1.5}, "temperature:"),
-            ({"max_completion_tokens": 0}, "max_tokens: required, an integer of at least 1.")]
+            ({"max_completion_tokens": 0}, "max_completion_tokens: must be an integer of at "
+                                           "least 1."),
+            ({"max_tokens": 0}, "max_tokens: must be an integer of at least 1."),
+            ({"stop": [""]}, "stop: must be a non-empty string or a list of non-empty strings."),
+            ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+                "type": "string"}}}]}, "tools.0.function.parameters: must be a JSON schema"),
+            ({"tools": [{"type": "function", "function": {"name": "f g"}}]},
+             "tools.0.function.name: must be 1-64 letters"),
+            # The shared rules, at the client's own message: a result of no call.
+            (msgs({"role": "system", "content": "s"}, {"role": "user", "content": "a"},
+                  {"role": "assistant", "content": "b"},
+                  {"role": "tool", "tool_call_id": "c9", "content": "r"}),
+             "messages.3: unexpected `tool_use_id` found in `tool_result` blocks: c9.")]
         for changes, prefix in table:
             with self.subTest(changes=changes):
                 self.assertProxyError(INV, proxy.chat_request_to_turn, chat_body(**changes), "s",
@@ -1908,6 +1921,42 @@ class OpenAITranslationTest(PureAssertions, unittest.TestCase):
                 self.assertEqual(proxy.error_to_openai(err), {"error": {
                     "message": err.message, "type": kind, "param": None, "code": None}})
 
+    def test_responses_errors_name_the_clients_own_fields_in_message_and_param(self):
+        def call(arguments):
+            return {"input": [{"role": "user", "content": "q"}, {
+                "type": "function_call", "call_id": "c", "name": "f", "arguments": arguments},
+                {"type": "function_call_output", "call_id": "c", "output": "r"}]}
+        table = [   # (changes, message prefix, OpenAI's param)
+            (call("{not json"), "input.1.arguments: must be a JSON object.",
+             "input[1].arguments"),
+            ({"max_output_tokens": 0}, "max_output_tokens: must be an integer of at least 1.",
+             "max_output_tokens"),
+            ({"reasoning": {"effort": "max"}}, "reasoning.effort: must be one of none,",
+             "reasoning.effort"),
+            ({"tools": [{"type": "function", "name": "f", "parameters": {"type": "array"}}]},
+             "tools.0.parameters: must be a JSON schema with type 'object'.",
+             "tools[0].parameters"),
+            ({"tools": [{"type": "namespace", "name": "ns", "tools": [
+                {"type": "function", "name": "f", "parameters": []}]}]},
+             "tools.0.tools.0.parameters: must be", "tools[0].tools[0].parameters"),
+            ({"text": {"format": {"type": "json_schema", "name": "r"}}},
+             "text.format.schema: required, an object.", "text.format.schema"),
+            ({"temperature": 3}, "temperature: must be a number between 0 and 1.",
+             "temperature"),
+            # The shared rules, at the client's own item: an output of no call.
+            ({"input": [{"role": "user", "content": "q"}, {
+                "type": "function_call_output", "call_id": "c7", "output": "r"}]},
+             "input.1: unexpected `tool_use_id` found", "input[1]"),
+            ({"input": [{"role": "user", "content": "q"}, {"role": "user", "content": " "}]},
+             "input.1.content: is blank", "input[1].content"),
+        ]
+        for changes, prefix, param in table:
+            with self.subTest(changes=changes):
+                err = self.assertProxyError(
+                    INV, proxy.responses_request_to_turn,
+                    {"model": "gpt-5", "input": "hi", **changes}, "s", prefix=prefix)
+                self.assertEqual(proxy.error_to_openai(err)["error"]["param"], param)
+
 
 class OpenAIMalformedValuesTest(PureAssertions, unittest.TestCase):
     def test_malformed_values_are_400s_and_nulls_mean_absent(self):
@@ -1942,6 +1991,43 @@ def stream_event(event: dict, parent: str | None = None):
                                  parent_tool_use_id=parent)
 
 
+def upstream_message(*blocks: dict, stop: str = "end_turn") -> list:
+    """One upstream message as the CLI streams it: SDK StreamEvents."""
+    events: list[dict] = [{"type": "message_start", "message": {
+        "id": "msg_1", "type": "message", "role": "assistant", "model": "m", "content": [],
+        "usage": {"input_tokens": 3, "output_tokens": 1}}}]
+    for index, block in enumerate(blocks):
+        start, delta = ({"type": "text", "text": ""}, {"type": "text_delta", "text": block["text"]}) \
+            if block["type"] == "text" else ({**block, "input": {}}, {
+                "type": "input_json_delta", "partial_json": json.dumps(block["input"])})
+        events += [{"type": "content_block_start", "index": index, "content_block": start},
+                   {"type": "content_block_delta", "index": index, "delta": delta},
+                   {"type": "content_block_stop", "index": index}]
+    events += [{"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": None},
+                "usage": {"output_tokens": 5}}, {"type": "message_stop"}]
+    return [stream_event(event) for event in events]
+
+
+def sdk_result(is_error: bool = False, **fields):
+    return proxy.sdk.ResultMessage(
+        subtype="error_during_execution" if is_error else "success", duration_ms=1,
+        duration_api_ms=1, is_error=is_error, num_turns=1, session_id="s", **fields)
+
+
+def describe_turn_event(event) -> object:
+    """A TurnEvent in short: a Delta's event type (and a tool call's name), an
+    Answer's stop reason, text and tool calls, else the event's class name."""
+    if isinstance(event, proxy.Delta):
+        block = event.event.get("content_block") or {}
+        return (event.event["type"], block["name"]) if block.get("type") == "tool_use" \
+            else event.event["type"]
+    if isinstance(event, proxy.Answer):
+        texts = [b["text"] for b in event.message["content"] if b["type"] == "text"]
+        return ("Answer", event.message["stop_reason"], texts[0] if texts else None,
+                [call["name"] for call in event.tool_calls])
+    return type(event).__name__
+
+
 class SdkSurfaceTest(unittest.TestCase):
     """What the proxy relies on in the SDK and the CLI, by name: an SDK or CLI release
     that moves one fails here, in seconds, saying which (some drift hangs the
@@ -1964,6 +2050,8 @@ class SdkSurfaceTest(unittest.TestCase):
             ("ClaudeSDKClient._query", "self._query" in client_source),
             ("Query._send_control_request",
              callable(getattr(query.Query, "_send_control_request", None))),
+            ("Query.close_receive_stream",
+             callable(getattr(query.Query, "close_receive_stream", None))),
             ("SubprocessCLITransport._process",
              "self._process" in inspect.getsource(subprocess_cli.SubprocessCLITransport)),
             # CLIs start in sessions of their own through the module attribute.
@@ -2034,23 +2122,88 @@ class SdkAdapterTest(unittest.TestCase):
         turn = proxy.messages_request_to_turn(valid_body(), "sonnet")
         self.assertEqual(proxy.cli_environment(turn)["CLAUDE_PROXY_API_KEY"], "")
 
-    def test_a_cli_going_on_without_a_client_call_is_seen_at_its_next_upstream_call(self):
-        start = stream_event({"type": "message_start", "message": {}})
-        call = stream_event({"type": "content_block_start", "index": 1, "content_block": {
-            "type": "tool_use", "id": "toolu_1", "name": "mcp__c__f", "input": {}}})
+    def test_cli_watch_stops_a_cli_that_goes_on_without_the_client(self):
+        text, call = {"type": "text", "text": "Hi"}, {"type": "tool_use", "id": "toolu_1",
+                                                       "name": "mcp__c__f", "input": {}}
+        end, tools = upstream_message(text), upstream_message(call, stop="tool_use")
+        cases = [       # (messages, calls that reached the broker, where it stops)
+            ("another call after a whole answer", end + end[:1], 0, len(end)),
+            ("the next turn after the result", end + [sdk_result()] + end[:1], 0, None),
+            ("a call after the client's results", tools + end[:1], 1, None),
+            ("a call although a tool call never reached the broker", tools + end[:1], 0,
+             len(tools)),
+            ("a subagent's call", [stream_event(end[0].event, parent="toolu_0")], 0, 0),
+        ] + [(f"{reason}, which the CLI answers itself", upstream_message(
+            text, stop=reason), 0, 4) for reason in proxy.CLI_GOES_ON_AFTER] + [
+            ("a subagent's max_tokens", [stream_event(e.event, parent="toolu_0")
+                                         for e in upstream_message(text, stop="max_tokens")
+                                         if e.event["type"] != "message_start"], 0, None)]
+        for name, messages, reached, stop_at in cases:
+            with self.subTest(name):
+                broker = proxy.ToolBroker()
+                watch = proxy.CliWatch(broker)
+                said = []
+                for index, message in enumerate(messages):
+                    if index == len(messages) - 1:
+                        broker.reached += reached
+                    if watch(message):
+                        said.append(index)
+                self.assertEqual(said, [] if stop_at is None else [stop_at])
+                self.assertEqual(broker.broken, "never reached" in name)
 
-        async def next_call_after(reached: bool):
-            broker = proxy.ToolBroker()
-            self.assertFalse(broker.watch(start) or broker.watch(call))
-            broker.expect([{"id": "toolu_1", "name": "mcp__c__f", "input": {}}])
-            broker.deliver({"toolu_1": {"content": [], "is_error": False}})
-            if reached:                 # the MCP handler's call gets the client's result
-                self.assertEqual(await broker.call("mcp__c__f", {}),
-                                 {"content": [], "is_error": False})
-            return broker.watch(start), broker.broken
-        self.assertEqual(asyncio.run(next_call_after(True)), (False, False))
-        self.assertEqual(asyncio.run(next_call_after(False)), (True, True))
-        self.assertFalse(proxy.ToolBroker().watch(stream_event(start.event, parent="toolu_0")))
+    def test_turn_reader_turns_sdk_messages_into_turn_events(self):
+        text = {"type": "text", "text": "Hi"}
+        call = {"type": "tool_use", "id": "toolu_1", "name": "mcp__c__get_weather",
+                "input": {"city": "Ulm"}}
+        bash = {"type": "tool_use", "id": "toolu_2", "name": "Bash", "input": {}}
+        whole = upstream_message(text)
+        broken = whole[:3] + [stream_event(e) for e in (
+            {"type": "content_block_stop", "index": 0},
+            {"type": "message_delta", "delta": {"stop_reason": None}, "usage": {}},
+            {"type": "message_stop"})]
+        max_tokens = upstream_message(text, stop="max_tokens")
+        limit = {"status": "rejected", "resetsAt": 4102444800, "rateLimitType": "five_hour"}
+        rate_limit = proxy.sdk.RateLimitEvent(rate_limit_info=proxy.sdk.RateLimitInfo(
+            status="rejected", raw=limit), uuid="u", session_id="s")
+        stream = ["message_start", "content_block_start", "content_block_delta",
+                  "content_block_stop", "message_delta", "message_stop"]
+        cases = [   # (name, SDK messages, events as (kind, detail), or the error raised)
+            ("an answer", whole + [sdk_result()],
+             stream + [("Answer", "end_turn", "Hi", []), "Finished"]),
+            ("a client tool call, under the client's name", upstream_message(
+                call, stop="tool_use"), ["message_start", ("content_block_start",
+                                                           "get_weather")] + stream[2:]
+             + [("Answer", "tool_use", None, ["mcp__c__get_weather"])]),
+            ("a stream the upstream broke off", broken + [sdk_result(is_error=True)],
+             stream[:3] + [proxy.BadGateway]),
+            ("a max_tokens stop it would go on after", max_tokens[:4]
+             + [proxy.WentOnAt(max_tokens[4])],
+             stream + [("Answer", "max_tokens", "Hi", []), "WentOn"]),
+            ("another call after the answer", whole + [proxy.WentOnAt(whole[0])],
+             stream + [("Answer", "end_turn", "Hi", []), "WentOn"]),
+            ("a call before any answer", [proxy.WentOnAt(whole[0])], [proxy.CliWentOn]),
+            ("a call mid-answer", whole[:2] + [proxy.WentOnAt(whole[0])],
+             stream[:2] + [proxy.BadGateway]),
+            ("an agent round, folded", upstream_message(bash, stop="tool_use") + whole,
+             stream + [("Answer", "end_turn", "Hi", [])]),
+            ("a spent window", [rate_limit, sdk_result(
+                is_error=True, api_error_status=429, result="API Error: 429 limit")],
+             ["RateLimitReport", proxy.RateLimited]),
+            ("a result without a message", [sdk_result()], [proxy.BadGateway]),
+            ("a subagent's events", [stream_event(e.event, parent="toolu_0")
+                                     for e in whole] + whole, stream
+             + [("Answer", "end_turn", "Hi", [])]),
+        ]
+        for name, messages, expected in cases:
+            with self.subTest(name):
+                reader = proxy.TurnReader({"mcp__c__get_weather": "get_weather"}, {"Bash"})
+                seen = []
+                try:
+                    for message in messages:
+                        seen += [describe_turn_event(e) for e in reader.feed(message)]
+                except proxy.ProxyError as err:
+                    seen.append(type(err))
+                self.assertEqual(seen, expected)
 
     def test_a_dead_process_is_dead_before_it_is_reaped(self):
         # asyncio learns of a CLI's death a moment later: a turn sent then would fail.
@@ -2063,16 +2216,6 @@ class SdkAdapterTest(unittest.TestCase):
         self.assertFalse(proxy.process_exists(child.pid), "a zombie")
         child.wait()
         self.assertFalse(proxy.process_exists(child.pid), "gone")
-
-    def test_only_a_top_level_stop_the_cli_would_go_on_after_kills(self):
-        def stop(reason, parent=None):
-            return proxy._stop_the_cli_goes_on_after(stream_event(
-                {"type": "message_delta", "delta": {"stop_reason": reason}}, parent))
-        for reason in ("max_tokens", "model_context_window_exceeded", "refusal"):
-            self.assertTrue(stop(reason), reason)
-            self.assertFalse(stop(reason, parent="toolu_0"), reason)
-        for reason in ("end_turn", "tool_use", "stop_sequence", "pause_turn"):
-            self.assertFalse(stop(reason), reason)
 
 
 # =============================================================================
@@ -3530,8 +3673,9 @@ class WarmSessionTest(ApiAssertions, unittest.TestCase):
                 with self.assertRaises(asyncio.CancelledError):
                     await recycling
                 self.assertNotIn(session.id, engine.sessions)
-                kinds = [kind async for kind, _ in engine.run(turn("second chat"))]
-                self.assertEqual(kinds[-1], "result")
+                events = [event async for event in engine.run(turn("second chat"))]
+                self.assertEqual([type(e) for e in events if isinstance(e, proxy.Answer)],
+                                 [proxy.Answer], "one whole answer")
                 self.assertEqual([s.busy for s in engine.sessions.values()], [False])
             finally:
                 await engine.close()
@@ -3835,8 +3979,9 @@ class ParametersTest(SharedProxyCase):
         self.assertIn("dropped=future_knob", line)
         request_id = line.split(" turn: ")[0].rsplit(":", 1)[-1]
         traced = [r.split(request_id, 1)[1].strip() for r in logs.output if request_id in r]
-        self.assertIn("stream message_start", traced)
-        self.assertIn("stream message_stop", traced)
+        self.assertIn("Delta message_start", traced)
+        self.assertIn("Delta message_stop", traced)
+        self.assertIn("Answer", traced)
         self.assertIn('"top_k": 3', line)
 
     def test_an_older_model_id_is_sent_exactly(self):
@@ -4684,7 +4829,20 @@ class OpenAIChatTest(OpenAICase):
                                                 messages=[{"role": "user", "content": "hi"}])
         self.assertEqual(caught.exception.body["message"],
                          "n: not supported by this proxy (Claude cannot honour it).")
-        self.assertEqual(caught.exception.body["type"], "invalid_request_error")
+        self.assertEqual((caught.exception.body["type"], caught.exception.param),
+                         ("invalid_request_error", "n"))
+        with self.assertRaises(openai.BadRequestError) as caught:
+            self.client.responses.create(model="sonnet", input="hi", max_output_tokens=0)
+        self.assertEqual((caught.exception.message.split(" - ")[0], caught.exception.param),
+                         ("Error code: 400", "max_output_tokens"))
+        self.assertEqual(caught.exception.body["message"],
+                         "max_output_tokens: must be an integer of at least 1.")
+        # An unknown model id is a 404 in the caller's own API's shape.
+        with self.assertRaises(openai.NotFoundError) as caught:
+            self.client.models.retrieve("no-such-model")
+        self.assertEqual(set(caught.exception.response.json()), {"error"})
+        self.assertEqual(set(caught.exception.response.json()["error"]),
+                         {"message", "type", "param", "code"})
         for stream in (False, True):    # a stream's head waits for the first event
             with self.subTest(stream=stream):
                 with self.assertRaises(openai.RateLimitError) as caught:
