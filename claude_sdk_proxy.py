@@ -44,8 +44,8 @@ Rules:
 The SDK beyond its public API (SdkSurfaceTest checks each by name): `_cli_version`,
 `_internal._mcp_compat.build_tool_server`, a client's `_transport._process`,
 `_query._send_control_request` and `_query.close_receive_stream`, the
-`_internal.query` logger's "Fatal error in message reader", and its CLI spawn through `anyio.open_process` (made to start each
-CLI in a session of its own). Supported SDKs: SDK_FLOOR to SDK_NEWEST_TESTED.
+`_internal.query` logger's "Fatal error in message reader", and its CLI spawn
+through `anyio.open_process` (made to start each CLI in a session of its own). Supported SDKs: SDK_FLOOR to SDK_NEWEST_TESTED.
 
 Known limits (what the CLI cannot be made to do): an assistant message as the last
 turn (prefill) is refused with a 400; the CLI adds its own system lines, its own
@@ -2523,9 +2523,9 @@ class ResponseTranslator:
         return events
 
 
-def error_to_openai(err: ProxyError) -> dict:
-    """OpenAI's error body, with the same statuses as the Anthropic side; `param` in
-    OpenAI's notation (`input[0].arguments`)."""
+def error_to_openai(err: ProxyError, request_id: str | None = None) -> dict:
+    """OpenAI's error body (no request id in it), with the same statuses as the
+    Anthropic side; `param` in OpenAI's notation (`input[0].arguments`)."""
     param = re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", err.param) if err.param else None
     return {"error": {"message": err.message, "type": err.error_type, "param": param,
                       "code": err.openai_code}}
@@ -3012,12 +3012,32 @@ def result_error(data: dict, rate_limit: dict | None, now: float) -> ProxyError:
     return error_for_upstream_status(status, upstream_message)
 
 
+@dataclasses.dataclass(frozen=True)
+class TurnJob:
+    """A CliProcess job: one user message (None: the turn a resumed transcript
+    starts by itself), whose SDK messages go to `outbox`."""
+
+    message: dict | None
+    message_id: str | None
+    outbox: asyncio.Queue
+
+
+@dataclasses.dataclass(frozen=True)
+class RewindJob:
+    """A CliProcess job: forget the conversation from message `first` on."""
+
+    first: str
+    latest: str
+    done: asyncio.Future            # set to whether the CLI rewound
+
+
 class CliProcess:
     """One Claude Code CLI behind a ClaudeSDKClient, owned by one task.
 
     The SDK's client holds anyio task groups from connect() to disconnect(), and
     those must be entered and left by the same task; so a dedicated owner task
-    holds the client and turns reach it through a queue.
+    holds the client and jobs (TurnJob, RewindJob; None: exit) reach it through a
+    queue.
     """
 
     def __init__(self, options: Any):
@@ -3029,7 +3049,6 @@ class CliProcess:
         self._owner: asyncio.Task | None = None
         self._stopping = False              # close or kill asked: no new turns
         self._reading: asyncio.Queue | None = None    # the current turn's outbox
-        self.parked = False                 # mid-turn, waiting for client tool results
         self.goes_on: Callable[[Any], bool] = lambda item: False  # a CliWatch
         # Ids of the first and the latest prompt of the CLI's conversation, which a
         # rewind names; no first one when it began with a resumed transcript.
@@ -3056,7 +3075,7 @@ class CliProcess:
         if self.first_message is None and self.options.resume is None:
             self.first_message = message_id
         self._reading = asyncio.Queue()
-        self._jobs.put_nowait((message, message_id, self._reading))
+        self._jobs.put_nowait(TurnJob(message, message_id, self._reading))
 
     async def rewind(self) -> bool:
         """Make the idle CLI forget its whole conversation, as if it was never
@@ -3065,7 +3084,7 @@ class CliProcess:
                 or self.first_message is None or self._last_message is None:
             return False
         done = asyncio.get_running_loop().create_future()
-        self._jobs.put_nowait((REWIND, (self.first_message, self._last_message), done))
+        self._jobs.put_nowait(RewindJob(self.first_message, self._last_message, done))
         if not await asyncio.shield(done):      # the owner task sets it, whoever waits
             return False
         self.first_message = self._last_message = None
@@ -3170,16 +3189,16 @@ class CliProcess:
         ready.set_result(None)
         try:
             while (job := await self._next_job()) is not None:
-                if job[0] is REWIND:
+                if isinstance(job, RewindJob):
                     rewound = False
                     try:
-                        rewound = await _rewind(client, job[1])
+                        rewound = await _rewind(client, job.first, job.latest)
                     finally:            # also when the owner is cancelled mid-rewind
-                        job[2].set_result(rewound)
+                        job.done.set_result(rewound)
                     continue
-                message, message_id, self._outbox = job
-                if message is not None:
-                    await client.query(_single(message, message_id))
+                self._outbox = job.outbox
+                if job.message is not None:
+                    await client.query(_single(job.message, job.message_id))
                 async for item in client.receive_response():
                     if self.goes_on(item):  # stopped here, ahead of its next upstream call
                         self.kill_now()     # (on the reader's side it would be too late)
@@ -3239,12 +3258,10 @@ class CliProcess:
         self._stopping = True
         while not self._jobs.empty():
             job = self._jobs.get_nowait()
-            if job is None:
-                continue
-            if job[0] is REWIND:
-                job[2].set_result(False)
-            else:
-                job[2].put_nowait(self._failure or BadGateway("The Claude Code CLI stopped."))
+            if isinstance(job, RewindJob):
+                job.done.set_result(False)
+            elif isinstance(job, TurnJob):
+                job.outbox.put_nowait(self._failure or BadGateway("The Claude Code CLI stopped."))
 
 
 OWNER_ENV = "CLAUDE_SDK_PROXY_PID"
@@ -3463,14 +3480,10 @@ async def _single(message: dict, message_id: str) -> AsyncIterator[dict]:
     yield {"type": "user", "message": message, "parent_tool_use_id": None, "uuid": message_id}
 
 
-REWIND = object()       # a CliProcess job: rewind the conversation
-
-
-async def _rewind(client: Any, messages: tuple[str, str]) -> bool:
-    """The CLI's own rewind to before the first of `messages` (the control request
-    behind its "rewind conversation", which the SDK has no method for); the CLI
-    refuses (`rewound: false`) unless the second is its latest prompt."""
-    first, latest = messages
+async def _rewind(client: Any, first: str, latest: str) -> bool:
+    """The CLI's own rewind to before message `first` (the control request behind
+    its "rewind conversation", which the SDK has no method for); the CLI refuses
+    (`rewound: false`) unless `latest` is its latest prompt."""
     try:
         answer = await client._query._send_control_request(
             {"subtype": "rewind_conversation", "target_message_uuid": first,
@@ -3696,26 +3709,34 @@ class TurnReader:
 # started without history can) instead of a killed CLI and a cold start: warm,
 # and past the CLI's first-turn work. Events are section 8's TurnEvents.
 
+# A session's states. Each change goes through `Engine._move`, which keeps the
+# index of the sessions that hold a conversation (HOLDING).
+STARTING = "starting"               # a spare whose CLI is still connecting
+SPARE = "spare"                     # connected, no conversation yet
+BUSY = "busy"                       # answering a request (or being rewound)
+FINISHING = "finishing"             # its answer went out; reading on to the CLI's result
+IDLE = "idle"                       # holds a conversation, waits for its follow-up
+AWAITING_TOOLS = "awaiting_tools"   # holds a conversation parked at client tool calls
+HOLDING = (IDLE, AWAITING_TOOLS)
+SESSION_STATES = (BUSY, FINISHING, IDLE, AWAITING_TOOLS, SPARE, STARTING)
+
+
 @dataclasses.dataclass(eq=False)
 class LiveSession:
     """A CLI process and the conversation it holds."""
 
     process: CliProcess
     turn: Turn                      # the shape it serves (its first request, no history)
-    broker: ToolBroker = dataclasses.field(default_factory=ToolBroker)
+    broker: ToolBroker
+    state: str
     id: str = dataclasses.field(default_factory=lambda: "sess_" + uuid.uuid4().hex[:20])
-    digest: str | None = None       # conversation held; None for a spare
-    busy: bool = False
-    finishing: bool = False         # busy, but only reading on to a whole answer's result
+    holds: str | None = None        # the conversation's digest, in a HOLDING state
     turns: int = 0
     last_used: float = dataclasses.field(default_factory=time.monotonic)
 
     def describe(self, now: float) -> dict:
         """The operator's view (GET /sessions): no content, no keys."""
-        state = "busy" if self.busy else "awaiting_tools" if self.process.parked else \
-            "idle" if self.digest is not None else \
-            "spare" if self.process.connected else "starting"
-        return {"id": self.id, "state": state,
+        return {"id": self.id, "state": self.state,
                 "shape": {"id": self.turn.shape, "model": self.turn.model,
                           "system_chars": len(self.turn.system),
                           "params": sorted(self.turn.params),
@@ -3773,7 +3794,7 @@ class Engine:
                 for event in reader.feed(message):
                     if isinstance(event, (Finished, WentOn)):
                         if isinstance(event, Finished):
-                            self._park(session, holds)
+                            self._move(session, IDLE, holds)
                             session = None
                         return
                     if isinstance(event, Answer):
@@ -3782,8 +3803,7 @@ class Engine:
                             held).hexdigest()
                         if event.tool_calls:    # the CLI now calls them: they wait
                             session.broker.expect(event.tool_calls)     # for the client
-                            session.process.parked = True
-                            self._park(session, holds)
+                            self._move(session, AWAITING_TOOLS, holds)
                             session = None
                     yield event
                     if session is None:
@@ -3792,13 +3812,13 @@ class Engine:
             if session is not None and holds is not None:
                 # The client left once the answer was whole (a stream read up to
                 # its message_stop): the CLI is still on its way to its result.
-                session.finishing = True
+                self._move(session, FINISHING)
                 self._in_background(self._finish(session, reader, holds))
                 session = None
             raise
         finally:
             if session is not None:
-                self._retire(session)
+                self._kill(session)
 
     @staticmethod
     def _begin_turn(session: LiveSession, turn: Turn, results: dict | None,
@@ -3809,7 +3829,6 @@ class Engine:
             session.process.send(None if spawned and prompt_in_transcript(turn)
                                  else turn.prompt)
         else:
-            session.process.parked = False
             session.broker.deliver(results)
             session.broker.begin()
 
@@ -3826,11 +3845,12 @@ class Engine:
             finished = await asyncio.wait_for(to_the_result(), CLI_CLOSE_TIMEOUT_S)
         except (asyncio.TimeoutError, ProxyError):
             finished = False
-        session.finishing = False
-        if finished and self.sessions.get(session.id) is session:    # not evicted meanwhile
-            self._park(session, holds)
+        if self.sessions.get(session.id) is not session:     # evicted meanwhile
+            return
+        if finished:
+            self._move(session, IDLE, holds)
         else:
-            self._retire(session)
+            self._kill(session)
 
     async def _acquire_slot(self) -> None:
         if not self._slots.locked():    # wait_for(..., 0) would time out even so
@@ -3853,24 +3873,23 @@ class Engine:
         history has this `digest`), the tool results it gets when it is parked at
         the client's tool calls, and whether it was started for this Turn."""
         self.note_shape(turn)
-        key = (turn.shape, digest)
-        session = self._idle.pop(key, None)
+        session = self._idle.get((turn.shape, digest))
         results = None
-        if session is not None and session.process.parked:
+        if session is not None and session.state == AWAITING_TOOLS:
             results = None if session.broker.broken else \
                 tool_results(turn.prompt, session.broker.pending)
             if results is None:         # it waits for results this request does not give
-                self._retire(session)
+                self._kill(session)
                 session = None
         if session is None and not turn.history:
             session = self._take_spare(turn.shape) or await self._recycle(turn.shape)
         spawned = session is None or not session.process.alive
         if spawned:
             if session is not None:
-                self._retire(session)
+                self._kill(session)
             session = await self._spawn(turn)
             results = None
-        session.busy = True
+        self._move(session, BUSY)
         session.turns += 1
         return session, results, spawned
 
@@ -3882,17 +3901,25 @@ class Engine:
         while len(self._recent_shapes) > self.config.max_spares:
             del self._recent_shapes[next(iter(self._recent_shapes))]
 
-    def _park(self, session: LiveSession, digest: str) -> None:
-        """Keep a session that answered, indexed by the conversation it now holds."""
-        session.busy = False
-        session.digest = digest
+    def _move(self, session: LiveSession, state: str, holds: str | None = None) -> None:
+        """The one place a session changes state (but for retiring): it keeps the
+        index of the sessions that hold a conversation, `holds` its digest. A
+        session that comes to rest while the engine closes, or whose CLI died, is
+        killed instead."""
+        if session.state in HOLDING and self._idle.get(
+                (session.turn.shape, session.holds)) is session:
+            del self._idle[(session.turn.shape, session.holds)]
+        session.state, session.holds = state, holds if state in HOLDING else None
+        if state in (BUSY, FINISHING):
+            return
         session.last_used = time.monotonic()
         if self.closing or not session.process.alive:
-            return self._retire(session)
-        displaced = self._idle.pop((session.turn.shape, digest), None)
-        if displaced is not None:
-            self._retire(displaced)
-        self._idle[(session.turn.shape, digest)] = session
+            return self._kill(session)
+        if state in HOLDING:
+            displaced = self._idle.get((session.turn.shape, holds))
+            if displaced is not None:
+                self._kill(displaced)
+            self._idle[(session.turn.shape, holds)] = session
         self._ensure_reaper()
 
     # -- processes -----------------------------------------------------------
@@ -3911,14 +3938,16 @@ class Engine:
         process = CliProcess(cli_options(shape if spare else turn, self.config,
                                          dt.datetime.now(dt.timezone.utc), broker))
         process.goes_on = CliWatch(broker)
-        session = LiveSession(process, shape, broker, busy=not spare)
+        session = LiveSession(process, shape, broker, STARTING if spare else BUSY)
         self.sessions[session.id] = session
         self._ensure_reaper()
         try:
             await process.start()
         except BaseException:
-            self._retire(session)
+            self._kill(session)
             raise
+        if spare and session.state == STARTING:
+            self._move(session, SPARE)
         return session
 
     def _processes(self) -> int:
@@ -3931,7 +3960,7 @@ class Engine:
         while self._processes() >= self.config.max_sessions:
             evicted = self._next_evicted()
             if evicted is not None and len(self.sessions) >= self.config.max_sessions:
-                self._retire(evicted, now=True)
+                self._kill(evicted)
             elif self._exits:
                 await asyncio.wait(list(self._exits), return_when=asyncio.FIRST_COMPLETED)
             else:
@@ -3940,37 +3969,46 @@ class Engine:
     def _next_evicted(self) -> LiveSession | None:
         """The session that room is made from first: a spare, else the least
         recently used idle session, else one finishing an answer nobody waits for."""
-        return min((s for s in self.sessions.values() if not s.busy or s.finishing),
-                   key=lambda s: (s.busy, s.digest is not None, s.last_used), default=None)
+        order = (STARTING, SPARE, IDLE, AWAITING_TOOLS, FINISHING)
+        return min((s for s in self.sessions.values() if s.state in order),
+                   key=lambda s: (order.index(s.state) // 2, s.last_used), default=None)
 
-    def _retire(self, session: LiveSession, now: bool = False) -> None:
-        """Forget a session and stop its CLI in the background: an idle one may
-        exit politely unless `now`; a busy or failed one is killed."""
+    def _let_go(self, session: LiveSession) -> None:
+        """Retire a session whose CLI may exit politely (an idle one or a spare:
+        it removes its own files); any other is killed."""
+        self._retire(session, polite=session.state in (IDLE, SPARE))
+
+    def _kill(self, session: LiveSession) -> None:
+        """Retire a session, its CLI killed at once."""
+        self._retire(session, polite=False)
+
+    def _retire(self, session: LiveSession, polite: bool) -> None:
+        """Forget a session and stop its CLI in the background (counted as exiting
+        until it is gone)."""
         if self.sessions.pop(session.id, None) is None:
             return
-        if session.digest is not None:
-            key = (session.turn.shape, session.digest)
-            if self._idle.get(key) is session:
-                del self._idle[key]
+        if session.state in HOLDING and self._idle.get(
+                (session.turn.shape, session.holds)) is session:
+            del self._idle[(session.turn.shape, session.holds)]
         process = session.process
-        polite = process.alive and not session.busy and not now and not process.parked
-        exit_task = self._in_background(process.close() if polite else process.kill())
+        exit_task = self._in_background(process.close() if polite and process.alive
+                                        else process.kill())
         self._exits.add(exit_task)
         exit_task.add_done_callback(self._exits.discard)
 
     def end_session(self, session_id: str) -> bool:
-        """DELETE /sessions/{id}: end an idle session or spare; False if unknown or busy."""
+        """DELETE /sessions/{id}: end a session at rest; False if unknown or busy."""
         session = self.sessions.get(session_id)
-        if session is None or session.busy:
+        if session is None or session.state in (BUSY, FINISHING):
             return False
-        self._retire(session)
+        self._let_go(session)
         return True
 
     # -- spares --------------------------------------------------------------
 
     def _take_spare(self, shape: str) -> LiveSession | None:
         for session in self.sessions.values():
-            if session.digest is None and not session.busy and session.turn.shape == shape:
+            if session.state in (SPARE, STARTING) and session.turn.shape == shape:
                 return session
         return None
 
@@ -3981,12 +4019,12 @@ class Engine:
         recent = self._recent_shapes
         if turn.shape not in recent or self._take_spare(turn.shape) is not None:
             return
-        busy = sum(1 for s in self.sessions.values() if s.busy)
+        busy = sum(1 for s in self.sessions.values() if s.state == BUSY)
         if self._processes() >= self.config.max_sessions or busy >= self.config.max_concurrent:
             return      # spares never take the room a request needs
         for stale in [s for s in self.sessions.values()
-                      if s.digest is None and not s.busy and s.turn.shape not in recent]:
-            self._retire(stale)
+                      if s.state in (SPARE, STARTING) and s.turn.shape not in recent]:
+            self._let_go(stale)
 
         async def spawn() -> None:
             with contextlib.suppress(ProxyError):
@@ -3999,27 +4037,23 @@ class Engine:
         message, no new process, and warm. None when it is not such a session or
         its CLI refuses (then it is retired)."""
         session = self._next_evicted()
-        if (self._processes() < self.config.max_sessions or self.closing or session is None
-                or session.busy or session.digest is None or session.turn.shape != shape
-                or session.process.first_message is None or session.process.parked
-                or session.broker.broken or not session.process.alive
+        if (self._processes() < self.config.max_sessions or session is None
+                or session.state != IDLE or session.turn.shape != shape
+                or session.process.first_message is None
                 or self.config.agent_dir):      # agent tools remember the files they read
             return None
-        self._idle.pop((shape, session.digest), None)
-        session.busy = True
+        self._move(session, BUSY)
         try:
             rewound = await session.process.rewind()
         except BaseException:   # the request was cancelled: nothing may keep it busy
-            self._retire(session)
+            self._kill(session)
             raise
-        if not rewound or self.closing:
-            self._retire(session)
+        if not rewound:
+            self._kill(session)
             return None
-        session.busy = False
-        session.digest = None
         session.turns = 0
-        session.last_used = time.monotonic()
-        return session
+        self._move(session, SPARE)
+        return session if session.state == SPARE else None
 
     # -- housekeeping --------------------------------------------------------
 
@@ -4040,8 +4074,8 @@ class Engine:
             await asyncio.sleep(min(limit / 4, 30.0))
             now = time.monotonic()
             for session in list(self.sessions.values()):
-                if not session.busy and now - session.last_used > limit:
-                    self._retire(session)
+                if session.state not in (BUSY, FINISHING) and now - session.last_used > limit:
+                    self._let_go(session)
 
     def describe(self) -> list[dict]:
         """Every live session and spare, for GET /sessions."""
@@ -4054,7 +4088,7 @@ class Engine:
         if self._reaper is not None:
             self._reaper.cancel()
         for session in list(self.sessions.values()):
-            self._retire(session, now=True)
+            self._kill(session)
         while self._background:
             await asyncio.gather(*list(self._background), return_exceptions=True)
 
@@ -4074,6 +4108,7 @@ class Request:
     body: bytes
     params: dict[str, str]
     request_id: str
+    dialect: Dialect                # the API of its route, else the caller's
     authorized: bool = True         # False: a keyed proxy's liveness probe without the key
 
     @property
@@ -4096,7 +4131,7 @@ async def handle_health(app: App, request: Request, out: Responder) -> None:
         "tokens": {"input": app.tokens_in, "output": app.tokens_out},
         "cli_processes": len(app.engine.sessions),
         "sessions": {state: sum(1 for s in app.engine.describe() if s["state"] == state)
-                     for state in ("busy", "idle", "awaiting_tools", "spare", "starting")},
+                     for state in SESSION_STATES},
         "agent_mode": app.config.agent_dir is not None,
     })
 
@@ -4213,48 +4248,6 @@ class ThreadStore:
         thread.used_at = time.monotonic()
 
 
-async def handle_messages(app: App, request: Request, out: Responder) -> None:
-    """POST /v1/messages, streaming or not (and message threads)."""
-    body = parse_json_body(request.body)
-    previous_id = parse_thread(body)
-    thread = app.threads.take(previous_id, request.caller) if previous_id else None
-    answered = False
-    try:
-        if thread is not None:
-            body = thread_continued(body, thread.fixed, thread.messages)
-        message = await answer_messages(app, request, body, out)
-        answered = True
-        if previous_id is not None and message.get("stop_reason") != "refusal":
-            app.threads.put(message["id"], request.caller,
-                            {name: body[name] for name in THREAD_FIXED if name in body},
-                            body["messages"] + answer_as_history(message))
-    finally:
-        if thread is not None:
-            app.threads.settle(thread, continued=answered)
-
-
-async def answer_messages(app: App, request: Request, body: dict, out: Responder) -> dict:
-    """Answer a Messages request, streaming or not; return the Message it made."""
-    turn = dataclasses.replace(
-        messages_request_to_turn(body, app.config.default_model, request.caller),
-        betas=without_threads_beta(request.head.header("anthropic-beta", "")))
-    out.model = turn.model
-    if app.config.debug:
-        log.debug("%s turn: model=%s history=%d params=%s betas=%s dropped=%s",
-                  request.request_id, turn.model, len(turn.history), json.dumps(turn.params),
-                  turn.betas or "-", ",".join(dropped_params(body)) or "-")
-    async with contextlib.aclosing(run_turn(app, turn, out)) as events:
-        if not turn.stream:
-            message = await final_answer(events)
-            await out.send_json(200, message)
-            return message
-        message = await forward_stream(events, out, app.config,
-                                       lambda event: [encode_sse(event, event["type"])],
-                                       ANTHROPIC_PING)
-    await out.end_stream()
-    return message
-
-
 def note_usage(out: Responder, event: dict) -> None:
     """Keep the model and token counts of what went out, for the request log."""
     if event.get("type") == "message_start":
@@ -4348,26 +4341,6 @@ async def forward_stream(events: AsyncIterator[TurnEvent], out: Responder,
     return message
 
 
-async def handle_chat_completions(app: App, request: Request, out: Responder) -> None:
-    """POST /v1/chat/completions (also under /v1/chat/), streaming or not."""
-    body = parse_json_body(request.body)
-    turn = chat_request_to_turn(body, app.config.default_model, request.caller)
-    out.model = turn.model
-    completion_id, created = "chatcmpl-" + uuid.uuid4().hex[:24], int(time.time())
-    async with contextlib.aclosing(run_turn(app, turn, out)) as events:
-        if not turn.stream:
-            message = await final_answer(events)
-            await out.send_json(200, message_to_chat_completion(message, completion_id,
-                                                                created))
-            return
-        options = body.get("stream_options") or {}
-        chunks = ChunkTranslator(completion_id, created, options.get("include_usage", False))
-        await forward_stream(events, out, app.config,
-                             lambda event: map(encode_sse, chunks.feed(event)), OPENAI_PING)
-        await out.write(encode_sse("[DONE]"))
-        await out.end_stream()
-
-
 @dataclasses.dataclass
 class StoredResponse:
     """What a stored response leaves for later requests of its caller."""
@@ -4412,41 +4385,178 @@ class ResponseStore:
         return kept.items.get(item_id) if kept else None
 
 
-async def handle_responses(app: App, request: Request, out: Responder) -> None:
-    """POST /v1/responses (also under /v1/chat/), streaming or not."""
-    body = parse_json_body(request.body)
-    previous, previous_id = None, body.get("previous_response_id")
-    if previous_id is not None:
-        if not isinstance(previous_id, str):
-            raise InvalidRequest("previous_response_id: must be a string.")
-        stored = app.responses.get(previous_id, request.caller)
-        if stored is None:
-            raise InvalidRequest(f"previous_response_id: '{previous_id}' is unknown or has "
-                                 "expired; send the whole input instead.")
-        previous = stored.conversation
-    body = dict(body, input=resolve_item_references(
-        body.get("input"), lambda item_id: app.responses.item(item_id, request.caller)))
-    turn, tools = responses_request_to_turn(body, app.config.default_model, request.caller,
-                                            previous)
+# -- the three APIs: a Dialect each, an Exchange a turn request ------------------
+
+class Exchange:
+    """One turn request in its API's words: the Turn it asks for, and the answer
+    put back into that API, as stream frames or as one body. One subclass an API."""
+
+    turn: Turn
+    dropped: list[str] = []         # request fields neither carried nor owned (--debug)
+
+    def frames(self, event: dict) -> Iterable[bytes]:
+        """The SSE frames of one stream event of the answer."""
+        raise NotImplementedError
+
+    def feed(self, event: dict) -> None:
+        """One stream event of an answer that is not streamed."""
+
+    def body(self, message: dict) -> dict:
+        """The answer that is not streamed."""
+        return message
+
+    def tail(self) -> list[bytes]:
+        """The frames after the last event."""
+        return []
+
+    def failed(self, err: ProxyError) -> list[bytes] | None:
+        """The API's own end of a stream an error broke off; None: its error event."""
+        return None
+
+    def keep(self, message: dict) -> None:
+        """The answer is whole: keep what later requests may refer to."""
+
+    def close(self, answered: bool) -> None:
+        """The request is over (`answered`: its answer went out)."""
+
+
+class MessagesExchange(Exchange):
+    """A Messages API request, and message threads (section 6) as the API keeps them."""
+
+    def __init__(self, app: App, request: Request, body: dict):
+        self.threads, self.caller = app.threads, request.caller
+        self.previous_id = parse_thread(body)
+        self.thread = self.threads.take(self.previous_id, self.caller) \
+            if self.previous_id else None
+        try:
+            if self.thread is not None:
+                body = thread_continued(body, self.thread.fixed, self.thread.messages)
+            self.turn = dataclasses.replace(
+                messages_request_to_turn(body, app.config.default_model, request.caller),
+                betas=without_threads_beta(request.head.header("anthropic-beta", "")))
+        except BaseException:
+            self.close(answered=False)
+            raise
+        self.request_body = body
+        self.dropped = dropped_params(body)
+
+    def frames(self, event: dict) -> Iterable[bytes]:
+        return [encode_sse(event, event["type"])]
+
+    def keep(self, message: dict) -> None:
+        if self.previous_id is not None and message.get("stop_reason") != "refusal":
+            body = self.request_body
+            self.threads.put(message["id"], self.caller,
+                             {name: body[name] for name in THREAD_FIXED if name in body},
+                             body["messages"] + answer_as_history(message))
+
+    def close(self, answered: bool) -> None:
+        if self.thread is not None:
+            self.threads.settle(self.thread, continued=answered)
+
+
+class ChatExchange(Exchange):
+    """A Chat Completions request."""
+
+    def __init__(self, app: App, request: Request, body: dict):
+        self.turn = chat_request_to_turn(body, app.config.default_model, request.caller)
+        self.id, self.created = "chatcmpl-" + uuid.uuid4().hex[:24], int(time.time())
+        options = body.get("stream_options") or {}
+        self.chunks = ChunkTranslator(self.id, self.created, options.get("include_usage", False))
+
+    def frames(self, event: dict) -> Iterable[bytes]:
+        return map(encode_sse, self.chunks.feed(event))
+
+    def body(self, message: dict) -> dict:
+        return message_to_chat_completion(message, self.id, self.created)
+
+    def tail(self) -> list[bytes]:
+        return [encode_sse("[DONE]")]
+
+
+class ResponsesExchange(Exchange):
+    """A Responses request, with `previous_response_id` and `item_reference` items
+    taken from the caller's stored responses."""
+
+    def __init__(self, app: App, request: Request, body: dict):
+        self.responses, self.caller = app.responses, request.caller
+        previous, previous_id = None, body.get("previous_response_id")
+        if previous_id is not None:
+            _require(isinstance(previous_id, str), "previous_response_id: must be a string.")
+            stored = self.responses.get(previous_id, self.caller)
+            _require(stored is not None, f"previous_response_id: '{previous_id}' is unknown "
+                                         "or has expired; send the whole input instead.")
+            previous = stored.conversation
+        body = dict(body, input=resolve_item_references(
+            body.get("input"), lambda item_id: self.responses.item(item_id, self.caller)))
+        self.turn, tools = responses_request_to_turn(body, app.config.default_model,
+                                                     self.caller, previous)
+        self.translator = ResponseTranslator("resp_" + uuid.uuid4().hex[:24], int(time.time()),
+                                             body, tools)
+        self.store = body.get("store") is not False
+
+    def frames(self, event: dict) -> Iterable[bytes]:
+        return (encode_sse(e, e["type"]) for e in self.translator.feed(event))
+
+    def feed(self, event: dict) -> None:
+        self.translator.feed(event)
+
+    def body(self, message: dict) -> dict:
+        return self.translator.response()
+
+    def failed(self, err: ProxyError) -> list[bytes]:
+        return [encode_sse(e, e["type"]) for e in self.translator.failed(err)]
+
+    def keep(self, message: dict) -> None:
+        if self.store:
+            self.responses.put(self.translator.response_id, self.caller, self.turn.history + [
+                self.turn.prompt, *answer_as_history(message)], self.translator.items)
+
+
+@dataclasses.dataclass(frozen=True)
+class Dialect:
+    """One API as the proxy speaks it: its error bodies, the SSE event an error
+    mid-stream is (None: a bare `data:` line), its keep-alive ping, and the
+    Exchange its turn requests are."""
+
+    error_body: Callable[[ProxyError, str | None], dict]
+    error_event: str | None
+    ping: bytes
+    exchange: type[Exchange] | None = None
+
+
+MESSAGES_API = Dialect(error_to_anthropic, "error", ANTHROPIC_PING, MessagesExchange)
+CHAT_API = Dialect(error_to_openai, None, OPENAI_PING, ChatExchange)
+RESPONSES_API = Dialect(error_to_openai, None, OPENAI_PING, ResponsesExchange)
+
+
+async def handle_turn(app: App, request: Request, out: Responder) -> None:
+    """POST /v1/messages, /v1/chat/completions, /v1/responses: one turn, streamed or
+    not, in the API of its route."""
+    exchange = request.dialect.exchange(app, request, parse_json_body(request.body))
+    turn, message = exchange.turn, None
     out.model = turn.model
-    translator = ResponseTranslator("resp_" + uuid.uuid4().hex[:24], int(time.time()), body,
-                                    tools)
-    async with contextlib.aclosing(run_turn(app, turn, out)) as events:
-        if not turn.stream:
-            message = await final_answer(events, translator.feed)
+    if app.config.debug:
+        log.debug("%s turn: model=%s history=%d params=%s betas=%s dropped=%s",
+                  request.request_id, turn.model, len(turn.history), json.dumps(turn.params),
+                  turn.betas or "-", ",".join(exchange.dropped) or "-")
+    try:
+        async with contextlib.aclosing(run_turn(app, turn, out)) as events:
+            if turn.stream:
+                out.stream_error = exchange.failed
+                message = await forward_stream(events, out, app.config, exchange.frames,
+                                               request.dialect.ping)
+            else:
+                message = await final_answer(events, exchange.feed)
+        exchange.keep(message)
+        if turn.stream:
+            for frame in exchange.tail():
+                await out.write(frame)
+            await out.end_stream()
         else:
-            out.stream_error = translator.failed
-            message = await forward_stream(
-                events, out, app.config,
-                lambda event: (encode_sse(e, e["type"]) for e in translator.feed(event)),
-                OPENAI_PING)
-    if body.get("store") is not False:
-        app.responses.put(translator.response_id, request.caller, turn.history + [
-            turn.prompt, *answer_as_history(message)], translator.items)
-    if turn.stream:
-        await out.end_stream()
-    else:
-        await out.send_json(200, translator.response())
+            await out.send_json(200, exchange.body(message))
+    finally:
+        exchange.close(answered=message is not None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -4456,10 +4566,11 @@ class Route:
     method: str
     pattern: re.Pattern
     handler: Callable
-    dialect: str | None         # the API it speaks; None: the caller's (`dialect_for`)
+    dialect: Dialect | None     # the API it speaks; None: the caller's (`dialect_for`)
 
 
-def _route(method: str, path: str, handler: Callable, dialect: str | None = None) -> Route:
+def _route(method: str, path: str, handler: Callable, dialect: Dialect | None = None
+           ) -> Route:
     return Route(method, re.compile("^" + path + "$"), handler, dialect)
 
 
@@ -4469,10 +4580,10 @@ ROUTES = (
     # their own paths to it: hence the optional /chat.
     _route("GET", r"/v1(?:/chat)?/models", handle_models),
     _route("GET", r"/v1(?:/chat)?/models/(?P<model_id>[^/]+)", handle_model),
-    _route("POST", r"/v1/messages", handle_messages, "anthropic"),
-    _route("POST", r"/v1/messages/count_tokens", handle_count_tokens, "anthropic"),
-    _route("POST", r"/v1(?:/chat)?/chat/completions", handle_chat_completions, "openai"),
-    _route("POST", r"/v1(?:/chat)?/responses", handle_responses, "openai"),
+    _route("POST", r"/v1/messages", handle_turn, MESSAGES_API),
+    _route("POST", r"/v1/messages/count_tokens", handle_count_tokens, MESSAGES_API),
+    _route("POST", r"/v1(?:/chat)?/chat/completions", handle_turn, CHAT_API),
+    _route("POST", r"/v1(?:/chat)?/responses", handle_turn, RESPONSES_API),
     _route("GET", r"/usage", handle_usage),
     _route("GET", r"/sessions", handle_sessions),
     _route("DELETE", r"/sessions/(?P<session_id>[^/]+)", handle_delete_session),
@@ -4639,7 +4750,7 @@ class Responder:
     """Writes one response and knows how far it got."""
 
     def __init__(self, conn: Connection, request_id: str, method: str = "GET",
-                 dialect: str = "anthropic"):
+                 dialect: Dialect = MESSAGES_API):
         self.conn = conn
         self.request_id = request_id
         self.method = method
@@ -4652,8 +4763,8 @@ class Responder:
         self.model = ""
         self.usage: dict = {}
         self.headers: dict[str, str] = {}   # for every response head (rate-limit state)
-        # The events that end a stream an error breaks off, where the API has its own.
-        self.stream_error: Callable[[ProxyError], list[dict]] | None = None
+        # The frames that end a stream an error breaks off, where the API has its own.
+        self.stream_error: Callable[[ProxyError], list[bytes] | None] = lambda err: None
 
     def _head(self, status: int, headers: list[tuple[str, str]]) -> bytes:
         self.status, self.head_sent = status, True
@@ -4702,18 +4813,16 @@ class Responder:
 
     async def fail(self, err: ProxyError) -> None:
         """The one place a ProxyError becomes bytes: JSON, or an SSE error mid-stream."""
-        openai = self.dialect == "openai"
-        body = error_to_openai(err) if openai else error_to_anthropic(err, self.request_id)
+        body = self.dialect.error_body(err, self.request_id)
         if not self.head_sent:
             self.status = err.status
             await self.send_json(err.status, body, err.headers)
         elif self.streaming:
             self.status = err.status      # logged; the client saw 200 and the error event
-            if self.stream_error is not None:
-                for event in self.stream_error(err):
-                    await self.write(encode_sse(event, event["type"]))
-            else:
-                await self.write(encode_sse(body, None if openai else "error"))
+            frames = self.stream_error(err)
+            for frame in [encode_sse(body, self.dialect.error_event)] if frames is None \
+                    else frames:
+                await self.write(frame)
             await self.end_stream()
         else:
             self.keep_alive = False
@@ -4814,7 +4923,7 @@ async def serve_request(app: App, conn: Connection, raw_head: bytes, out: Respon
             await conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         body = await conn.read_body(length, app.config.max_body_bytes)
         body_read = True
-        request = Request(head, body, params, out.request_id, authorized)
+        request = Request(head, body, params, out.request_id, out.dialect, authorized)
         app.reading.pop(conn, None)
         await run_handler(app, conn, route.handler, request, out)
     except ClientGone:
@@ -4866,7 +4975,7 @@ async def run_handler(app: App, conn: Connection, handler: Callable, request: Re
                     await task
 
 
-def dialect_for(head: RequestHead) -> str:
+def dialect_for(head: RequestHead) -> Dialect:
     """Which API's errors a caller reads: its route's API; where that does not say
     (the models list, an unknown path), the caller's own: OpenAI's SDKs send their
     key as a Bearer token and never `anthropic-version` or `x-api-key`, which
@@ -4879,7 +4988,7 @@ def dialect_for(head: RequestHead) -> str:
         return route.dialect
     bearer = (head.header("authorization") or "").lower().startswith("bearer ")
     anthropic = head.header("anthropic-version") or head.header("x-api-key")
-    return "openai" if bearer and not anthropic else "anthropic"
+    return CHAT_API if bearer and not anthropic else MESSAGES_API
 
 
 def log_request(app: App, out: Responder, method: str, path: str, started: float) -> None:

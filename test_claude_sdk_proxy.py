@@ -3667,7 +3667,7 @@ class WarmSessionTest(ApiAssertions, unittest.TestCase):
                     pass
                 [session] = engine.sessions.values()
                 recycling = asyncio.ensure_future(engine._recycle(turn("next").shape))
-                while not session.busy:
+                while session.state != proxy.BUSY:
                     await asyncio.sleep(0)
                 recycling.cancel()
                 with self.assertRaises(asyncio.CancelledError):
@@ -3676,7 +3676,7 @@ class WarmSessionTest(ApiAssertions, unittest.TestCase):
                 events = [event async for event in engine.run(turn("second chat"))]
                 self.assertEqual([type(e) for e in events if isinstance(e, proxy.Answer)],
                                  [proxy.Answer], "one whole answer")
-                self.assertEqual([s.busy for s in engine.sessions.values()], [False])
+                self.assertEqual([s.state for s in engine.sessions.values()], [proxy.IDLE])
             finally:
                 await engine.close()
         asyncio.run(scenario())
@@ -3789,7 +3789,7 @@ class WarmSessionTest(ApiAssertions, unittest.TestCase):
         self.stream_closed_at_message_stop(server, history + [
             {"role": "user", "content": "[[linger 3]] its follow-up"}])
         self.assertTrue(wait_until(lambda: [s["state"] for s in self.sessions(server)] ==
-                                   ["busy"]), self.sessions(server))
+                                   ["finishing"]), self.sessions(server))
         self.chat(server.client(), [{"role": "user", "content": "a new chat"}])
         first, follow_up, second = self.upstream_sessions()
         self.assertEqual(first, follow_up)
