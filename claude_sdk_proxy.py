@@ -18,34 +18,43 @@ the CLI's extra request body, and upstream errors come back as the real statuses
 Usage:  python claude_sdk_proxy.py [-p PORT] [-H HOST] [-d]      (manual: README.md)
 
 Map (numbered sections, in the order data flows):
-  1. Config and limits      -- flags and environment into one frozen Config
-  2. Errors                 -- ProxyError and its subclasses: status + API error type
-  3. HTTP/1.1 wire format   -- request heads, bodies (length, chunked), response heads
-  4. SSE                    -- server-sent event frames
-  5. Auth and models        -- API key check, model mapping, the models list
-  6. Anthropic translation  -- request validation, transcripts, events -> Message, token estimate
-  7. OpenAI translation     -- Chat Completions requests in, completions and chunks out
-  8. SDK adapter            -- ClaudeAgentOptions, client tools, one CLI process per task
-  9. Conversation engine    -- live sessions, tool calls parked, spares, recycling at the cap
- 10. Routes and handlers    -- the route table and one coroutine per route
- 11. Server                 -- connections, keep-alive, streaming, errors into responses
- 12. Command line           -- argument parsing and main(argv) -> int
+  1. Config and limits        -- flags and environment into one frozen Config
+  2. Errors                   -- ProxyError and its subclasses, each API's error body
+  3. HTTP/1.1 wire format     -- request heads, bodies (length, chunked), response heads
+  4. SSE                      -- server-sent event frames
+  5. Auth and models          -- API key check, CORS, model mapping, the models list
+  6. Messages API requests    -- validation into a Turn, message threads, token estimate
+  7. Conversations on the CLI -- tool names, transcripts, identity, the answer folded
+  8. OpenAI Chat Completions  -- requests in, completions and chunks out
+  9. OpenAI Responses         -- requests in, responses and their events out
+ 10. SDK adapter              -- options, environment, one CLI per task, TurnReader
+ 11. Host processes           -- CLI sessions, /proc, orphans, leftovers, watchdog
+ 12. Conversation engine      -- session states, live sessions, spares, the caps
+ 13. Routes and handlers      -- one Dialect per API on its route, stores, handlers
+ 14. Server                   -- connections, keep-alive, streaming, errors out
+ 15. Command line             -- login, doctor, main(argv) -> int
 
 Rules:
-  - Sections 1-7 are pure: no await, no sockets, no environment reads, no SDK.
+  - Sections 1-9 are pure: no await, no sockets, no environment reads, no SDK.
     They take dicts and return dicts (or raise ProxyError).
-  - Only section 8 uses claude_agent_sdk; SDK exceptions become ProxyErrors there.
-  - Only section 11 touches asyncio streams; handlers (10) write through a Responder.
+  - Only section 10 uses claude_agent_sdk; SDK exceptions become ProxyErrors there,
+    and its TurnReader's events are all the engine (12) sees of a CLI's output.
+  - Only section 14 touches asyncio streams; handlers (13) write through a Responder.
   - Errors become responses in one place (`Responder.fail`), in the caller's dialect.
   - The CLI's identity and attribution lines and its user agent stay as it sends
     them: no prompt camouflage, no body override of `system` or `messages`.
   - Secrets and message content are logged only with --debug.
 
+Module-level state that changes at run time: `_watchdog` (the watchdog process,
+started once), `anyio.open_process` (wrapped when the SDK is imported, section 11),
+the filter `serve` adds to the SDK's `_internal.query` logger, and the logging
+set up by `main`. Everything else lives in an App, an Engine or a Config.
+
 The SDK beyond its public API (SdkSurfaceTest checks each by name): `_cli_version`,
 `_internal._mcp_compat.build_tool_server`, a client's `_transport._process`,
 `_query._send_control_request` and `_query.close_receive_stream`, the
 `_internal.query` logger's "Fatal error in message reader", and its CLI spawn
-through `anyio.open_process` (made to start each CLI in a session of its own). Supported SDKs: SDK_FLOOR to SDK_NEWEST_TESTED.
+through `anyio.open_process`. Supported SDKs: SDK_FLOOR to SDK_NEWEST_TESTED.
 
 Known limits (what the CLI cannot be made to do): an assistant message as the last
 turn (prefill) is refused with a 400; the CLI adds its own system lines, its own
@@ -113,7 +122,7 @@ MAX_HEADER_COUNT = 100                  # Apache's LimitRequestFields default
 HEADER_TIMEOUT_S = 30.0                 # a whole request head (nginx allows 60 s)
 BODY_TIMEOUT_S = 60.0                   # between reads of a body (nginx: 60 s)
 MIN_BODY_RATE = 1024                    # bytes/s a body averages after its first timeout's
-                                        # worth (a trickle of a byte a minute holds a slot)
+
 KEEPALIVE_IDLE_S = 75.0                 # between requests (nginx: 75 s)
 SEND_TIMEOUT_S = 60.0                   # a client that reads nothing of its answer (nginx: 60 s)
 HEAD_HOLD_S = 3.0                       # a stream's first 102 Processing after this silence
@@ -301,9 +310,9 @@ def startup_problems(config: Config, environ: dict, sandbox_problem: str | None 
 
 
 # =============================================================================
-# 2. Errors -- ProxyError and its subclasses: status + API error type
+# 2. Errors -- ProxyError and its subclasses, and each API's error body
 # =============================================================================
-# Pure code raises these; `Responder.fail` (section 11) is the one place that turns
+# Pure code raises these; `Responder.fail` (section 14) is the one place that turns
 # them into a response in the caller's dialect. `headers` carries retry-after and
 # the like. Unknown exceptions never reach a client: they become a generic 500.
 
@@ -439,13 +448,21 @@ def error_to_anthropic(err: ProxyError, request_id: str | None = None) -> dict:
     return body
 
 
+def error_to_openai(err: ProxyError, request_id: str | None = None) -> dict:
+    """OpenAI's error body (no request id in it), with the same statuses as the
+    Anthropic side; `param` in OpenAI's notation (`input[0].arguments`)."""
+    param = re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", err.param) if err.param else None
+    return {"error": {"message": err.message, "type": err.error_type, "param": param,
+                      "code": err.openai_code}}
+
+
 # =============================================================================
 # 3. HTTP/1.1 wire format -- request heads, bodies (length, chunked), response heads
 # =============================================================================
 # Pure parsing of bytes already read (RFC 9112). `parse_request_head` takes the
 # bytes up to and including the blank line; `body_length` decides the framing;
 # `ChunkedDecoder` is fed bytes and returns body bytes. Reading sockets is
-# section 11's job.
+# section 14's job.
 
 HTTP_REASONS = {
     100: "Continue", 200: "OK", 204: "No Content", 400: "Bad Request",
@@ -821,14 +838,13 @@ def model_display_name(model_id: str) -> str:
 
 
 # =============================================================================
-# 6. Anthropic translation -- request validation, transcripts, events -> Message
+# 6. Messages API requests -- validation into a Turn, threads, token estimate
 # =============================================================================
 # `messages_request_to_turn` validates a Messages API body and splits it into what
 # the CLI gets through its own channels (model, system prompt, earlier turns as a
 # transcript, the new user turn) and what rides in its extra request body (the
-# parameters). `transcript_entries` writes the earlier turns as the CLI's session
-# lines. `MessageAssembler` folds the upstream's stream events into one Message.
-# `estimate_tokens` serves count_tokens.
+# parameters). The shared structural rules (tool pairs, blank text) live here and
+# the OpenAI dialects reach them through it. `estimate_tokens` serves count_tokens.
 
 # Parameters carried verbatim in CLAUDE_CODE_EXTRA_BODY, merged last into the
 # CLI's upstream body (FACTS.md, "Carrying the client's parameters").
@@ -1081,48 +1097,53 @@ def with_output_format(body: dict) -> dict:
     return {**body, "output_config": {**(config or {}), "format": body["output_format"]}}
 
 
-# -- message threads (beta message-threads-2026-08-12) ---------------------------
-# A thread keeps a conversation for its client, as the API does: `create` stores
-# the request and its answer under the answer's id, `continue` sends only the new
-# messages (and no system or tools) with `previous_message_id`. The proxy serves
-# the beta itself, so its header never goes upstream.
-
-THREADS_BETA = "message-threads-"
-THREAD_FIXED = ("system", "tools")      # kept from the create; everything else per turn
+TOOL_NAME_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 
 
-def parse_thread(body: dict) -> str | None:
-    """A thread request's `previous_message_id`: "" for a create, None without `thread`."""
-    thread = body.get("thread")
-    if thread is None:
-        return None
-    _require(isinstance(thread, dict) and thread.get("type") in ("create", "continue"),
-             "thread.type: must be 'create' or 'continue'.")
-    if thread["type"] == "create":
-        return ""
-    previous = thread.get("previous_message_id")
-    _require(isinstance(previous, str) and previous != "",
-             "thread.previous_message_id: required, a string.")
-    return previous
+def check_tools(tools: Any) -> list[dict]:
+    """Validate the client tools; return what of each reaches the upstream."""
+    if tools is None:
+        return []
+    _require(isinstance(tools, list), "tools: must be a list.")
+    seen = set()
+    for i, tool in enumerate(tools):
+        at = f"tools.{i}"
+        _require(isinstance(tool, dict), f"{at}: must be an object.")
+        _require(tool.get("type") in (None, "custom"),
+                 f"{at}.type: '{tool.get('type')}' is a server tool; only custom tools can "
+                 "be carried through the Claude Code CLI.")
+        name = tool.get("name")
+        _require(isinstance(name, str) and TOOL_NAME_RE.match(name) is not None,
+                 f"{at}.name: must be 1-64 letters, digits, underscores or dashes.")
+        _require(name not in seen, f"{at}.name: '{name}' is used twice.")
+        seen.add(name)
+        _require(isinstance(tool.get("description", ""), str),
+                 f"{at}.description: must be a string.")
+        schema = tool.get("input_schema")
+        _require(isinstance(schema, dict) and schema.get("type") == "object",
+                 f"{at}.input_schema: must be a JSON schema with type 'object'.")
+    # Only these reach the upstream (the MCP tool list has no place for the rest):
+    # `strict`, `cache_control`, `eager_input_streaming` and the like must not make
+    # two requests of one conversation two shapes.
+    return [{key: tool[key] for key in ("name", "description", "input_schema") if key in tool}
+            for tool in tools]
 
 
-def thread_continued(body: dict, fixed: dict, messages: list[dict]) -> dict:
-    """A `continue` request as the whole request it stands for: the thread's system
-    prompt, tools and conversation, then this request's messages and parameters."""
-    differing = [name for name in THREAD_FIXED if name in body and body[name] != fixed.get(name)]
-    if differing:
-        raise InvalidRequest(f"thread: {', '.join(differing)} cannot change within a thread "
-                             "(it keeps those of its create request).",
-                             code="thread_fingerprint_mismatch")
-    new = body.get("messages")
-    _require(isinstance(new, list), "messages: required, a list.")
-    return {**body, **fixed, "messages": messages + new}
-
-
-def without_threads_beta(betas: str) -> str:
-    """The anthropic-beta header without the threads beta (served here)."""
-    return ",".join(beta.strip() for beta in betas.split(",")
-                    if beta.strip() and not beta.strip().startswith(THREADS_BETA))
+def check_tool_choice(choice: Any, tools: list[dict]) -> dict:
+    """Validate tool_choice; return it as the upstream gets it (upstream tool names)."""
+    _require(isinstance(choice, dict) and choice.get("type") in ("auto", "any", "tool", "none"),
+             "tool_choice.type: must be 'auto', 'any', 'tool' or 'none'.")
+    if "disable_parallel_tool_use" in choice:
+        _require(isinstance(choice["disable_parallel_tool_use"], bool),
+                 "tool_choice.disable_parallel_tool_use: must be a boolean.")
+    if choice["type"] in ("any", "tool"):
+        _require(bool(tools), f"tool_choice.type: '{choice['type']}' needs tools.")
+    if choice["type"] == "tool":
+        names = [tool["name"] for tool in tools]
+        _require(choice.get("name") in names,
+                 "tool_choice.name: must name one of the request's tools.")
+        return {**choice, "name": upstream_tool_name(choice["name"])}
+    return dict(choice)
 
 
 def dropped_params(body: dict) -> list[str]:
@@ -1199,343 +1220,47 @@ def append_turn(messages: list[dict], role: str, content: Any) -> None:
     messages[-1] = {"role": role, "content": blocks(messages[-1]["content"]) + blocks(content)}
 
 
-def prompt_in_transcript(turn: Turn) -> bool:
-    """True when a new CLI must get the prompt inside its transcript: a user turn
-    that starts with tool_results continues the assistant's turn, and sent as a
-    prompt the CLI would first close that turn with notes of its own."""
-    content = turn.prompt["content"]
-    return bool(turn.history) and isinstance(content, list) and bool(content) and \
-        content[0].get("type") == "tool_result"
+# -- message threads (beta message-threads-2026-08-12) -------------------------
+
+THREADS_BETA = "message-threads-"
+THREAD_FIXED = ("system", "tools")      # kept from the create; everything else per turn
 
 
-# -- client tools ------------------------------------------------------------
-# Client tools reach the upstream as the tools of an in-process MCP server, which
-# the CLI names mcp__<server>__<tool>. Names stay within the API's 64 characters:
-# a longer one is cut and made unique with a hash. The client only ever sees its
-# own names.
-
-TOOL_NAME_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
-MCP_SERVER = "c"
-MCP_PREFIX = f"mcp__{MCP_SERVER}__"
-# The longest text result of an MCP tool a CLI keeps in the conversation (the
-# ceiling of the tool's `anthropic/maxResultSizeChars`, in UTF-16 units), and the
-# longest error text it keeps whole (measured: 11,000 whole, 11,500 cut).
-MCP_RESULT_MAX_CHARS = 500_000
-MCP_ERROR_MAX_CHARS = 10_000
-
-
-def check_tools(tools: Any) -> list[dict]:
-    """Validate the client tools; return what of each reaches the upstream."""
-    if tools is None:
-        return []
-    _require(isinstance(tools, list), "tools: must be a list.")
-    seen = set()
-    for i, tool in enumerate(tools):
-        at = f"tools.{i}"
-        _require(isinstance(tool, dict), f"{at}: must be an object.")
-        _require(tool.get("type") in (None, "custom"),
-                 f"{at}.type: '{tool.get('type')}' is a server tool; only custom tools can "
-                 "be carried through the Claude Code CLI.")
-        name = tool.get("name")
-        _require(isinstance(name, str) and TOOL_NAME_RE.match(name) is not None,
-                 f"{at}.name: must be 1-64 letters, digits, underscores or dashes.")
-        _require(name not in seen, f"{at}.name: '{name}' is used twice.")
-        seen.add(name)
-        _require(isinstance(tool.get("description", ""), str),
-                 f"{at}.description: must be a string.")
-        schema = tool.get("input_schema")
-        _require(isinstance(schema, dict) and schema.get("type") == "object",
-                 f"{at}.input_schema: must be a JSON schema with type 'object'.")
-    # Only these reach the upstream (the MCP tool list has no place for the rest):
-    # `strict`, `cache_control`, `eager_input_streaming` and the like must not make
-    # two requests of one conversation two shapes.
-    return [{key: tool[key] for key in ("name", "description", "input_schema") if key in tool}
-            for tool in tools]
-
-
-def check_tool_choice(choice: Any, tools: list[dict]) -> dict:
-    """Validate tool_choice; return it as the upstream gets it (upstream tool names)."""
-    _require(isinstance(choice, dict) and choice.get("type") in ("auto", "any", "tool", "none"),
-             "tool_choice.type: must be 'auto', 'any', 'tool' or 'none'.")
-    if "disable_parallel_tool_use" in choice:
-        _require(isinstance(choice["disable_parallel_tool_use"], bool),
-                 "tool_choice.disable_parallel_tool_use: must be a boolean.")
-    if choice["type"] in ("any", "tool"):
-        _require(bool(tools), f"tool_choice.type: '{choice['type']}' needs tools.")
-    if choice["type"] == "tool":
-        names = [tool["name"] for tool in tools]
-        _require(choice.get("name") in names,
-                 "tool_choice.name: must name one of the request's tools.")
-        return {**choice, "name": upstream_tool_name(choice["name"])}
-    return dict(choice)
-
-
-def upstream_tool_name(name: str) -> str:
-    """The name the upstream knows a client tool by (at most 64 characters)."""
-    if len(MCP_PREFIX) + len(name) <= 64:
-        return MCP_PREFIX + name
-    return f"{MCP_PREFIX}{name[:47]}_{hashlib.sha256(name.encode()).hexdigest()[:8]}"
-
-
-def client_tool_names(tools: list[dict]) -> dict[str, str]:
-    """Upstream name -> client name, for every client tool."""
-    return {upstream_tool_name(tool["name"]): tool["name"] for tool in tools}
-
-
-def rename_tool_uses(messages: list[dict], names: dict[str, str]) -> list[dict]:
-    """Messages with each tool_use renamed through `names` (other names kept)."""
-    renamed = []
-    for message in messages:
-        content = message["content"]
-        if isinstance(content, list) and any(b.get("type") == "tool_use" for b in content):
-            content = [{**b, "name": names.get(b["name"], b["name"])}
-                       if b.get("type") == "tool_use" else b for b in content]
-        renamed.append({**message, "content": content})
-    return renamed
-
-
-def client_event(event: dict, names: dict[str, str]) -> dict:
-    """An upstream stream event with its tool_use under the client's tool name."""
-    block = event.get("content_block")
-    if event.get("type") == "content_block_start" and (block or {}).get("type") == "tool_use":
-        return {**event, "content_block": {**block, "name": names.get(block["name"],
-                                                                        block["name"])}}
-    return event
-
-
-class AgentStream:
-    """The upstream messages of one agent-mode answer as one message for the client.
-
-    The CLI runs its built-in tools itself and calls the upstream again, so their
-    tool_use blocks and the seams between the messages are left out, the other
-    blocks renumbered and the output tokens summed. Without built-in tools it
-    passes every event through unchanged.
-    """
-
-    def __init__(self, builtin: set[str]):
-        self.builtin = builtin
-        self.started = False
-        self.next_index = 0
-        self.index: dict[int, int] = {}     # this message's block index -> client index
-        self.hidden: set[int] = set()
-        self.client_calls = False
-        self.in_round = False
-        self.output_tokens = 0
-
-    def feed(self, event: dict) -> list[dict]:
-        kind = event.get("type")
-        if kind == "message_start":
-            self.index, self.hidden, self.client_calls = {}, set(), False
-            first, self.started = not self.started, True
-            return [event] if first else []
-        if kind == "content_block_start":
-            block = event["content_block"]
-            if block.get("type") == "tool_use" and block.get("name") in self.builtin:
-                self.hidden.add(event["index"])
-                return []
-            self.client_calls |= block.get("type") == "tool_use"
-            self.index[event["index"]] = self.next_index
-            self.next_index += 1
-        if kind in ("content_block_start", "content_block_delta", "content_block_stop"):
-            if event["index"] in self.hidden or event["index"] not in self.index:
-                return []
-            return [{**event, "index": self.index[event["index"]]}]
-        if kind == "message_delta":
-            usage = dict(event.get("usage") or {})
-            self.output_tokens += usage.get("output_tokens") or 0
-            if (event.get("delta") or {}).get("stop_reason") == "tool_use" and \
-                    not self.client_calls and self.hidden:
-                self.in_round = True
-                return []
-            if "output_tokens" in usage:
-                usage["output_tokens"] = self.output_tokens
-            return [{**event, "usage": usage}]
-        if kind == "message_stop" and self.in_round:
-            self.in_round = False
-            return []
-        return [event]
-
-
-def tool_results(prompt: dict, pending: list[str]) -> dict[str, dict] | None:
-    """The MCP results for the `pending` tool calls, when the prompt is exactly their
-    tool_results; None when it holds anything else or a result MCP cannot carry
-    whole (the transcript then carries it)."""
-    content = prompt["content"]
-    if not isinstance(content, list) or any(b["type"] != "tool_result" for b in content):
+def parse_thread(body: dict) -> str | None:
+    """A thread request's `previous_message_id`: "" for a create, None without `thread`."""
+    thread = body.get("thread")
+    if thread is None:
         return None
-    results = {}
-    for block in content:
-        inner = block.get("content")
-        parts = [{"type": "text", "text": inner}] if isinstance(inner, str) else inner or []
-        mcp = []
-        for part in parts:
-            source = part.get("source")
-            if part.get("type") == "text" and isinstance(part.get("text"), str):
-                mcp.append({"type": "text", "text": part["text"]})
-            elif part.get("type") == "image" and isinstance(source, dict) and \
-                    source.get("type") == "base64" and isinstance(source.get("data"), str) \
-                    and isinstance(source.get("media_type"), str):
-                mcp.append({"type": "image", "data": source["data"],
-                            "mimeType": source["media_type"]})
-            else:
-                return None
-        is_error = bool(block.get("is_error"))
-        if not mcp_carries_whole(mcp, is_error):
-            return None
-        results[block["tool_use_id"]] = {"content": mcp, "is_error": is_error}
-    return results if sorted(results) == sorted(pending) else None
+    _require(isinstance(thread, dict) and thread.get("type") in ("create", "continue"),
+             "thread.type: must be 'create' or 'continue'.")
+    if thread["type"] == "create":
+        return ""
+    previous = thread.get("previous_message_id")
+    _require(isinstance(previous, str) and previous != "",
+             "thread.previous_message_id: required, a string.")
+    return previous
 
 
-def mcp_carries_whole(content: list[dict], is_error: bool) -> bool:
-    """Whether a parked CLI passes this MCP tool result on as it is. In place of a
-    blank result it sends words of its own ("(mcp__c__x completed with no output)",
-    "Command failed with no output"), and in place of a text result longer than
-    MCP_RESULT_MAX_CHARS a file path and a preview; a result with an image it
-    keeps. Of an error it keeps only the text, parts joined, trimmed, and the
-    middle cut out of a long one (MCP_ERROR_MAX_CHARS is short of that)."""
-    texts = [part["text"] for part in content if part["type"] == "text"]
-    # UTF-16 units, as JavaScript counts; a lone surrogate is one.
-    length = sum(len(text.encode("utf-16-le", "surrogatepass")) // 2 for text in texts)
-    if is_error:
-        return len(content) == len(texts) == 1 and 0 < length <= MCP_ERROR_MAX_CHARS \
-            and not trimmed(texts[0][0]) and not trimmed(texts[0][-1])
-    if len(texts) < len(content):
-        return True
-    return not all(trimmed(char) for text in texts for char in text) and \
-        length <= MCP_RESULT_MAX_CHARS
+def thread_continued(body: dict, fixed: dict, messages: list[dict]) -> dict:
+    """A `continue` request as the whole request it stands for: the thread's system
+    prompt, tools and conversation, then this request's messages and parameters."""
+    differing = [name for name in THREAD_FIXED if name in body and body[name] != fixed.get(name)]
+    if differing:
+        raise InvalidRequest(f"thread: {', '.join(differing)} cannot change within a thread "
+                             "(it keeps those of its create request).",
+                             code="thread_fingerprint_mismatch")
+    new = body.get("messages")
+    _require(isinstance(new, list), "messages: required, a list.")
+    return {**body, **fixed, "messages": messages + new}
 
 
-def trimmed(char: str) -> bool:
-    """Whether JavaScript's trim() removes this character: Python's isspace() says
-    so of a few more, which only sends their results the transcript way."""
-    return char.isspace() or char == "\ufeff"
+def without_threads_beta(betas: str) -> str:
+    """The anthropic-beta header without the threads beta (served here)."""
+    return ",".join(beta.strip() for beta in betas.split(",")
+                    if beta.strip() and not beta.strip().startswith(THREADS_BETA))
 
 
-def echoed_blocks(content: Any) -> list:
-    """The part of a message's content a client reliably echoes back.
-
-    Clients resend earlier turns with cache_control marks added or moved, strings
-    for single text blocks, and often without thinking blocks; none of that
-    changes the conversation, so none of it takes part in matching.
-    """
-    blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
-    echoed = []
-    for block in blocks:
-        kind = block.get("type")
-        if kind in ("thinking", "redacted_thinking"):
-            continue
-        if kind == "text":
-            echoed.append(["text", block.get("text")])
-        elif kind == "tool_use":
-            echoed.append(["tool_use", block.get("id"), block.get("name"), block.get("input")])
-        elif kind == "tool_result":
-            echoed.append(["tool_result", block.get("tool_use_id"),
-                           bool(block.get("is_error")), echoed_blocks(block.get("content") or [])])
-        else:
-            echoed.append({k: v for k, v in block.items() if k != "cache_control"})
-    return echoed
-
-
-SORTED_JSON = json.JSONEncoder(sort_keys=True)     # json.dumps(sort_keys=True), built once
-
-
-def conversation_hash(messages: list[dict], before: Any = None) -> Any:
-    """The running sha256 of a conversation as the client echoes it (see
-    echoed_blocks), going on from `before`, the hash of the messages before these;
-    its hexdigest() keys live sessions."""
-    digest = before.copy() if before is not None else hashlib.sha256()
-    for message in messages:
-        digest.update(SORTED_JSON.encode([message["role"],
-                                          echoed_blocks(message["content"])]).encode())
-        digest.update(b"\x00")
-    return digest
-
-
-def transcript_entries(history: list[dict], session_id: str, cwd: str,
-                       now: dt.datetime, model: str) -> list[dict]:
-    """The earlier turns as CLI session lines: one entry a message, chained by parentUuid.
-
-    The CLI replays these as the upstream `messages`, block for block, so images,
-    documents, thinking signatures, tool_use and tool_result arrive intact.
-    """
-    stamp = now.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-    entries, parent = [], None
-    for index, message in enumerate(history):
-        entry_id = str(uuid.uuid5(uuid.UUID(session_id), str(index)))
-        content = message["content"]
-        if message["role"] == "user":
-            payload: dict[str, Any] = {"role": "user", "content": content}
-        else:
-            payload = {"id": f"msg_{entry_id.replace('-', '')[:24]}", "type": "message",
-                       "role": "assistant", "model": model,
-                       "content": ([{"type": "text", "text": content}]
-                                   if isinstance(content, str) else content),
-                       "stop_reason": "end_turn", "stop_sequence": None,
-                       "usage": {"input_tokens": 0, "output_tokens": 0}}
-        entries.append({"type": message["role"], "uuid": entry_id, "parentUuid": parent,
-                        "sessionId": session_id, "timestamp": stamp, "cwd": cwd,
-                        "isSidechain": False, "userType": "external", "message": payload})
-        parent = entry_id
-    return entries
-
-
-class MessageAssembler:
-    """Fold one upstream message's stream events into the Messages API `Message`."""
-
-    def __init__(self) -> None:
-        self.message: dict | None = None
-        self._json_parts: dict[int, list[str]] = {}
-
-    def feed(self, event: dict) -> None:
-        """Apply one raw stream event (message_start, content_block_*, message_delta)."""
-        kind = event.get("type")
-        if kind == "message_start":
-            self.message = dict(event["message"])
-            self.message["content"] = list(self.message.get("content") or [])
-            self.message["usage"] = dict(self.message.get("usage") or {})
-        elif self.message is None:
-            return
-        elif kind == "content_block_start":
-            block = dict(event["content_block"])
-            if block.get("type") in ("tool_use", "server_tool_use"):
-                self._json_parts[event["index"]] = []
-            self._put(event["index"], block)
-        elif kind == "content_block_delta":
-            self._apply_delta(event["index"], event["delta"])
-        elif kind == "content_block_stop":
-            parts = self._json_parts.pop(event["index"], None)
-            if parts is not None:
-                text = "".join(parts)
-                block = self.message["content"][event["index"]]
-                block["input"] = json.loads(text) if text else block.get("input") or {}
-        elif kind == "message_delta":
-            delta = event.get("delta") or {}
-            for key in ("stop_reason", "stop_sequence"):
-                if key in delta:
-                    self.message[key] = delta[key]
-            usage = {k: v for k, v in (event.get("usage") or {}).items() if v is not None}
-            self.message["usage"].update(usage)
-
-    def _put(self, index: int, block: dict) -> None:
-        content = self.message["content"]
-        while len(content) <= index:
-            content.append({})
-        content[index] = block
-
-    def _apply_delta(self, index: int, delta: dict) -> None:
-        block = self.message["content"][index]
-        kind = delta.get("type")
-        if kind == "text_delta":
-            block["text"] = block.get("text", "") + delta["text"]
-        elif kind == "input_json_delta":
-            self._json_parts.setdefault(index, []).append(delta.get("partial_json", ""))
-        elif kind == "thinking_delta":
-            block["thinking"] = block.get("thinking", "") + delta["thinking"]
-        elif kind == "signature_delta":
-            block["signature"] = block.get("signature", "") + delta["signature"]
-        elif kind == "citations_delta":
-            block.setdefault("citations", []).append(delta["citation"])
-
+# -- token estimate ------------------------------------------------------------
 
 # Token estimate for count_tokens. The CLI offers no counting call, so the proxy
 # estimates: text by a word-piece rule tuned to Claude's tokenizer on English and
@@ -1661,19 +1386,320 @@ def check_count_tokens_request(body: dict) -> None:
 
 
 # =============================================================================
-# 7. OpenAI translation -- Chat Completions requests in, completions and chunks out
+# 7. Conversations on the CLI -- tool names, transcripts, identity, the answer
 # =============================================================================
-# A Chat Completions request becomes a Messages API body (then a Turn, through
-# section 6, so both dialects share one validation and one engine); the answer's
-# Message becomes a `chat.completion`, its stream events `chat.completion.chunk`s.
+# What a conversation becomes on its way through the CLI and back: client tools
+# under the MCP names the upstream knows (`upstream_tool_name`), earlier turns as
+# the CLI's session lines (`transcript_entries`), the identity a live session is
+# found by (`conversation_hash`), the client's results for a parked turn
+# (`tool_results`), and the answer folded into one Message (`AgentStream`,
+# `MessageAssembler`).
+
+MCP_SERVER = "c"
+MCP_PREFIX = f"mcp__{MCP_SERVER}__"
+# The longest text result of an MCP tool a CLI keeps in the conversation (the
+# ceiling of the tool's `anthropic/maxResultSizeChars`, in UTF-16 units), and the
+# longest error text it keeps whole (measured: 11,000 whole, 11,500 cut).
+MCP_RESULT_MAX_CHARS = 500_000
+MCP_ERROR_MAX_CHARS = 10_000
+
+
+def upstream_tool_name(name: str) -> str:
+    """The name the upstream knows a client tool by (at most 64 characters)."""
+    if len(MCP_PREFIX) + len(name) <= 64:
+        return MCP_PREFIX + name
+    return f"{MCP_PREFIX}{name[:47]}_{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+
+def client_tool_names(tools: list[dict]) -> dict[str, str]:
+    """Upstream name -> client name, for every client tool."""
+    return {upstream_tool_name(tool["name"]): tool["name"] for tool in tools}
+
+
+def rename_tool_uses(messages: list[dict], names: dict[str, str]) -> list[dict]:
+    """Messages with each tool_use renamed through `names` (other names kept)."""
+    renamed = []
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, list) and any(b.get("type") == "tool_use" for b in content):
+            content = [{**b, "name": names.get(b["name"], b["name"])}
+                       if b.get("type") == "tool_use" else b for b in content]
+        renamed.append({**message, "content": content})
+    return renamed
+
+
+def client_event(event: dict, names: dict[str, str]) -> dict:
+    """An upstream stream event with its tool_use under the client's tool name."""
+    block = event.get("content_block")
+    if event.get("type") == "content_block_start" and (block or {}).get("type") == "tool_use":
+        return {**event, "content_block": {**block, "name": names.get(block["name"],
+                                                                        block["name"])}}
+    return event
+
+
+def tool_results(prompt: dict, pending: list[str]) -> dict[str, dict] | None:
+    """The MCP results for the `pending` tool calls, when the prompt is exactly their
+    tool_results; None when it holds anything else or a result MCP cannot carry
+    whole (the transcript then carries it)."""
+    content = prompt["content"]
+    if not isinstance(content, list) or any(b["type"] != "tool_result" for b in content):
+        return None
+    results = {}
+    for block in content:
+        inner = block.get("content")
+        parts = [{"type": "text", "text": inner}] if isinstance(inner, str) else inner or []
+        mcp = []
+        for part in parts:
+            source = part.get("source")
+            if part.get("type") == "text" and isinstance(part.get("text"), str):
+                mcp.append({"type": "text", "text": part["text"]})
+            elif part.get("type") == "image" and isinstance(source, dict) and \
+                    source.get("type") == "base64" and isinstance(source.get("data"), str) \
+                    and isinstance(source.get("media_type"), str):
+                mcp.append({"type": "image", "data": source["data"],
+                            "mimeType": source["media_type"]})
+            else:
+                return None
+        is_error = bool(block.get("is_error"))
+        if not mcp_carries_whole(mcp, is_error):
+            return None
+        results[block["tool_use_id"]] = {"content": mcp, "is_error": is_error}
+    return results if sorted(results) == sorted(pending) else None
+
+
+def mcp_carries_whole(content: list[dict], is_error: bool) -> bool:
+    """Whether a parked CLI passes this MCP tool result on as it is. In place of a
+    blank result it sends words of its own ("(mcp__c__x completed with no output)",
+    "Command failed with no output"), and in place of a text result longer than
+    MCP_RESULT_MAX_CHARS a file path and a preview; a result with an image it
+    keeps. Of an error it keeps only the text, parts joined, trimmed, and the
+    middle cut out of a long one (MCP_ERROR_MAX_CHARS is short of that)."""
+    texts = [part["text"] for part in content if part["type"] == "text"]
+    # UTF-16 units, as JavaScript counts; a lone surrogate is one.
+    length = sum(len(text.encode("utf-16-le", "surrogatepass")) // 2 for text in texts)
+    if is_error:
+        return len(content) == len(texts) == 1 and 0 < length <= MCP_ERROR_MAX_CHARS \
+            and not trimmed(texts[0][0]) and not trimmed(texts[0][-1])
+    if len(texts) < len(content):
+        return True
+    return not all(trimmed(char) for text in texts for char in text) and \
+        length <= MCP_RESULT_MAX_CHARS
+
+
+def trimmed(char: str) -> bool:
+    """Whether JavaScript's trim() removes this character: Python's isspace() says
+    so of a few more, which only sends their results the transcript way."""
+    return char.isspace() or char == "\ufeff"
+
+
+def echoed_blocks(content: Any) -> list:
+    """The part of a message's content a client reliably echoes back.
+
+    Clients resend earlier turns with cache_control marks added or moved, strings
+    for single text blocks, and often without thinking blocks; none of that
+    changes the conversation, so none of it takes part in matching.
+    """
+    blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
+    echoed = []
+    for block in blocks:
+        kind = block.get("type")
+        if kind in ("thinking", "redacted_thinking"):
+            continue
+        if kind == "text":
+            echoed.append(["text", block.get("text")])
+        elif kind == "tool_use":
+            echoed.append(["tool_use", block.get("id"), block.get("name"), block.get("input")])
+        elif kind == "tool_result":
+            echoed.append(["tool_result", block.get("tool_use_id"),
+                           bool(block.get("is_error")), echoed_blocks(block.get("content") or [])])
+        else:
+            echoed.append({k: v for k, v in block.items() if k != "cache_control"})
+    return echoed
+
+
+SORTED_JSON = json.JSONEncoder(sort_keys=True)     # json.dumps(sort_keys=True), built once
+
+
+def conversation_hash(messages: list[dict], before: Any = None) -> Any:
+    """The running sha256 of a conversation as the client echoes it (see
+    echoed_blocks), going on from `before`, the hash of the messages before these;
+    its hexdigest() keys live sessions."""
+    digest = before.copy() if before is not None else hashlib.sha256()
+    for message in messages:
+        digest.update(SORTED_JSON.encode([message["role"],
+                                          echoed_blocks(message["content"])]).encode())
+        digest.update(b"\x00")
+    return digest
+
+
+def prompt_in_transcript(turn: Turn) -> bool:
+    """True when a new CLI must get the prompt inside its transcript: a user turn
+    that starts with tool_results continues the assistant's turn, and sent as a
+    prompt the CLI would first close that turn with notes of its own."""
+    content = turn.prompt["content"]
+    return bool(turn.history) and isinstance(content, list) and bool(content) and \
+        content[0].get("type") == "tool_result"
+
+
+def transcript_entries(history: list[dict], session_id: str, cwd: str,
+                       now: dt.datetime, model: str) -> list[dict]:
+    """The earlier turns as CLI session lines: one entry a message, chained by parentUuid.
+
+    The CLI replays these as the upstream `messages`, block for block, so images,
+    documents, thinking signatures, tool_use and tool_result arrive intact.
+    """
+    stamp = now.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    entries, parent = [], None
+    for index, message in enumerate(history):
+        entry_id = str(uuid.uuid5(uuid.UUID(session_id), str(index)))
+        content = message["content"]
+        if message["role"] == "user":
+            payload: dict[str, Any] = {"role": "user", "content": content}
+        else:
+            payload = {"id": f"msg_{entry_id.replace('-', '')[:24]}", "type": "message",
+                       "role": "assistant", "model": model,
+                       "content": ([{"type": "text", "text": content}]
+                                   if isinstance(content, str) else content),
+                       "stop_reason": "end_turn", "stop_sequence": None,
+                       "usage": {"input_tokens": 0, "output_tokens": 0}}
+        entries.append({"type": message["role"], "uuid": entry_id, "parentUuid": parent,
+                        "sessionId": session_id, "timestamp": stamp, "cwd": cwd,
+                        "isSidechain": False, "userType": "external", "message": payload})
+        parent = entry_id
+    return entries
+
+
+class AgentStream:
+    """The upstream messages of one agent-mode answer as one message for the client.
+
+    The CLI runs its built-in tools itself and calls the upstream again, so their
+    tool_use blocks and the seams between the messages are left out, the other
+    blocks renumbered and the output tokens summed. Without built-in tools it
+    passes every event through unchanged.
+    """
+
+    def __init__(self, builtin: set[str]):
+        self.builtin = builtin
+        self.started = False
+        self.next_index = 0
+        self.index: dict[int, int] = {}     # this message's block index -> client index
+        self.hidden: set[int] = set()
+        self.client_calls = False
+        self.in_round = False
+        self.output_tokens = 0
+
+    def feed(self, event: dict) -> list[dict]:
+        kind = event.get("type")
+        if kind == "message_start":
+            self.index, self.hidden, self.client_calls = {}, set(), False
+            first, self.started = not self.started, True
+            return [event] if first else []
+        if kind == "content_block_start":
+            block = event["content_block"]
+            if block.get("type") == "tool_use" and block.get("name") in self.builtin:
+                self.hidden.add(event["index"])
+                return []
+            self.client_calls |= block.get("type") == "tool_use"
+            self.index[event["index"]] = self.next_index
+            self.next_index += 1
+        if kind in ("content_block_start", "content_block_delta", "content_block_stop"):
+            if event["index"] in self.hidden or event["index"] not in self.index:
+                return []
+            return [{**event, "index": self.index[event["index"]]}]
+        if kind == "message_delta":
+            usage = dict(event.get("usage") or {})
+            self.output_tokens += usage.get("output_tokens") or 0
+            if (event.get("delta") or {}).get("stop_reason") == "tool_use" and \
+                    not self.client_calls and self.hidden:
+                self.in_round = True
+                return []
+            if "output_tokens" in usage:
+                usage["output_tokens"] = self.output_tokens
+            return [{**event, "usage": usage}]
+        if kind == "message_stop" and self.in_round:
+            self.in_round = False
+            return []
+        return [event]
+
+
+class MessageAssembler:
+    """Fold one upstream message's stream events into the Messages API `Message`."""
+
+    def __init__(self) -> None:
+        self.message: dict | None = None
+        self._json_parts: dict[int, list[str]] = {}
+
+    def feed(self, event: dict) -> None:
+        """Apply one raw stream event (message_start, content_block_*, message_delta)."""
+        kind = event.get("type")
+        if kind == "message_start":
+            self.message = dict(event["message"])
+            self.message["content"] = list(self.message.get("content") or [])
+            self.message["usage"] = dict(self.message.get("usage") or {})
+        elif self.message is None:
+            return
+        elif kind == "content_block_start":
+            block = dict(event["content_block"])
+            if block.get("type") in ("tool_use", "server_tool_use"):
+                self._json_parts[event["index"]] = []
+            self._put(event["index"], block)
+        elif kind == "content_block_delta":
+            self._apply_delta(event["index"], event["delta"])
+        elif kind == "content_block_stop":
+            parts = self._json_parts.pop(event["index"], None)
+            if parts is not None:
+                text = "".join(parts)
+                block = self.message["content"][event["index"]]
+                block["input"] = json.loads(text) if text else block.get("input") or {}
+        elif kind == "message_delta":
+            delta = event.get("delta") or {}
+            for key in ("stop_reason", "stop_sequence"):
+                if key in delta:
+                    self.message[key] = delta[key]
+            usage = {k: v for k, v in (event.get("usage") or {}).items() if v is not None}
+            self.message["usage"].update(usage)
+
+    def _put(self, index: int, block: dict) -> None:
+        content = self.message["content"]
+        while len(content) <= index:
+            content.append({})
+        content[index] = block
+
+    def _apply_delta(self, index: int, delta: dict) -> None:
+        block = self.message["content"][index]
+        kind = delta.get("type")
+        if kind == "text_delta":
+            block["text"] = block.get("text", "") + delta["text"]
+        elif kind == "input_json_delta":
+            self._json_parts.setdefault(index, []).append(delta.get("partial_json", ""))
+        elif kind == "thinking_delta":
+            block["thinking"] = block.get("thinking", "") + delta["thinking"]
+        elif kind == "signature_delta":
+            block["signature"] = block.get("signature", "") + delta["signature"]
+        elif kind == "citations_delta":
+            block.setdefault("citations", []).append(delta["citation"])
+
+
+def answer_as_history(message: dict) -> list[dict]:
+    """A stored answer as a later request's history holds it: without the blank text
+    the Messages API refuses in a request (Claude may write "\n\n" before a tool
+    call), and no message at all for a blank answer."""
+    content = [block for block in message["content"]
+               if block.get("type") != "text" or block.get("text", "").strip()]
+    return [{"role": "assistant", "content": content}] if content else []
+
+
+# =============================================================================
+# 8. OpenAI Chat Completions -- requests in, completions and chunks out
+# =============================================================================
+# A Chat Completions request is checked in its own words, then becomes a Messages
+# API body and a Turn through section 6 (whose errors `Origins` moves back to the
+# client's own messages); the answer's Message becomes a `chat.completion`, its
+# stream events `chat.completion.chunk`s. `openai_turn` serves section 9 too.
 
 FINISH_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
                   "model_context_window_exceeded": "length", "tool_use": "tool_calls",
                   "pause_turn": "stop", "refusal": "content_filter"}
-# Stops that make a Responses answer `incomplete`, and the reason it gives.
-INCOMPLETE_REASONS = {"max_tokens": "max_output_tokens",
-                      "model_context_window_exceeded": "max_output_tokens",
-                      "refusal": "content_filter"}
 # Parameters that change what OpenAI answers and that Claude cannot honour: a
 # request that sets them otherwise than their default gets a 400.
 CHAT_UNSUPPORTED = {"n": 1, "logprobs": False, "top_logprobs": None, "logit_bias": None,
@@ -1686,6 +1712,14 @@ CHAT_CARRIED = ("max_tokens", "max_completion_tokens", "temperature", "top_p", "
                 "tool_choice", "response_format", "reasoning_effort")
 OPENAI_EFFORTS = {"none": "low", "minimal": "low", "low": "low", "medium": "medium",
                   "high": "high", "xhigh": "xhigh"}
+
+
+def _check_known(body: dict, unsupported: dict, known: Iterable[str]) -> None:
+    for name, default in unsupported.items():
+        _require(body.get(name) in (None, default),
+                 f"{name}: not supported by this proxy (Claude cannot honour it).")
+    unknown = sorted(set(body) - set(unsupported) - set(known))
+    _require(not unknown, f"{', '.join(unknown)}: unknown or unsupported parameter.")
 
 
 def _chat_text(content: Any, where: str, kinds: tuple[str, ...] = ("text",),
@@ -1771,6 +1805,40 @@ def call_arguments(text: str | None, where: str) -> dict:
     return arguments
 
 
+def check_function_name(name: Any, where: str) -> str:
+    _require(isinstance(name, str) and TOOL_NAME_RE.match(name) is not None,
+             f"{where}: must be 1-64 letters, digits, underscores or dashes.")
+    return name
+
+
+def check_parameters(schema: Any, where: str) -> dict:
+    """A function's parameters as the tool's input_schema (none: no arguments)."""
+    if schema is None:
+        return {"type": "object", "properties": {}}
+    _require(isinstance(schema, dict) and schema.get("type") == "object",
+             f"{where}: must be a JSON schema with type 'object'.")
+    return schema
+
+
+def check_max_tokens(body: dict, *names: str) -> int | None:
+    """The first of `names` the request sets: an output token limit."""
+    for name in names:
+        if body.get(name) is not None:
+            _require(_is_int(body[name]) and body[name] >= 1,
+                     f"{name}: must be an integer of at least 1.")
+            return body[name]
+    return None
+
+
+def check_effort(effort: Any, where: str) -> str | None:
+    """An OpenAI reasoning effort as the upstream's output_config.effort."""
+    if effort is None:
+        return None
+    _require(isinstance(effort, str) and effort in OPENAI_EFFORTS,
+             f"{where}: must be one of {', '.join(OPENAI_EFFORTS)}.")
+    return OPENAI_EFFORTS[effort]
+
+
 def _chat_tools(body: dict) -> dict:
     """tools and tool_choice in the Messages API's form."""
     out: dict[str, Any] = {}
@@ -1812,38 +1880,21 @@ def _chat_tools(body: dict) -> dict:
     return out
 
 
-def check_function_name(name: Any, where: str) -> str:
-    _require(isinstance(name, str) and TOOL_NAME_RE.match(name) is not None,
-             f"{where}: must be 1-64 letters, digits, underscores or dashes.")
-    return name
-
-
-def check_parameters(schema: Any, where: str) -> dict:
-    """A function's parameters as the tool's input_schema (none: no arguments)."""
-    if schema is None:
-        return {"type": "object", "properties": {}}
-    _require(isinstance(schema, dict) and schema.get("type") == "object",
-             f"{where}: must be a JSON schema with type 'object'.")
-    return schema
-
-
-def check_max_tokens(body: dict, *names: str) -> int | None:
-    """The first of `names` the request sets: an output token limit."""
-    for name in names:
-        if body.get(name) is not None:
-            _require(_is_int(body[name]) and body[name] >= 1,
-                     f"{name}: must be an integer of at least 1.")
-            return body[name]
-    return None
-
-
-def check_effort(effort: Any, where: str) -> str | None:
-    """An OpenAI reasoning effort as the upstream's output_config.effort."""
-    if effort is None:
+def _chat_response_format(value: Any) -> dict | None:
+    """response_format as the upstream's output_config.format (native structured output)."""
+    if value is None:
         return None
-    _require(isinstance(effort, str) and effort in OPENAI_EFFORTS,
-             f"{where}: must be one of {', '.join(OPENAI_EFFORTS)}.")
-    return OPENAI_EFFORTS[effort]
+    _require(isinstance(value, dict) and value.get("type") in ("text", "json_object",
+                                                                "json_schema"),
+             "response_format.type: must be 'text', 'json_object' or 'json_schema'.")
+    if value["type"] == "text":
+        return None
+    if value["type"] == "json_object":
+        return {"type": "json_schema", "schema": {"type": "object"}}
+    spec = value.get("json_schema")
+    schema = spec.get("schema") if isinstance(spec, dict) else None
+    _require(isinstance(schema, dict), "response_format.json_schema.schema: required, an object.")
+    return {"type": "json_schema", "schema": schema}
 
 
 class Origins:
@@ -1878,31 +1929,6 @@ class Origins:
         wheres = self.blocks[message]
         return err.moved(err.param, wheres[block if block is not None and
                                            block < len(wheres) else 0])
-
-
-def _chat_response_format(value: Any) -> dict | None:
-    """response_format as the upstream's output_config.format (native structured output)."""
-    if value is None:
-        return None
-    _require(isinstance(value, dict) and value.get("type") in ("text", "json_object",
-                                                                "json_schema"),
-             "response_format.type: must be 'text', 'json_object' or 'json_schema'.")
-    if value["type"] == "text":
-        return None
-    if value["type"] == "json_object":
-        return {"type": "json_schema", "schema": {"type": "object"}}
-    spec = value.get("json_schema")
-    schema = spec.get("schema") if isinstance(spec, dict) else None
-    _require(isinstance(schema, dict), "response_format.json_schema.schema: required, an object.")
-    return {"type": "json_schema", "schema": schema}
-
-
-def _check_known(body: dict, unsupported: dict, known: Iterable[str]) -> None:
-    for name, default in unsupported.items():
-        _require(body.get(name) in (None, default),
-                 f"{name}: not supported by this proxy (Claude cannot honour it).")
-    unknown = sorted(set(body) - set(unsupported) - set(known))
-    _require(not unknown, f"{', '.join(unknown)}: unknown or unsupported parameter.")
 
 
 def chat_request_to_turn(body: dict, default_model: str, caller: str = "") -> Turn:
@@ -1984,13 +2010,105 @@ def openai_turn(body: dict, system: list[str], messages: list[dict], origins: Or
         raise origins.moved(err, list_name) from None
 
 
-# -- Responses API -------------------------------------------------------------
-# A Responses request is renamed into the Chat Completions parameters above:
-# `instructions` and system/developer items join the system prompt, `message`
-# items make user and assistant turns, `function_call`/`function_call_output`
-# items tool_use/tool_result blocks, and `previous_response_id`'s stored
-# conversation comes first.
+def chat_usage(usage: dict) -> dict:
+    """Anthropic usage as OpenAI's: prompt tokens include the cached ones."""
+    cached = usage.get("cache_read_input_tokens") or 0
+    prompt = (usage.get("input_tokens") or 0) + cached + \
+        (usage.get("cache_creation_input_tokens") or 0)
+    completion = usage.get("output_tokens") or 0
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
+
+def chat_tool_call(block: dict) -> dict:
+    return {"id": block["id"], "type": "function",
+            "function": {"name": block["name"], "arguments": json.dumps(block["input"])}}
+
+
+def message_to_chat_completion(message: dict, completion_id: str, created: int) -> dict:
+    """A Messages API Message as a `chat.completion` (thinking blocks are left out)."""
+    texts = [b["text"] for b in message["content"] if b.get("type") == "text"]
+    calls = [chat_tool_call(b) for b in message["content"] if b.get("type") == "tool_use"]
+    reply: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts else None,
+                             "refusal": None}
+    if calls:
+        reply["tool_calls"] = calls
+    return {"id": completion_id, "object": "chat.completion", "created": created,
+            "model": message["model"], "choices": [{
+                "index": 0, "message": reply, "logprobs": None,
+                "finish_reason": FINISH_REASONS.get(message.get("stop_reason"), "stop")}],
+            "usage": chat_usage(message["usage"])}
+
+
+class ChunkTranslator:
+    """Stream events of one upstream message into `chat.completion.chunk`s."""
+
+    def __init__(self, completion_id: str, created: int, include_usage: bool):
+        self.base = {"id": completion_id, "object": "chat.completion.chunk",
+                     "created": created, "model": ""}
+        self.include_usage = include_usage
+        self.usage: dict = {}
+        self.tool_index: dict[int, int] = {}    # content block index -> tool_calls index
+        self.no_arguments: set[int] = set()     # tool_use blocks with no argument yet
+
+    def _chunk(self, delta: dict, finish: str | None = None) -> dict:
+        return {**self.base, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                          "finish_reason": finish}]}
+
+    def feed(self, event: dict) -> list[dict]:
+        kind = event.get("type")
+        if kind == "message_start":
+            message = event["message"]
+            self.base["model"] = message.get("model", "")
+            self.usage = dict(message.get("usage") or {})
+            return [self._chunk({"role": "assistant", "content": ""})]
+        if kind == "content_block_start" and event["content_block"].get("type") == "tool_use":
+            block = event["content_block"]
+            position = self.tool_index[event["index"]] = len(self.tool_index)
+            self.no_arguments.add(event["index"])
+            return [self._chunk({"tool_calls": [{
+                "index": position, "id": block["id"], "type": "function",
+                "function": {"name": block["name"], "arguments": ""}}]})]
+        if kind == "content_block_delta":
+            delta = event["delta"]
+            if delta.get("type") == "text_delta":
+                return [self._chunk({"content": delta["text"]})]
+            if delta.get("type") == "input_json_delta" and delta.get("partial_json"):
+                self.no_arguments.discard(event["index"])
+                return [self._chunk({"tool_calls": [{
+                    "index": self.tool_index[event["index"]],
+                    "function": {"arguments": delta["partial_json"]}}]})]
+        if kind == "content_block_stop" and event.get("index") in self.no_arguments:
+            # A call without input streams one empty delta; OpenAI's arguments are
+            # always a JSON object.
+            self.no_arguments.discard(event["index"])
+            return [self._chunk({"tool_calls": [{"index": self.tool_index[event["index"]],
+                                                 "function": {"arguments": "{}"}}]})]
+        if kind == "message_delta":
+            self.usage.update({k: v for k, v in (event.get("usage") or {}).items()
+                               if v is not None})
+            stop = (event.get("delta") or {}).get("stop_reason")
+            return [self._chunk({}, FINISH_REASONS.get(stop, "stop"))]
+        if kind == "message_stop" and self.include_usage:
+            return [{**self.base, "choices": [], "usage": chat_usage(self.usage)}]
+        return []
+
+
+# =============================================================================
+# 9. OpenAI Responses -- requests in, responses and their events out
+# =============================================================================
+# A Responses request is checked in its own words and renamed into the Chat
+# Completions parameters (section 8): `instructions` and system/developer items
+# join the system prompt, `message` items make user and assistant turns, call and
+# output items tool_use/tool_result blocks, and `previous_response_id`'s stored
+# conversation comes first. `ResponseTranslator` makes the answer a response
+# object and its stream the API's events.
+
+# Stops that make a Responses answer `incomplete`, and the reason it gives.
+INCOMPLETE_REASONS = {"max_tokens": "max_output_tokens",
+                      "model_context_window_exceeded": "max_output_tokens",
+                      "refusal": "content_filter"}
 RESPONSES_UNSUPPORTED = {"background": False, "prompt": None, "conversation": None,
                          "top_logprobs": None, "max_tool_calls": None}
 # client_metadata: ids a client (Codex) sends for its own records; nothing to carry.
@@ -2116,15 +2234,6 @@ def _response_user_blocks(content: Any, where: str) -> list[dict]:
             raise InvalidRequest(f"{where}.content.{i}: must be an input_text part or an "
                                  "input_image part with an image_url.")
     return _chat_user_blocks(parts, where)
-
-
-def answer_as_history(message: dict) -> list[dict]:
-    """A stored answer as a later request's history holds it: without the blank text
-    the Messages API refuses in a request (Claude may write "\n\n" before a tool
-    call), and no message at all for a blank answer."""
-    content = [block for block in message["content"]
-               if block.get("type") != "text" or block.get("text", "").strip()]
-    return [{"role": "assistant", "content": content}] if content else []
 
 
 def responses_request_to_turn(body: dict, default_model: str, caller: str = "",
@@ -2255,91 +2364,6 @@ def resolve_item_references(items: Any, lookup: Callable[[str], dict | None]) ->
             item = found
         resolved.append(item)
     return resolved
-
-
-def chat_usage(usage: dict) -> dict:
-    """Anthropic usage as OpenAI's: prompt tokens include the cached ones."""
-    cached = usage.get("cache_read_input_tokens") or 0
-    prompt = (usage.get("input_tokens") or 0) + cached + \
-        (usage.get("cache_creation_input_tokens") or 0)
-    completion = usage.get("output_tokens") or 0
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached}}
-
-
-def chat_tool_call(block: dict) -> dict:
-    return {"id": block["id"], "type": "function",
-            "function": {"name": block["name"], "arguments": json.dumps(block["input"])}}
-
-
-def message_to_chat_completion(message: dict, completion_id: str, created: int) -> dict:
-    """A Messages API Message as a `chat.completion` (thinking blocks are left out)."""
-    texts = [b["text"] for b in message["content"] if b.get("type") == "text"]
-    calls = [chat_tool_call(b) for b in message["content"] if b.get("type") == "tool_use"]
-    reply: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts else None,
-                             "refusal": None}
-    if calls:
-        reply["tool_calls"] = calls
-    return {"id": completion_id, "object": "chat.completion", "created": created,
-            "model": message["model"], "choices": [{
-                "index": 0, "message": reply, "logprobs": None,
-                "finish_reason": FINISH_REASONS.get(message.get("stop_reason"), "stop")}],
-            "usage": chat_usage(message["usage"])}
-
-
-class ChunkTranslator:
-    """Stream events of one upstream message into `chat.completion.chunk`s."""
-
-    def __init__(self, completion_id: str, created: int, include_usage: bool):
-        self.base = {"id": completion_id, "object": "chat.completion.chunk",
-                     "created": created, "model": ""}
-        self.include_usage = include_usage
-        self.usage: dict = {}
-        self.tool_index: dict[int, int] = {}    # content block index -> tool_calls index
-        self.no_arguments: set[int] = set()     # tool_use blocks with no argument yet
-
-    def _chunk(self, delta: dict, finish: str | None = None) -> dict:
-        return {**self.base, "choices": [{"index": 0, "delta": delta, "logprobs": None,
-                                          "finish_reason": finish}]}
-
-    def feed(self, event: dict) -> list[dict]:
-        kind = event.get("type")
-        if kind == "message_start":
-            message = event["message"]
-            self.base["model"] = message.get("model", "")
-            self.usage = dict(message.get("usage") or {})
-            return [self._chunk({"role": "assistant", "content": ""})]
-        if kind == "content_block_start" and event["content_block"].get("type") == "tool_use":
-            block = event["content_block"]
-            position = self.tool_index[event["index"]] = len(self.tool_index)
-            self.no_arguments.add(event["index"])
-            return [self._chunk({"tool_calls": [{
-                "index": position, "id": block["id"], "type": "function",
-                "function": {"name": block["name"], "arguments": ""}}]})]
-        if kind == "content_block_delta":
-            delta = event["delta"]
-            if delta.get("type") == "text_delta":
-                return [self._chunk({"content": delta["text"]})]
-            if delta.get("type") == "input_json_delta" and delta.get("partial_json"):
-                self.no_arguments.discard(event["index"])
-                return [self._chunk({"tool_calls": [{
-                    "index": self.tool_index[event["index"]],
-                    "function": {"arguments": delta["partial_json"]}}]})]
-        if kind == "content_block_stop" and event.get("index") in self.no_arguments:
-            # A call without input streams one empty delta; OpenAI's arguments are
-            # always a JSON object.
-            self.no_arguments.discard(event["index"])
-            return [self._chunk({"tool_calls": [{"index": self.tool_index[event["index"]],
-                                                 "function": {"arguments": "{}"}}]})]
-        if kind == "message_delta":
-            self.usage.update({k: v for k, v in (event.get("usage") or {}).items()
-                               if v is not None})
-            stop = (event.get("delta") or {}).get("stop_reason")
-            return [self._chunk({}, FINISH_REASONS.get(stop, "stop"))]
-        if kind == "message_stop" and self.include_usage:
-            return [{**self.base, "choices": [], "usage": chat_usage(self.usage)}]
-        return []
 
 
 def response_usage(usage: dict) -> dict:
@@ -2502,7 +2526,11 @@ class ResponseTranslator:
                        self._event("response.content_part.done", item_id=item["id"],
                                    output_index=position, content_index=0, part=part)]
         elif item["type"] == "function_call":
-            item["arguments"] = json.dumps(block.get("input") or {})
+            streamed, item["arguments"] = item["arguments"], json.dumps(block.get("input") or {})
+            if not streamed:        # a call without arguments: its deltas add up all the same
+                events.append(self._event("response.function_call_arguments.delta",
+                                          item_id=item["id"], output_index=position,
+                                          delta=item["arguments"]))
             events.append(self._event("response.function_call_arguments.done",
                                       item_id=item["id"], output_index=position,
                                       name=item["name"], arguments=item["arguments"]))
@@ -2523,62 +2551,25 @@ class ResponseTranslator:
         return events
 
 
-def error_to_openai(err: ProxyError, request_id: str | None = None) -> dict:
-    """OpenAI's error body (no request id in it), with the same statuses as the
-    Anthropic side; `param` in OpenAI's notation (`input[0].arguments`)."""
-    param = re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", err.param) if err.param else None
-    return {"error": {"message": err.message, "type": err.error_type, "param": param,
-                      "code": err.openai_code}}
-
-
 # =============================================================================
-# 8. SDK adapter -- ClaudeAgentOptions, CLI environment, one CLI process per task
+# 10. SDK adapter -- options, environment, one CLI per task, its turns read
 # =============================================================================
 # The only section that imports claude_agent_sdk. `cli_environment` and
 # `cli_options` say how a Turn is carried; `CliProcess` owns one CLI through a
-# ClaudeSDKClient, and its CliWatch stops it when it goes on without the client;
+# ClaudeSDKClient, and its `CliWatch` stops it when it goes on without the client;
 # a `TurnReader` turns one turn's SDK messages into TurnEvents (Delta,
-# RateLimitReport, Answer, Finished, WentOn), the only things section 9 reads; and
-# `sdk_error` / `result_error` turn SDK failures into ProxyErrors, once, here.
+# RateLimitReport, Answer, Finished, WentOn), the only things section 12 reads;
+# and `sdk_error` / `result_error` turn SDK failures into ProxyErrors, once, here.
 
 try:
     import claude_agent_sdk as sdk
 except ImportError:         # main() explains how to install it
     sdk = None
-
-
-def _in_own_session(open_process: Callable) -> Callable:
-    """anyio.open_process, with which the SDK spawns each CLI (its only call), made
-    to start it in a session of its own. An idle CLI is stopped (`_freeze`), and when
-    a process group holding a stopped process is orphaned -- the shell or start
-    script that ran the proxy with `&` exits -- the kernel sends the whole group
-    SIGHUP and SIGCONT: in the proxy's group that killed the proxy, unlogged. Nor
-    does the terminal's Ctrl-C or hang-up reach a CLI then: the proxy ends its CLIs
-    itself, after its drain. The SDK has no option for it, and a parent cannot move
-    a child that has exec'd to another group."""
-    @functools.wraps(open_process)
-    async def open_process_in_own_session(*args: Any, **kwargs: Any) -> Any:
-        kwargs.setdefault("start_new_session", True)
-        return await open_process(*args, **kwargs)
-    return open_process_in_own_session
-
-
-if sdk is not None:
-    import anyio
-    anyio.open_process = _in_own_session(anyio.open_process)
-
-_CLOSED = object()          # end-of-turn marker in a CliProcess outbox
-RATE_LIMIT_WINDOWS = {
-    "five_hour": "5-hour", "seven_day": "weekly", "seven_day_opus": "weekly Opus",
-    "seven_day_sonnet": "weekly Sonnet", "overage": "extra-usage",
-}
 # The SDKs the suite passes on: from the floor (older ones change a client's tool
 # result on its way up, or start no CLI at all) to the newest it was run against.
 SDK_FLOOR = (0, 2, 180)
 SDK_NEWEST_TESTED = (0, 2, 189)
 SDK_REQUIREMENT = "claude-agent-sdk>=" + ".".join(map(str, SDK_FLOOR))
-_API_ERROR_RE = re.compile(r"API Error: (?:(\d{3}) )?(.*?)(?:\.? This is a server-side issue.*)?$",
-                           re.S)
 
 
 def self_command() -> str:
@@ -2781,8 +2772,9 @@ def mcp_server(tools: list[dict], broker: ToolBroker) -> Any:
                                    "_meta": {"anthropic/maxResultSizeChars":
                                              MCP_RESULT_MAX_CHARS}})
               for tool in tools]
-    return sdk.McpSdkServerConfig(type="sdk", name=MCP_SERVER,
-                                  instance=build_tool_server(MCP_SERVER, __version__, listed, call))
+    return sdk.McpSdkServerConfig(
+        type="sdk", name=MCP_SERVER,
+        instance=build_tool_server(MCP_SERVER, __version__, listed, call))
 
 
 class TranscriptStore:
@@ -2913,6 +2905,12 @@ def agent_permissions(directory: str) -> list[str]:
             "Bash", "WebFetch", "WebSearch"]
 
 
+# -- errors and rate limits ----------------------------------------------------
+
+_API_ERROR_RE = re.compile(r"API Error: (?:(\d{3}) )?(.*?)(?:\.? This is a server-side issue.*)?$",
+                           re.S)
+
+
 def sdk_error(exc: BaseException) -> ProxyError:
     """A ProxyError for an SDK exception raised outside a result."""
     if isinstance(exc, ProxyError):
@@ -2930,6 +2928,12 @@ def sdk_error(exc: BaseException) -> ProxyError:
     return BadGateway("The Claude Code CLI failed.")
 
 
+RATE_LIMIT_WINDOWS = {
+    "five_hour": "5-hour", "seven_day": "weekly", "seven_day_opus": "weekly Opus",
+    "seven_day_sonnet": "weekly Sonnet", "overage": "extra-usage",
+}
+
+
 def rate_limit_message(info: dict, now: float) -> tuple[str, float | None]:
     """Words and retry-after seconds for a rejected subscription window."""
     window = info.get("rateLimitType") or ""
@@ -2944,7 +2948,8 @@ def rate_limit_message(info: dict, now: float) -> tuple[str, float | None]:
 
 
 WINDOW_HEADER_NAMES = {"five_hour": "5h", "seven_day": "7d", "seven_day_opus": "7d_opus",
-                       "seven_day_sonnet": "7d_sonnet", "overage": "overage"}
+                       "seven_day_sonnet": "7d_sonnet", "seven_day_overage_included": "7d_oi",
+                       "overage": "overage"}
 
 
 def rate_limit_headers(info: dict) -> dict[str, str]:
@@ -2984,6 +2989,13 @@ def usage_windows(info: dict, observed: float) -> dict:
                         if isinstance(state, dict)}}
 
 
+# The CLI's words for a login it lacks or the upstream refused ("Not logged in ·
+# Please run /login", "OAuth token revoked · ...", "Login expired · ..."), which
+# may come without a status.
+LOGIN_PROBLEMS = ("/login", "Not logged in", "Authentication required", "Invalid API key",
+                  "Failed to authenticate", "Sign in again")
+
+
 def result_error(data: dict, rate_limit: dict | None, now: float) -> ProxyError:
     """The ProxyError for a CLI result that reports an error."""
     text = (data.get("result") or "; ".join(data.get("errors") or [])
@@ -2993,7 +3005,7 @@ def result_error(data: dict, rate_limit: dict | None, now: float) -> ProxyError:
     upstream_message = found.group(2).strip() if found else text
     if status is None and found and found.group(1):
         status = int(found.group(1))
-    if status == 401 or "Not logged in" in text or "/login" in text:
+    if status == 401 or any(words in text for words in LOGIN_PROBLEMS):
         return AuthenticationFailed(f"The proxy's Claude login is missing or was rejected. "
                                     f"{login_hint()} Then retry. (upstream: {upstream_message})")
     if status == 429 and rate_limit and rate_limit.get("resetsAt") and \
@@ -3010,6 +3022,11 @@ def result_error(data: dict, rate_limit: dict | None, now: float) -> ProxyError:
     if status is None:
         return BadGateway(f"The Claude Code CLI reported an error: {text}")
     return error_for_upstream_status(status, upstream_message)
+
+
+# -- one CLI, owned by one task ------------------------------------------------
+
+_CLOSED = object()          # end-of-turn marker in a CliProcess outbox
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3264,6 +3281,258 @@ class CliProcess:
                 job.outbox.put_nowait(self._failure or BadGateway("The Claude Code CLI stopped."))
 
 
+def _close_receive_stream(query: Any) -> None:
+    """Close what the SDK's disconnect() leaves open when closing a killed CLI
+    fails (anyio warns of it when it is collected)."""
+    if query is not None:
+        with contextlib.suppress(Exception):
+            query.close_receive_stream()
+
+
+async def _single(message: dict, message_id: str) -> AsyncIterator[dict]:
+    yield {"type": "user", "message": message, "parent_tool_use_id": None, "uuid": message_id}
+
+
+async def _rewind(client: Any, first: str, latest: str) -> bool:
+    """The CLI's own rewind to before message `first` (the control request behind
+    its "rewind conversation", which the SDK has no method for); the CLI refuses
+    (`rewound: false`) unless `latest` is its latest prompt."""
+    try:
+        answer = await client._query._send_control_request(
+            {"subtype": "rewind_conversation", "target_message_uuid": first,
+             "last_seen_user_message_uuid": latest}, timeout=CLI_REWIND_TIMEOUT_S)
+    except Exception as exc:
+        log.debug("rewind failed: %s", exc)
+        return False
+    if isinstance(answer, dict) and answer.get("rewound") is True:
+        return True
+    log.debug("rewind refused: %s", answer.get("reason") if isinstance(answer, dict) else answer)
+    return False
+
+
+# Stops after which the CLI calls the upstream again on its own, with a note of its
+# own in the conversation ("Output token limit hit. Resume directly...", "Your
+# response above was stopped by a safety classifier..."): no switch stops all.
+CLI_GOES_ON_AFTER = frozenset({"max_tokens", "model_context_window_exceeded", "refusal"})
+
+
+@dataclasses.dataclass(frozen=True)
+class WentOnAt:
+    """In a CliProcess outbox, in place of the SDK message its CLI went on at."""
+
+    message: Any
+
+
+class CliWatch:
+    """The one decision to stop a CLI: it goes on without the client.
+
+    Its owner task feeds it every SDK message in order and stops the CLI the moment
+    it says so, ahead of the CLI's next upstream call, and hands that message to
+    the turn's reader as WentOnAt. A CLI goes on after a stop of CLI_GOES_ON_AFTER ("recovery"
+    calls); when it starts an upstream call although a client tool call of the
+    last message never reached the broker (the SDK answers a call whose input
+    fails the tool's schema itself) or claimed nothing; and when it starts one
+    after a whole answer, or one of a subagent.
+    """
+
+    def __init__(self, broker: ToolBroker):
+        self.broker = broker
+        self._calls_sent = 0                # client tool calls of the last upstream message
+        self._stop_reason: str | None = None
+        self._answered = False              # the turn's answer is whole
+
+    def __call__(self, message: Any) -> bool:
+        if isinstance(message, sdk.ResultMessage):
+            self._answered = False          # the next turn starts with the next prompt
+            return False
+        if not isinstance(message, sdk.StreamEvent):
+            return False
+        event = message.event
+        kind = event.get("type")
+        if message.parent_tool_use_id:
+            return kind == "message_start"
+        if kind == "message_start":
+            skipped = self.broker.reached < self._calls_sent
+            self.broker.reached = self._calls_sent = 0
+            went_on = self._answered or skipped or self.broker.broken
+            self.broker.broken = self.broker.broken or skipped
+            return went_on
+        block = event.get("content_block") or {}
+        stop = (event.get("delta") or {}).get("stop_reason")
+        if block.get("type") == "tool_use" and str(block.get("name")).startswith(MCP_PREFIX):
+            self._calls_sent += 1
+        elif stop:
+            self._stop_reason = stop
+            return stop in CLI_GOES_ON_AFTER
+        elif kind == "message_stop":
+            self._answered = self._stop_reason not in (None, "tool_use")
+        return False
+
+
+# -- reading a turn: SDK messages in, typed events out -------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Delta:
+    """One stream event of the answer as the client sees it: its own tool names, an
+    agent-mode answer's upstream messages as one."""
+
+    event: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class RateLimitReport:
+    """The subscription's rate-limit state, as the CLI reported it."""
+
+    info: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    """The answer is whole. `tool_calls` (upstream names): the client tool calls it
+    ends at, which the CLI now waits for."""
+
+    message: dict
+    tool_calls: list[dict]
+
+
+@dataclasses.dataclass(frozen=True)
+class Finished:
+    """The CLI reached the end of its turn: it can take the next one."""
+
+
+@dataclasses.dataclass(frozen=True)
+class WentOn:
+    """The CLI went on on its own after the answer; it has been stopped."""
+
+
+TurnEvent = Delta | RateLimitReport | Answer | Finished | WentOn
+
+
+class TurnReader:
+    """One turn of a CLI read as TurnEvents; raises the ProxyError an error result
+    means, and CliWentOn when the CLI went on before any answer began (the engine
+    then tries once more on a new CLI).
+
+    The CLI's stream is the upstream's with three seams of its own, left out here:
+    it closes a stream the upstream broke off with a content_block_stop, a
+    message_delta without a stop_reason and a message_stop (its error follows);
+    forwarded, they would end the client's answer as if it were whole.
+    """
+
+    def __init__(self, names: dict[str, str], builtin: set[str]):
+        self.names = names                  # upstream tool name -> the client's
+        self.builtin = builtin              # agent mode's tools, which the CLI runs
+        self.agent = AgentStream(builtin)
+        self.assembler = MessageAssembler()
+        self.rate_limit: dict | None = None
+        self._held: dict | None = None      # a content_block_stop, until the next event
+        self._stopped = False               # this upstream message has its stop_reason
+        self._tools_called: list[str] = []  # by this upstream message
+        self._agent_round = False           # it ends at built-in tools the CLI runs
+        self._client_calls = False          # it ends at the client's tools
+        self._answered = False
+
+    def feed(self, message: Any) -> list[TurnEvent]:
+        if isinstance(message, WentOnAt):
+            return self._went_on(message.message)
+        if isinstance(message, sdk.StreamEvent):
+            return [] if message.parent_tool_use_id or self._answered \
+                else self._stream(message.event)
+        if isinstance(message, sdk.RateLimitEvent):
+            self.rate_limit = dict(message.rate_limit_info.raw or {})
+            return [RateLimitReport(self.rate_limit)]
+        if isinstance(message, sdk.ResultMessage):
+            if message.is_error:
+                data = {f.name: getattr(message, f.name) for f in dataclasses.fields(message)}
+                raise result_error(data, self.rate_limit, time.time())
+            if not self._answered:
+                raise BadGateway("The upstream returned no message.")
+            return [Finished()]
+        return []
+
+    def _stream(self, event: dict) -> list[TurnEvent]:
+        kind = event.get("type")
+        stop = (event.get("delta") or {}).get("stop_reason")
+        block = event.get("content_block") or {}
+        if kind == "message_start":
+            self._tools_called, self._stopped = [], False
+        elif kind == "content_block_start" and block.get("type") == "tool_use":
+            self._tools_called.append(block.get("name"))
+        held, self._held = self._held, None
+        if kind == "content_block_stop":
+            self._held = event              # the next event tells whose it is
+            return []
+        if kind == "message_delta" and not stop:
+            return []                       # the API's message_delta always has one
+        if kind == "message_stop" and not self._stopped:
+            return []
+        if stop:
+            self._stopped = True
+            if stop == "tool_use" and set(self._tools_called) <= self.builtin:
+                self._agent_round = True
+            elif stop == "tool_use":
+                self._client_calls = True
+        events = self._forward([held, event] if held is not None else [event])
+        if kind == "message_stop":
+            if not self._agent_round:
+                return events + [self._answer()]
+            self._agent_round = False
+        return events
+
+    def _went_on(self, message: Any) -> list[TurnEvent]:
+        if self._answered:
+            return [WentOn()]
+        if message.event.get("type") != "message_start" and not message.parent_tool_use_id:
+            # A stop it goes on after: the answer ends there.
+            return self._stream(message.event) + self._forward([{"type": "message_stop"}]) \
+                + [self._answer(), WentOn()]
+        text = "The Claude Code CLI went on without the client's tool results."
+        raise CliWentOn(text) if self.assembler.message is None else BadGateway(text)
+
+    def _forward(self, events: list[dict]) -> list[TurnEvent]:
+        out: list[TurnEvent] = []
+        for event in events:
+            for seen in self.agent.feed(client_event(event, self.names)):
+                self.assembler.feed(seen)
+                out.append(Delta(seen))
+        return out
+
+    def _answer(self) -> Answer:
+        self._answered = True
+        message = self.assembler.message
+        calls = [{**block, "name": upstream_tool_name(block["name"])}
+                 for block in message["content"] if block["type"] == "tool_use"]
+        return Answer(message, calls if self._client_calls else [])
+
+
+# =============================================================================
+# 11. Host processes -- CLI sessions, /proc, orphans, leftovers, the watchdog
+# =============================================================================
+# What the CLIs leave on the host, and how none outlives the proxy: each starts in
+# a session of its own (`_in_own_session`), a crashed run's CLIs are found by
+# their owner variable and reaped, a killed CLI's files are removed, the CLIs'
+# working directory is a private temp directory, and a watchdog process continues
+# stopped CLIs should the proxy die.
+
+def _in_own_session(open_process: Callable) -> Callable:
+    """anyio.open_process, with which the SDK spawns each CLI (its only call), made
+    to start it in a session of its own. An idle CLI is stopped (`_freeze`), and when
+    a process group holding a stopped process is orphaned -- the shell or start
+    script that ran the proxy with `&` exits -- the kernel sends the whole group
+    SIGHUP and SIGCONT: in the proxy's group that killed the proxy, unlogged. Nor
+    does the terminal's Ctrl-C or hang-up reach a CLI then: the proxy ends its CLIs
+    itself, after its drain. The SDK has no option for it, and a parent cannot move
+    a child that has exec'd to another group."""
+    @functools.wraps(open_process)
+    async def open_process_in_own_session(*args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("start_new_session", True)
+        return await open_process(*args, **kwargs)
+    return open_process_in_own_session
+
+
+if sdk is not None:
+    import anyio
+    anyio.open_process = _in_own_session(anyio.open_process)
 OWNER_ENV = "CLAUDE_SDK_PROXY_PID"
 
 
@@ -3468,231 +3737,8 @@ def tell_watchdog(line: str) -> bool:
     return True
 
 
-def _close_receive_stream(query: Any) -> None:
-    """Close what the SDK's disconnect() leaves open when closing a killed CLI
-    fails (anyio warns of it when it is collected)."""
-    if query is not None:
-        with contextlib.suppress(Exception):
-            query.close_receive_stream()
-
-
-async def _single(message: dict, message_id: str) -> AsyncIterator[dict]:
-    yield {"type": "user", "message": message, "parent_tool_use_id": None, "uuid": message_id}
-
-
-async def _rewind(client: Any, first: str, latest: str) -> bool:
-    """The CLI's own rewind to before message `first` (the control request behind
-    its "rewind conversation", which the SDK has no method for); the CLI refuses
-    (`rewound: false`) unless `latest` is its latest prompt."""
-    try:
-        answer = await client._query._send_control_request(
-            {"subtype": "rewind_conversation", "target_message_uuid": first,
-             "last_seen_user_message_uuid": latest}, timeout=CLI_REWIND_TIMEOUT_S)
-    except Exception as exc:
-        log.debug("rewind failed: %s", exc)
-        return False
-    if isinstance(answer, dict) and answer.get("rewound") is True:
-        return True
-    log.debug("rewind refused: %s", answer.get("reason") if isinstance(answer, dict) else answer)
-    return False
-
-
-# Stops after which the CLI calls the upstream again on its own, with a note of its
-# own in the conversation ("Output token limit hit. Resume directly...", "Your
-# response above was stopped by a safety classifier..."): no switch stops all.
-CLI_GOES_ON_AFTER = frozenset({"max_tokens", "model_context_window_exceeded", "refusal"})
-
-@dataclasses.dataclass(frozen=True)
-class WentOnAt:
-    """In a CliProcess outbox, in place of the SDK message its CLI went on at."""
-
-    message: Any
-
-
-class CliWatch:
-    """The one decision to stop a CLI: it goes on without the client.
-
-    Its owner task feeds it every SDK message in order and stops the CLI the moment
-    it says so, ahead of the CLI's next upstream call, and hands that message to
-    the turn's reader as WentOnAt. A CLI goes on after a stop of CLI_GOES_ON_AFTER ("recovery"
-    calls); when it starts an upstream call although a client tool call of the
-    last message never reached the broker (the SDK answers a call whose input
-    fails the tool's schema itself) or claimed nothing; and when it starts one
-    after a whole answer, or one of a subagent.
-    """
-
-    def __init__(self, broker: ToolBroker):
-        self.broker = broker
-        self._calls_sent = 0                # client tool calls of the last upstream message
-        self._stop_reason: str | None = None
-        self._answered = False              # the turn's answer is whole
-
-    def __call__(self, message: Any) -> bool:
-        if isinstance(message, sdk.ResultMessage):
-            self._answered = False          # the next turn starts with the next prompt
-            return False
-        if not isinstance(message, sdk.StreamEvent):
-            return False
-        event = message.event
-        kind = event.get("type")
-        if message.parent_tool_use_id:
-            return kind == "message_start"
-        if kind == "message_start":
-            skipped = self.broker.reached < self._calls_sent
-            self.broker.reached = self._calls_sent = 0
-            went_on = self._answered or skipped or self.broker.broken
-            self.broker.broken = self.broker.broken or skipped
-            return went_on
-        block = event.get("content_block") or {}
-        stop = (event.get("delta") or {}).get("stop_reason")
-        if block.get("type") == "tool_use" and str(block.get("name")).startswith(MCP_PREFIX):
-            self._calls_sent += 1
-        elif stop:
-            self._stop_reason = stop
-            return stop in CLI_GOES_ON_AFTER
-        elif kind == "message_stop":
-            self._answered = self._stop_reason not in (None, "tool_use")
-        return False
-
-
-# -- reading a turn: SDK messages in, typed events out (section 9 sees only these)
-
-@dataclasses.dataclass(frozen=True)
-class Delta:
-    """One stream event of the answer as the client sees it: its own tool names, an
-    agent-mode answer's upstream messages as one."""
-
-    event: dict
-
-
-@dataclasses.dataclass(frozen=True)
-class RateLimitReport:
-    """The subscription's rate-limit state, as the CLI reported it."""
-
-    info: dict
-
-
-@dataclasses.dataclass(frozen=True)
-class Answer:
-    """The answer is whole. `tool_calls` (upstream names): the client tool calls it
-    ends at, which the CLI now waits for."""
-
-    message: dict
-    tool_calls: list[dict]
-
-
-@dataclasses.dataclass(frozen=True)
-class Finished:
-    """The CLI reached the end of its turn: it can take the next one."""
-
-
-@dataclasses.dataclass(frozen=True)
-class WentOn:
-    """The CLI went on on its own after the answer; it has been stopped."""
-
-
-TurnEvent = Delta | RateLimitReport | Answer | Finished | WentOn
-
-
-class TurnReader:
-    """One turn of a CLI read as TurnEvents; raises the ProxyError an error result
-    means, and CliWentOn when the CLI went on before any answer began (the engine
-    then tries once more on a new CLI).
-
-    The CLI's stream is the upstream's with three seams of its own, left out here:
-    it closes a stream the upstream broke off with a content_block_stop, a
-    message_delta without a stop_reason and a message_stop (its error follows);
-    forwarded, they would end the client's answer as if it were whole.
-    """
-
-    def __init__(self, names: dict[str, str], builtin: set[str]):
-        self.names = names                  # upstream tool name -> the client's
-        self.builtin = builtin              # agent mode's tools, which the CLI runs
-        self.agent = AgentStream(builtin)
-        self.assembler = MessageAssembler()
-        self.rate_limit: dict | None = None
-        self._held: dict | None = None      # a content_block_stop, until the next event
-        self._stopped = False               # this upstream message has its stop_reason
-        self._tools_called: list[str] = []  # by this upstream message
-        self._agent_round = False           # it ends at built-in tools the CLI runs
-        self._client_calls = False          # it ends at the client's tools
-        self._answered = False
-
-    def feed(self, message: Any) -> list[TurnEvent]:
-        if isinstance(message, WentOnAt):
-            return self._went_on(message.message)
-        if isinstance(message, sdk.StreamEvent):
-            return [] if message.parent_tool_use_id or self._answered \
-                else self._stream(message.event)
-        if isinstance(message, sdk.RateLimitEvent):
-            self.rate_limit = dict(message.rate_limit_info.raw or {})
-            return [RateLimitReport(self.rate_limit)]
-        if isinstance(message, sdk.ResultMessage):
-            if message.is_error:
-                data = {f.name: getattr(message, f.name) for f in dataclasses.fields(message)}
-                raise result_error(data, self.rate_limit, time.time())
-            if not self._answered:
-                raise BadGateway("The upstream returned no message.")
-            return [Finished()]
-        return []
-
-    def _stream(self, event: dict) -> list[TurnEvent]:
-        kind = event.get("type")
-        stop = (event.get("delta") or {}).get("stop_reason")
-        block = event.get("content_block") or {}
-        if kind == "message_start":
-            self._tools_called, self._stopped = [], False
-        elif kind == "content_block_start" and block.get("type") == "tool_use":
-            self._tools_called.append(block.get("name"))
-        held, self._held = self._held, None
-        if kind == "content_block_stop":
-            self._held = event              # the next event tells whose it is
-            return []
-        if kind == "message_delta" and not stop:
-            return []                       # the API's message_delta always has one
-        if kind == "message_stop" and not self._stopped:
-            return []
-        if stop:
-            self._stopped = True
-            if stop == "tool_use" and set(self._tools_called) <= self.builtin:
-                self._agent_round = True
-            elif stop == "tool_use":
-                self._client_calls = True
-        events = self._forward([held, event] if held is not None else [event])
-        if kind == "message_stop":
-            if not self._agent_round:
-                return events + [self._answer()]
-            self._agent_round = False
-        return events
-
-    def _went_on(self, message: Any) -> list[TurnEvent]:
-        if self._answered:
-            return [WentOn()]
-        if message.event.get("type") != "message_start" and not message.parent_tool_use_id:
-            # A stop it goes on after: the answer ends there.
-            return self._stream(message.event) + self._forward([{"type": "message_stop"}]) \
-                + [self._answer(), WentOn()]
-        text = "The Claude Code CLI went on without the client's tool results."
-        raise CliWentOn(text) if self.assembler.message is None else BadGateway(text)
-
-    def _forward(self, events: list[dict]) -> list[TurnEvent]:
-        out: list[TurnEvent] = []
-        for event in events:
-            for seen in self.agent.feed(client_event(event, self.names)):
-                self.assembler.feed(seen)
-                out.append(Delta(seen))
-        return out
-
-    def _answer(self) -> Answer:
-        self._answered = True
-        message = self.assembler.message
-        calls = [{**block, "name": upstream_tool_name(block["name"])}
-                 for block in message["content"] if block["type"] == "tool_use"]
-        return Answer(message, calls if self._client_calls else [])
-
-
 # =============================================================================
-# 9. Conversation engine -- live sessions, warm spares, the caps
+# 12. Conversation engine -- live sessions, warm spares, the caps
 # =============================================================================
 # `Engine.run(turn)` is the one path every API dialect takes. It waits for a
 # concurrency slot (529 after the queue timeout), then finds the CLI to answer on:
@@ -3707,7 +3753,7 @@ class TurnReader:
 # least recently used idle sessions. When that session is of a new chat's shape,
 # the new chat gets its CLI rewound to before its first message (only one that
 # started without history can) instead of a killed CLI and a cold start: warm,
-# and past the CLI's first-turn work. Events are section 8's TurnEvents.
+# and past the CLI's first-turn work. It reads section 10's TurnEvents only.
 
 # A session's states. Each change goes through `Engine._move`, which keeps the
 # index of the sessions that hold a conversation (HOLDING).
@@ -4094,11 +4140,13 @@ class Engine:
 
 
 # =============================================================================
-# 10. Routes and handlers -- the route table and one coroutine per route
+# 13. Routes and handlers -- the three APIs' turns, the stores, the route table
 # =============================================================================
 # A handler takes (app, request, out) and answers through `out`, a Responder
-# (section 11). Handlers are compositions: parse -> check -> translate -> engine
-# -> translate -> encode; they raise ProxyError and never format errors.
+# (section 14). Handlers are compositions: parse -> check -> translate -> engine
+# -> translate -> encode; they raise ProxyError and never format errors. The three
+# APIs' turns share one handler, `handle_turn`; each API is a `Dialect` on its
+# route, and each of its requests an `Exchange`.
 
 @dataclasses.dataclass
 class Request:
@@ -4168,26 +4216,6 @@ async def handle_delete_session(app: App, request: Request, out: Responder) -> N
     await out.send_json(200, {"id": session_id, "type": "session_deleted"})
 
 
-async def run_turn(app: App, turn: Turn, out: Responder) -> AsyncIterator[TurnEvent]:
-    """The engine's events for one Turn; the rate-limit state they carry goes into the
-    response headers and GET /usage on the way, the model and tokens of what went
-    out into the request log. The CLI reports the rate-limit state after the answer,
-    so a stream's head carries it as the previous answer left it."""
-    if app.rate_limit is not None:
-        out.headers.update(rate_limit_headers(app.rate_limit[0]))
-    async with contextlib.aclosing(app.engine.run(turn)) as events:
-        async for event in events:
-            if app.config.debug:
-                log.debug("%s %s %s", out.request_id, type(event).__name__,
-                          event.event.get("type") if isinstance(event, Delta) else "")
-            if isinstance(event, RateLimitReport):
-                app.rate_limit = (event.info, time.time())
-                out.headers.update(rate_limit_headers(event.info))
-            elif isinstance(event, Delta):
-                note_usage(out, event.event)
-            yield event
-
-
 async def handle_usage(app: App, request: Request, out: Responder) -> None:
     """GET /usage: the subscription's windows as last seen upstream."""
     if app.rate_limit is None:
@@ -4195,6 +4223,8 @@ async def handle_usage(app: App, request: Request, out: Responder) -> None:
     else:
         await out.send_json(200, usage_windows(*app.rate_limit))
 
+
+# -- stores: message threads and responses, per caller -------------------------
 
 @dataclasses.dataclass
 class StoredThread:
@@ -4248,99 +4278,6 @@ class ThreadStore:
         thread.used_at = time.monotonic()
 
 
-def note_usage(out: Responder, event: dict) -> None:
-    """Keep the model and token counts of what went out, for the request log."""
-    if event.get("type") == "message_start":
-        message = event.get("message") or {}
-        out.model = message.get("model") or out.model
-        out.usage.update(message.get("usage") or {})
-    elif event.get("type") == "message_delta":
-        out.usage.update({k: v for k, v in (event.get("usage") or {}).items() if v is not None})
-
-
-async def final_answer(events: AsyncIterator[TurnEvent],
-                       feed: Callable[[dict], Any] = lambda event: None) -> dict:
-    """The answer of a turn that is not streamed: its message, once the engine is
-    done; `feed` sees each stream event on the way."""
-    message = None
-    async for event in events:
-        if isinstance(event, Delta):
-            feed(event.event)
-        elif isinstance(event, Answer):
-            message = event.message
-    assert message is not None, "Engine.run ends with an Answer or raises"
-    return message
-
-
-async def paced(items: AsyncIterator[Any], first_wait: float,
-                interval: float) -> AsyncIterator[Any]:
-    """Yield items; yield None after `first_wait`, then every `interval`, of silence."""
-    wait = first_wait
-    pending: asyncio.Future | None = None
-    try:
-        while True:
-            if pending is None:
-                pending = asyncio.ensure_future(items.__anext__())
-            done, _ = await asyncio.wait({pending}, timeout=wait)
-            if not done:
-                wait = interval
-                yield None
-                continue
-            try:
-                item = pending.result()
-            except StopAsyncIteration:
-                return
-            finally:
-                pending = None
-            yield item
-    finally:
-        if pending is not None:
-            pending.cancel()
-            with contextlib.suppress(BaseException):
-                await pending
-
-
-def paced_stream(items: AsyncIterator[Any], config: Config) -> Any:
-    """A streaming handler's items, `paced` by the config, closed with the handler
-    (so a failed write never leaves the engine's generator running)."""
-    return contextlib.aclosing(paced(items, config.head_hold_s, config.ping_interval_s))
-
-
-async def forward_stream(events: AsyncIterator[TurnEvent], out: Responder,
-                         config: Config, frames: Callable[[dict], Iterable[bytes]],
-                         ping: bytes) -> dict:
-    """Forward the answer's stream events as the SSE frames `frames` makes of each;
-    return the answer's message.
-
-    The status waits for the first event, however long the upstream takes, so a
-    429 or 529 is a real status, never a 200 and an error event (the CLI's
-    rate-limit report before a 429 starts nothing). Meanwhile a `102 Processing`
-    after `head_hold_s` and every `ping_interval_s` of silence keeps the line alive
-    without committing the status (HTTP/1.1 clients skip 1xx answers, RFC 9110
-    section 15.2; an HTTP/1.0 client, which may not get one, gets the 200 head
-    then). After the head a `ping` fills every silence. The caller ends the stream.
-    """
-    message = None
-    async with paced_stream(events, config) as ticks:
-        async for item in ticks:
-            if isinstance(item, Answer):
-                message = item.message
-            if item is not None and not isinstance(item, Delta):
-                continue
-            if not out.head_sent:
-                if item is None and out.chunked:
-                    await out.interim()
-                    continue
-                await out.start_stream()
-            if item is None:
-                await out.write(ping)
-                continue
-            for frame in frames(item.event):
-                await out.write(frame)
-    assert message is not None, "Engine.run ends with an Answer or raises"
-    return message
-
-
 @dataclasses.dataclass
 class StoredResponse:
     """What a stored response leaves for later requests of its caller."""
@@ -4385,7 +4322,7 @@ class ResponseStore:
         return kept.items.get(item_id) if kept else None
 
 
-# -- the three APIs: a Dialect each, an Exchange a turn request ------------------
+# -- the three APIs: a Dialect each, an Exchange a turn request ----------------
 
 class Exchange:
     """One turn request in its API's words: the Turn it asks for, and the answer
@@ -4530,6 +4467,121 @@ CHAT_API = Dialect(error_to_openai, None, OPENAI_PING, ChatExchange)
 RESPONSES_API = Dialect(error_to_openai, None, OPENAI_PING, ResponsesExchange)
 
 
+# -- one turn, streamed or not -------------------------------------------------
+
+async def run_turn(app: App, turn: Turn, out: Responder) -> AsyncIterator[TurnEvent]:
+    """The engine's events for one Turn; the rate-limit state they carry goes into the
+    response headers and GET /usage on the way, the model and tokens of what went
+    out into the request log. The CLI reports the rate-limit state after the answer,
+    so a stream's head carries it as the previous answer left it."""
+    if app.rate_limit is not None:
+        out.headers.update(rate_limit_headers(app.rate_limit[0]))
+    async with contextlib.aclosing(app.engine.run(turn)) as events:
+        async for event in events:
+            if app.config.debug:
+                log.debug("%s %s %s", out.request_id, type(event).__name__,
+                          event.event.get("type") if isinstance(event, Delta) else "")
+            if isinstance(event, RateLimitReport):
+                app.rate_limit = (event.info, time.time())
+                out.headers.update(rate_limit_headers(event.info))
+            elif isinstance(event, Delta):
+                note_usage(out, event.event)
+            yield event
+
+
+def note_usage(out: Responder, event: dict) -> None:
+    """Keep the model and token counts of what went out, for the request log."""
+    if event.get("type") == "message_start":
+        message = event.get("message") or {}
+        out.model = message.get("model") or out.model
+        out.usage.update(message.get("usage") or {})
+    elif event.get("type") == "message_delta":
+        out.usage.update({k: v for k, v in (event.get("usage") or {}).items() if v is not None})
+
+
+async def final_answer(events: AsyncIterator[TurnEvent],
+                       feed: Callable[[dict], Any] = lambda event: None) -> dict:
+    """The answer of a turn that is not streamed: its message, once the engine is
+    done; `feed` sees each stream event on the way."""
+    message = None
+    async for event in events:
+        if isinstance(event, Delta):
+            feed(event.event)
+        elif isinstance(event, Answer):
+            message = event.message
+    assert message is not None, "Engine.run ends with an Answer or raises"
+    return message
+
+
+async def paced(items: AsyncIterator[Any], first_wait: float,
+                interval: float) -> AsyncIterator[Any]:
+    """Yield items; yield None after `first_wait`, then every `interval`, of silence."""
+    wait = first_wait
+    pending: asyncio.Future | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(items.__anext__())
+            done, _ = await asyncio.wait({pending}, timeout=wait)
+            if not done:
+                wait = interval
+                yield None
+                continue
+            try:
+                item = pending.result()
+            except StopAsyncIteration:
+                return
+            finally:
+                pending = None
+            yield item
+    finally:
+        if pending is not None:
+            pending.cancel()
+            with contextlib.suppress(BaseException):
+                await pending
+
+
+def paced_stream(items: AsyncIterator[Any], config: Config) -> Any:
+    """A streaming handler's items, `paced` by the config, closed with the handler
+    (so a failed write never leaves the engine's generator running)."""
+    return contextlib.aclosing(paced(items, config.head_hold_s, config.ping_interval_s))
+
+
+async def forward_stream(events: AsyncIterator[TurnEvent], out: Responder,
+                         config: Config, frames: Callable[[dict], Iterable[bytes]],
+                         ping: bytes) -> dict:
+    """Forward the answer's stream events as the SSE frames `frames` makes of each;
+    return the answer's message.
+
+    The status waits for the first event, however long the upstream takes, so a
+    429 or 529 is a real status, never a 200 and an error event (the CLI's
+    rate-limit report before a 429 starts nothing). Meanwhile a `102 Processing`
+    after `head_hold_s` and every `ping_interval_s` of silence keeps the line alive
+    without committing the status (HTTP/1.1 clients skip 1xx answers, RFC 9110
+    section 15.2; an HTTP/1.0 client, which may not get one, gets the 200 head
+    then). After the head a `ping` fills every silence. The caller ends the stream.
+    """
+    message = None
+    async with paced_stream(events, config) as ticks:
+        async for item in ticks:
+            if isinstance(item, Answer):
+                message = item.message
+            if item is not None and not isinstance(item, Delta):
+                continue
+            if not out.head_sent:
+                if item is None and out.chunked:
+                    await out.interim()
+                    continue
+                await out.start_stream()
+            if item is None:
+                await out.write(ping)
+                continue
+            for frame in frames(item.event):
+                await out.write(frame)
+    assert message is not None, "Engine.run ends with an Answer or raises"
+    return message
+
+
 async def handle_turn(app: App, request: Request, out: Responder) -> None:
     """POST /v1/messages, /v1/chat/completions, /v1/responses: one turn, streamed or
     not, in the API of its route."""
@@ -4558,6 +4610,8 @@ async def handle_turn(app: App, request: Request, out: Responder) -> None:
     finally:
         exchange.close(answered=message is not None)
 
+
+# -- the route table -----------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class Route:
@@ -4612,8 +4666,24 @@ def match_route(method: str, path: str) -> tuple[Route, dict[str, str]]:
     raise NotFound(f"Not found: {method} {path}")
 
 
+def dialect_for(head: RequestHead) -> Dialect:
+    """Which API's errors a caller reads: its route's API; where that does not say
+    (the models list, an unknown path), the caller's own: OpenAI's SDKs send their
+    key as a Bearer token and never `anthropic-version` or `x-api-key`, which
+    Anthropic's send."""
+    try:
+        route = match_route(head.method, head.path)[0]
+    except ProxyError:
+        route = None
+    if route is not None and route.dialect is not None:
+        return route.dialect
+    bearer = (head.header("authorization") or "").lower().startswith("bearer ")
+    anthropic = head.header("anthropic-version") or head.header("x-api-key")
+    return CHAT_API if bearer and not anthropic else MESSAGES_API
+
+
 # =============================================================================
-# 11. Server -- connections, keep-alive, streaming, errors into responses
+# 14. Server -- connections, keep-alive, streaming, errors into responses
 # =============================================================================
 # `serve` listens; `serve_connection` reads requests one after another on a
 # keep-alive connection and runs each handler while watching the socket: a
@@ -4944,51 +5014,33 @@ async def serve_request(app: App, conn: Connection, raw_head: bytes, out: Respon
 
 async def run_handler(app: App, conn: Connection, handler: Callable, request: Request,
                       out: Responder) -> None:
-    """Run a handler under the request timeout, cancelling it if the client leaves."""
-    deadline = time.monotonic() + app.config.timeout_s
-    work = asyncio.ensure_future(asyncio.wait_for(handler(app, request, out),
-                                                  app.config.timeout_s))
+    """Run a handler under the request timeout, cancelling it if the client leaves.
+    The handler runs as a task of its own, awaited to its end whatever happens (an
+    error it raised while being cancelled is still its own, never left unread)."""
+    work = asyncio.ensure_future(handler(app, request, out))
     watch = asyncio.ensure_future(conn.watch_eof())
     drained = asyncio.ensure_future(app.drained.wait())
     try:
-        await asyncio.wait({work, watch, drained}, return_when=asyncio.FIRST_COMPLETED)
-        if not work.done() and drained.done():
+        done, _ = await asyncio.wait({work, watch, drained}, timeout=app.config.timeout_s,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if work in done:
+            work.result()
+        elif drained in done:
             # Ended the way the API ends an interrupted answer: its error, in the
             # stream when one has begun, then a clean end (never a cut-off body).
             out.keep_alive = False
             raise ServiceUnavailable("The proxy is shutting down; retry the request.",
                                      retry_after_header(1))
-        if not work.done():
+        elif watch in done:
             raise ClientGone
-        try:
-            work.result()
-        except asyncio.TimeoutError:
-            if time.monotonic() < deadline:
-                raise                       # not the request's timeout: a 500, logged
+        else:
             raise GatewayTimeout(f"The request took longer than {app.config.timeout_s:g} s "
-                                 "(CLAUDE_PROXY_TIMEOUT_MS).") from None
+                                 "(CLAUDE_PROXY_TIMEOUT_MS).")
     finally:
         for task in (work, watch, drained):
-            if not task.done():
-                task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
-
-
-def dialect_for(head: RequestHead) -> Dialect:
-    """Which API's errors a caller reads: its route's API; where that does not say
-    (the models list, an unknown path), the caller's own: OpenAI's SDKs send their
-    key as a Bearer token and never `anthropic-version` or `x-api-key`, which
-    Anthropic's send."""
-    try:
-        route = match_route(head.method, head.path)[0]
-    except ProxyError:
-        route = None
-    if route is not None and route.dialect is not None:
-        return route.dialect
-    bearer = (head.header("authorization") or "").lower().startswith("bearer ")
-    anthropic = head.header("anthropic-version") or head.header("x-api-key")
-    return CHAT_API if bearer and not anthropic else MESSAGES_API
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
 
 
 def log_request(app: App, out: Responder, method: str, path: str, started: float) -> None:
@@ -5088,7 +5140,7 @@ async def serve(config: Config, ready: Callable[[int], None] | None = None,
 
 
 # =============================================================================
-# 12. Command line -- argument parsing and main(argv) -> int
+# 15. Command line -- argument parsing and main(argv) -> int
 # =============================================================================
 
 def login(config: Config, command: list[str]) -> int:
