@@ -108,14 +108,26 @@ log = logging.getLogger("claude_sdk_proxy")
 
 DEFAULT_PORT = 3456
 DEFAULT_HOST = "127.0.0.1"
-DEFAULT_MAX_CONCURRENT = 5
+# Concurrent turns. A turn mostly waits for the upstream (a warm one costs the box
+# ~40 ms of CPU in seconds of answer), so the bound is what one subscription is
+# served at once and the memory of busy CLIs, not the cores: Claude Code itself
+# runs parallel subagents on one login. Cold starts are CPU-bound, but a queue does
+# not make them cheaper, only later: 8 new chats at once end sooner with 8 (3.1 s
+# on 2 cores) than in two waves of 5 (4.4 s).
+DEFAULT_MAX_CONCURRENT = 8
 DEFAULT_TIMEOUT_MS = 1_800_000          # 30 min: long agentic answers stream for a while
 DEFAULT_MAX_BODY_MB = 32                # the Messages API's own request cap is 32 MB
 DEFAULT_QUEUE_TIMEOUT_S = 60.0          # then 529 + retry-after, as an overloaded API does
 DEFAULT_MAX_CONNECTIONS = 512          # open sockets; the longest idle makes room
 DEFAULT_SESSION_IDLE_S = 900.0          # chat apps pause minutes between messages
-DEFAULT_MAX_SPARES = 2                  # pre-connected CLIs, for the most recent shapes
-CLI_RSS_BYTES = 230 * 1024 * 1024       # measured resident size of one CLI (FACTS.md)
+DEFAULT_MAX_SPARES = 2                  # pre-connected CLIs, for the shapes new chats start in
+SPARE_DEMAND_WINDOW_S = 900.0           # a shape's new chats count as demand this long
+SPARE_QUIET_S = 1.0                     # a spare starts after this long without a new request
+SHAPES_TRACKED = 256                    # shapes whose new chats are counted
+# What one more CLI costs, proportional set size (PSS) measured on CLI 2.1.331/332:
+# ~121 MB idle after a turn, ~103 MB a spare; its resident size (~184 MB) counts
+# pages all CLIs share (the binary) in full.
+CLI_PSS_BYTES = 128 * 1024 * 1024
 MAX_REQUEST_LINE = 8 * 1024             # Apache and nginx default to 8 KiB
 MAX_HEAD_BYTES = 64 * 1024              # nginx allows 4 x 8 KiB, node 16 KiB: a little more
 MAX_HEADER_COUNT = 100                  # Apache's LimitRequestFields default
@@ -216,8 +228,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 
 def default_max_sessions(memory_bytes: int, max_concurrent: int) -> int:
-    """CLI processes that fit in half the machine's memory, at least the concurrency."""
-    return max(max_concurrent, min(64, memory_bytes // 2 // CLI_RSS_BYTES))
+    """CLI processes that fit in half the memory available at start, at least the
+    concurrency."""
+    return max(max_concurrent, min(64, memory_bytes // 2 // CLI_PSS_BYTES))
 
 
 def config_from(args: argparse.Namespace, environ: dict, memory_bytes: int = 8 << 30) -> Config:
@@ -3147,18 +3160,19 @@ class CliProcess:
                 and (self._process is None or (self._process.returncode is None and
                                                process_exists(self._process.pid))))
 
-    def rss_mb(self) -> float | None:
-        """The CLI's resident memory, from /proc (Linux), in MB."""
+    def memory_mb(self) -> dict[str, float | None]:
+        """The CLI's memory from /proc (Linux), in MB: resident (`rss`, pages it shares
+        with other CLIs counted whole) and proportional (`pss`, shared pages split
+        among their users: what one more CLI costs)."""
+        found: dict[str, float | None] = {"rss": None, "pss": None}
         if self._process is None:
-            return None
-        try:
-            with open(f"/proc/{self._process.pid}/status") as status:
-                for line in status:
-                    if line.startswith("VmRSS:"):
-                        return round(int(line.split()[1]) / 1024, 1)
-        except OSError:
-            pass
-        return None
+            return found
+        for name, field, key in (("status", "VmRSS:", "rss"), ("smaps_rollup", "Pss:", "pss")):
+            with contextlib.suppress(OSError, ValueError, IndexError, StopIteration):
+                with open(f"/proc/{self._process.pid}/{name}") as lines:
+                    found[key] = next(round(int(line.split()[1]) / 1024, 1)
+                                      for line in lines if line.startswith(field))
+        return found
 
     def kill_now(self) -> bool:
         """SIGKILL the CLI without waiting: it cuts its upstream connection at once."""
@@ -3533,6 +3547,18 @@ def _in_own_session(open_process: Callable) -> Callable:
 if sdk is not None:
     import anyio
     anyio.open_process = _in_own_session(anyio.open_process)
+def available_memory() -> int:
+    """The memory new processes can have without swapping (Linux's MemAvailable),
+    else the machine's."""
+    with contextlib.suppress(OSError, ValueError, IndexError, StopIteration):
+        with open("/proc/meminfo") as lines:
+            return next(int(line.split()[1]) * 1024 for line in lines
+                        if line.startswith("MemAvailable:"))
+    if hasattr(os, "sysconf"):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return 8 << 30
+
+
 OWNER_ENV = "CLAUDE_SDK_PROXY_PID"
 
 
@@ -3763,8 +3789,26 @@ BUSY = "busy"                       # answering a request (or being rewound)
 FINISHING = "finishing"             # its answer went out; reading on to the CLI's result
 IDLE = "idle"                       # holds a conversation, waits for its follow-up
 AWAITING_TOOLS = "awaiting_tools"   # holds a conversation parked at client tool calls
+RETIRED = "retired"                 # forgotten; its CLI is exiting or gone
 HOLDING = (IDLE, AWAITING_TOOLS)
 SESSION_STATES = (BUSY, FINISHING, IDLE, AWAITING_TOOLS, SPARE, STARTING)
+
+
+def spare_choice(demand: dict[str, int], spares: list[str], max_spares: int
+                 ) -> tuple[str | None, int | None]:
+    """The shape a spare is started for and the spare (its index in `spares`,
+    oldest first, by shape) that makes way for it. `demand`: new chats of each
+    shape, most recent shape last. The shape in most demand without a spare (the
+    most recent of equals) gets one; at `max_spares`, only in place of a spare of
+    a shape in less demand (the oldest of those equally demanded)."""
+    wanted = max((shape for shape in reversed(demand) if shape not in spares and demand[shape]),
+                 key=lambda shape: demand[shape], default=None)
+    if wanted is None or len(spares) < max_spares:
+        return wanted, None
+    weakest = min(range(len(spares)), key=lambda i: demand.get(spares[i], 0), default=None)
+    if weakest is None or demand.get(spares[weakest], 0) >= demand[wanted]:
+        return None, None
+    return wanted, weakest
 
 
 @dataclasses.dataclass(eq=False)
@@ -3788,7 +3832,8 @@ class LiveSession:
                           "params": sorted(self.turn.params),
                           "tools": len(self.turn.tools)},
                 "turns": self.turns, "idle_s": round(now - self.last_used, 1),
-                "frozen": self.process.frozen, "rss_mb": self.process.rss_mb()}
+                "frozen": self.process.frozen,
+                **{f"{kind}_mb": mb for kind, mb in self.process.memory_mb().items()}}
 
 
 class Engine:
@@ -3800,7 +3845,11 @@ class Engine:
         self._waiting = 0
         self.sessions: dict[str, LiveSession] = {}
         self._idle: dict[tuple[str, str], LiveSession] = {}     # (shape, digest) -> session
-        self._recent_shapes: dict[str, None] = {}               # insertion order = recency
+        # shape -> (its Turn without a conversation, when its recent new chats came)
+        self._demand: dict[str, tuple[Turn, list[float]]] = {}
+        self._last_arrival = 0.0                # when the latest request came in
+        self._cold_starts = 0                   # CLIs starting for a request
+        self._spare_keeper: asyncio.Task | None = None
         self._background: set[asyncio.Task] = set()
         self._exits: set[asyncio.Task] = set()    # CLIs retired but not yet gone
         self._reaper: asyncio.Task | None = None
@@ -3811,6 +3860,7 @@ class Engine:
     async def run(self, turn: Turn) -> AsyncIterator[TurnEvent]:
         """Yield the Delta, RateLimitReport and Answer events of one Turn: it ends
         with one Answer, or raises."""
+        self._last_arrival = time.monotonic()
         await self._acquire_slot()
         try:
             for last_try in (False, True):
@@ -3824,7 +3874,8 @@ class Engine:
                         raise
         finally:
             self._slots.release()
-            self._refill_spare(turn)
+            if not turn.history:
+                self._note_new_chat(turn)
 
     async def _answer(self, turn: Turn) -> AsyncIterator[TurnEvent]:
         """One try at a Turn, on the session `_session_for` finds."""
@@ -3918,7 +3969,6 @@ class Engine:
         """The live session, spare or new CLI that will answer this Turn (whose
         history has this `digest`), the tool results it gets when it is parked at
         the client's tool calls, and whether it was started for this Turn."""
-        self.note_shape(turn)
         session = self._idle.get((turn.shape, digest))
         results = None
         if session is not None and session.state == AWAITING_TOOLS:
@@ -3939,24 +3989,15 @@ class Engine:
         session.turns += 1
         return session, results, spawned
 
-    def note_shape(self, turn: Turn) -> None:
-        """Remember a Turn's shape as the most recent, keeping as many as there may
-        be spares."""
-        self._recent_shapes.pop(turn.shape, None)
-        self._recent_shapes[turn.shape] = None
-        while len(self._recent_shapes) > self.config.max_spares:
-            del self._recent_shapes[next(iter(self._recent_shapes))]
-
     def _move(self, session: LiveSession, state: str, holds: str | None = None) -> None:
-        """The one place a session changes state (but for retiring): it keeps the
-        index of the sessions that hold a conversation, `holds` its digest. A
-        session that comes to rest while the engine closes, or whose CLI died, is
-        killed instead."""
+        """The one place a session changes state: it keeps the index of the
+        sessions that hold a conversation, `holds` its digest. A session that comes
+        to rest while the engine closes, or whose CLI died, is killed instead."""
         if session.state in HOLDING and self._idle.get(
                 (session.turn.shape, session.holds)) is session:
             del self._idle[(session.turn.shape, session.holds)]
         session.state, session.holds = state, holds if state in HOLDING else None
-        if state in (BUSY, FINISHING):
+        if state in (BUSY, FINISHING, RETIRED):
             return
         session.last_used = time.monotonic()
         if self.closing or not session.process.alive:
@@ -3987,11 +4028,14 @@ class Engine:
         session = LiveSession(process, shape, broker, STARTING if spare else BUSY)
         self.sessions[session.id] = session
         self._ensure_reaper()
+        self._cold_starts += not spare
         try:
             await process.start()
         except BaseException:
             self._kill(session)
             raise
+        finally:
+            self._cold_starts -= not spare
         if spare and session.state == STARTING:
             self._move(session, SPARE)
         return session
@@ -4033,9 +4077,7 @@ class Engine:
         until it is gone)."""
         if self.sessions.pop(session.id, None) is None:
             return
-        if session.state in HOLDING and self._idle.get(
-                (session.turn.shape, session.holds)) is session:
-            del self._idle[(session.turn.shape, session.holds)]
+        self._move(session, RETIRED)
         process = session.process
         exit_task = self._in_background(process.close() if polite and process.alive
                                         else process.kill())
@@ -4058,24 +4100,56 @@ class Engine:
                 return session
         return None
 
-    def _refill_spare(self, turn: Turn) -> None:
-        """Pre-connect a CLI for a recent shape, off the request path."""
-        if self.closing or self.config.max_spares == 0:
-            return
-        recent = self._recent_shapes
-        if turn.shape not in recent or self._take_spare(turn.shape) is not None:
-            return
+    def _note_new_chat(self, turn: Turn) -> None:
+        """Count a new chat of the Turn's shape as demand for a spare of it, and let
+        the spare keeper see to it."""
+        now = time.monotonic()
+        template, times = self._demand.pop(turn.shape, (dataclasses.replace(
+            turn, history=[], prompt={"role": "user", "content": ""}), []))
+        self._demand[turn.shape] = (template, [t for t in times[-7:]
+                                               if now - t < SPARE_DEMAND_WINDOW_S] + [now])
+        while len(self._demand) > SHAPES_TRACKED:
+            del self._demand[next(iter(self._demand))]
+        if self.config.max_spares and not self.closing and \
+                (self._spare_keeper is None or self._spare_keeper.done()):
+            self._spare_keeper = self._in_background(self._keep_spares())
+
+    def _demand_for(self, shape: str, now: float) -> int:
+        """New chats of a shape within SPARE_DEMAND_WINDOW_S."""
+        return sum(now - t < SPARE_DEMAND_WINDOW_S for t in self._demand.get(shape, (0, []))[1])
+
+    async def _keep_spares(self) -> None:
+        """Start spares where new chats arrive, one at a time and only when no
+        request is queued, no CLI is starting for one and none came in for
+        SPARE_QUIET_S: a spare's start costs a CPU about half a second, which is
+        never taken from a request. Follow-ups start none; a spare goes when it
+        idles out, when room is made, or for a shape in more demand."""
+        while not self.closing:
+            now = time.monotonic()
+            quiet_in = self._last_arrival + SPARE_QUIET_S - now
+            if self._waiting or self._cold_starts or quiet_in > 0:
+                await asyncio.sleep(max(quiet_in, SPARE_QUIET_S / 4))
+                continue
+            wanted = self._wanted_spare(now)
+            if wanted is None:
+                return
+            with contextlib.suppress(ProxyError):
+                await self._spawn(wanted, spare=True)
+
+    def _wanted_spare(self, now: float) -> Turn | None:
+        """The shape in most demand that has no spare, when there is room for one
+        (a spare of a shape in less demand makes way)."""
         busy = sum(1 for s in self.sessions.values() if s.state == BUSY)
         if self._processes() >= self.config.max_sessions or busy >= self.config.max_concurrent:
-            return      # spares never take the room a request needs
-        for stale in [s for s in self.sessions.values()
-                      if s.state in (SPARE, STARTING) and s.turn.shape not in recent]:
-            self._let_go(stale)
-
-        async def spawn() -> None:
-            with contextlib.suppress(ProxyError):
-                await self._spawn(turn, spare=True)
-        self._in_background(spawn())
+            return None         # spares never take the room a request needs
+        spares = sorted((s for s in self.sessions.values() if s.state in (SPARE, STARTING)),
+                        key=lambda s: s.last_used)
+        wanted, making_way = spare_choice(
+            {shape: self._demand_for(shape, now) for shape in self._demand},
+            [s.turn.shape for s in spares], self.config.max_spares)
+        if making_way is not None:
+            self._let_go(spares[making_way])
+        return None if wanted is None else self._demand[wanted][0]
 
     async def _recycle(self, shape: str) -> LiveSession | None:
         """At the cap, when the session room would be made from is an idle one of
@@ -4131,8 +4205,9 @@ class Engine:
     async def close(self) -> None:
         """Stop every CLI; wait for all teardowns."""
         self.closing = True
-        if self._reaper is not None:
-            self._reaper.cancel()
+        for task in (self._reaper, self._spare_keeper):
+            if task is not None:
+                task.cancel()
         for session in list(self.sessions.values()):
             self._kill(session)
         while self._background:
@@ -5105,6 +5180,8 @@ async def serve(config: Config, ready: Callable[[int], None] | None = None,
         app.connections.add(task)
         try:
             await serve_connection(app, reader, writer)
+        except asyncio.CancelledError:
+            pass            # the proxy is stopping (its writer is closed by now)
         finally:
             app.connections.discard(task)
 
@@ -5129,8 +5206,8 @@ async def serve(config: Config, ready: Callable[[int], None] | None = None,
         app.drained.set()                   # what is still answering ends with an error
         if app.busy:
             await asyncio.wait(set(app.busy), timeout=5)
-        for task in list(app.busy):
-            task.cancel()
+        for task in list(app.busy) + list(app.connections):   # a body still coming in
+            task.cancel()                   # too: its connection closes in its finally
         if app.connections:
             await asyncio.wait(set(app.connections), timeout=5)
         await app.engine.close()
@@ -5242,9 +5319,7 @@ def main(argv: list[str] | None = None) -> int:
               f"claude-agent-sdk {versions['sdk'] or missing}\n"
               f"Claude Code CLI {versions['cli'] or missing}")
         return 0
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") \
-        if hasattr(os, "sysconf") else 8 << 30
-    config = config_from(args, dict(os.environ), memory)
+    config = config_from(args, dict(os.environ), available_memory())
     if args.command == "login":
         return login(config, ["auth", "login", *extra])
     if args.command == "setup-token":

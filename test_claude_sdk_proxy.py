@@ -15,7 +15,8 @@ upstream received. The upstream is steered by markers in the last user text:
   [[drop]]              send message_start, then cut the connection
   [[broken 529]]        some text, then an `error` event of that status's type
   [[stop max_tokens]]   end with that stop_reason
-  [[linger 2]]          hold the end of the response that long after message_stop
+  [[hold]]              send the answer up to its message_stop, then hold the end of
+                        the response until the test sets `release` (or the caller leaves)
   [[tool NAME {json}]]  call the client tool NAME with that input (several: parallel)
   [[builtin NAME {json}]]  call the tool NAME as named, offered or not (agent mode)
   [[json {...}]]        answer with exactly that JSON text
@@ -76,9 +77,10 @@ class ScriptedUpstream:
         self.lock = threading.Lock()
         self.in_flight = 0
         self.max_in_flight = 0
-        self.cut = threading.Event()        # a [[hang]] answer saw its client leave
+        self.cut = threading.Event()        # a [[hang]] or [[hold]] answer saw its client leave
         self.hanging = threading.Event()    # a [[hang]] answer is streaming
-        self.release = threading.Event()    # lets every [[hang]] answer finish
+        self.holding = threading.Event()    # a [[hold]] answer sent its message_stop, holds
+        self.release = threading.Event()    # lets every [[hang]] and [[hold]] answer finish
         upstream = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -124,6 +126,7 @@ class ScriptedUpstream:
             self.max_in_flight = self.in_flight
         self.cut.clear()
         self.hanging.clear()
+        self.holding.clear()
 
     @staticmethod
     def last_text(body: dict) -> str:
@@ -258,10 +261,24 @@ class ScriptedUpstream:
                 self.cut.set()
                 raise
         event("message_stop", {"type": "message_stop"})
-        linger = re.search(r"\[\[linger ([0-9.]+)\]\]", self.last_text(handler.body))
-        if linger:
-            time.sleep(float(linger.group(1)))    # scripted slowness, not synchronisation
+        if "[[hold]]" in self.last_text(handler.body) and not self.hold(handler):
+            return
         handler.wfile.write(b"0\r\n\r\n")
+
+    def hold(self, handler) -> bool:
+        """Keep a response open after its message_stop until `release` is set: True
+        then; False (and `cut` set) if the caller left first."""
+        self.holding.set()
+        while not self.release.wait(0.05):
+            readable, _, _ = select.select([handler.connection], [], [], 0)
+            try:
+                gone = readable and not handler.connection.recv(1, socket.MSG_PEEK)
+            except ConnectionResetError:
+                gone = True
+            if gone:
+                self.cut.set()
+                return False
+        return True
 
     def answer_tool_calls(self, event, body, calls, handler):
         """A text block, then one tool_use per [[tool NAME {json}]] marker, streamed with
@@ -527,6 +544,23 @@ class ApiAssertions:
 
 INV = (proxy.InvalidRequest, 400, "invalid_request_error")
 
+# Client tools the tests offer, in each API's form.
+WEATHER = {"name": "get_weather", "description": "Weather for a city.",
+           "input_schema": {"type": "object", "properties": {"city": {"type": "string"}},
+                            "required": ["city"]}}
+LONG_TOOL = {"name": "n" * 64, "description": "A tool with the longest name the API allows.",
+             "input_schema": {"type": "object", "properties": {"a": {"type": "integer"}}}}
+OPENAI_WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather for a city.",
+    "parameters": WEATHER["input_schema"]}}
+RESPONSES_WEATHER = {"type": "function", "name": "get_weather",
+                     "description": "Weather for a city.",
+                     "parameters": WEATHER["input_schema"]}
+CHAT_TOOLS = [{"type": "function", "function": {
+                  "name": "get_weather", "description": "Weather.", "parameters": {
+                      "type": "object", "properties": {"city": {"type": "string"}}}}},
+              {"type": "function", "function": {"name": "now"}}]
+
 
 class PureAssertions:
     def assertProxyError(self, expected, fn, *args, message=None, prefix=None):
@@ -583,6 +617,34 @@ def head_with(*fields: str, version: str = "HTTP/1.1") -> proxy.RequestHead:
     """A parsed head from "Name: value" strings."""
     line = f"POST /v1/messages {version}".encode()
     return proxy.parse_request_head(raw_head(*[f.encode("latin-1") for f in fields], line=line))
+
+
+class SharedProxyCase(unittest.TestCase):
+    """One proxy for the class, an official client on it, a clean upstream log a test."""
+
+    @staticmethod
+    def make_client(server):
+        return server.client()
+
+    @classmethod
+    def setUpClass(cls):
+        cls.server = ProxyThread()
+        cls.client = cls.make_client(cls.server)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.stop()
+
+    def setUp(self):
+        UPSTREAM.clear()
+
+
+class OpenAICase(SharedProxyCase):
+    """The shared proxy with an official openai client on it."""
+
+    @staticmethod
+    def make_client(server):
+        return server.openai_client()
 
 
 # =============================================================================
@@ -650,8 +712,19 @@ class ConfigTest(unittest.TestCase):
 
     def test_defaults_with_no_flags_and_empty_environment(self):
         self.assertEqual(self.knobs(self.config()),
-                         (3456, "127.0.0.1", False, None, 5, 1800.0, 32 * 1024 * 1024, 60.0,
+                         (3456, "127.0.0.1", False, None, 8, 1800.0, 32 * 1024 * 1024, 60.0,
                           "sonnet", None))
+
+    def test_the_session_cap_is_what_half_the_available_memory_holds(self):
+        gib = 1 << 30
+        for available, concurrent, cap in ((8 * gib, 8, 32), (gib, 8, 8), (gib, 2, 4),
+                                           (64 * gib, 8, 64)):
+            with self.subTest(available=available, concurrent=concurrent):
+                self.assertEqual(proxy.default_max_sessions(available, concurrent), cap)
+        with open("/proc/meminfo") as meminfo:      # MemAvailable moves all the time
+            total = next(int(line.split()[1]) for line in meminfo
+                         if line.startswith("MemTotal:")) * 1024
+        self.assertTrue(0 < proxy.available_memory() < total)
 
     def test_environment_sets_every_knob(self):
         env = {"PORT": "8080", "HOST": "0.0.0.0", "DEBUG": "true", "API_KEY": "sekret",
@@ -1089,8 +1162,124 @@ class AuthAndModelsTest(PureAssertions, unittest.TestCase):
                                       proxy.model_lookup, model_id, message=f"model: {model_id}")
 
 
+class AuthTest(ApiAssertions, unittest.TestCase):
+    KEY = "proxy-secret-key-for-tests"
+
+    @classmethod
+    def setUpClass(cls):
+        cls.proxy = ProxyThread(api_key=cls.KEY)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.proxy.stop()
+
+    def test_missing_or_wrong_key_is_401_and_reaches_nothing(self):
+        UPSTREAM.clear()
+        for key in ("wrong-key", "x" + self.KEY):
+            with self.subTest(key=key):
+                with self.assertRaises(anthropic.AuthenticationError) as caught:
+                    self.proxy.client(api_key=key).models.list()
+                self.assertApiError(caught.exception, 401, "authentication_error")
+        raw = raw_exchange(self.proxy.port, b"POST /v1/messages HTTP/1.1\r\nhost: localhost\r\n"
+                                            b"content-length: 2\r\n\r\n{}")
+        self.assertTrue(raw.startswith(b"HTTP/1.1 401 "), raw[:40])
+        self.assertEqual(UPSTREAM.messages_requests(), [])
+
+    def test_openai_clients_use_the_key_as_bearer_and_get_openai_errors(self):
+        def chat(key):
+            return self.proxy.openai_client(api_key=key).chat.completions.create(
+                model="sonnet", messages=[{"role": "user", "content": "hi"}])
+        with self.assertRaises(openai.AuthenticationError) as caught:
+            chat("wrong-key")
+        self.assertEqual(caught.exception.body["type"], "authentication_error")
+        self.assertEqual(chat(self.KEY).choices[0].message.content, UPSTREAM_TEXT)
+
+    def test_key_as_x_api_key_or_bearer_is_accepted(self):
+        self.assertTrue(list(self.proxy.client(api_key=self.KEY).models.list()))
+        bearer = anthropic.Anthropic(base_url=self.proxy.url, auth_token=self.KEY,
+                                     max_retries=0, timeout=CLIENT_TIMEOUT)
+        self.assertTrue(list(bearer.models.list()))
+
+    def test_without_the_key_only_liveness_is_answered_and_no_route_is_shown(self):
+        def get(line, *headers):
+            return read_response(io.BytesIO(raw_exchange(self.proxy.port, b"\r\n".join(
+                (line, b"host: localhost", b"connection: close", *headers, b"", b"")))))
+        status, _, body = get(b"GET / HTTP/1.1")
+        self.assertEqual((status, json.loads(body)), (200, {"status": "ok"}))
+        status, _, body = get(b"GET / HTTP/1.1", b"x-api-key: " + self.KEY.encode())
+        self.assertEqual((status, json.loads(body)["service"]), (200, "claude-sdk-proxy"))
+        for line in (b"GET /no/such/route HTTP/1.1", b"PUT /v1/messages HTTP/1.1",
+                     b"GET /sessions HTTP/1.1"):
+            with self.subTest(line=line):
+                status, headers, _ = get(line)
+                self.assertEqual(status, 401)       # not 404/405: routes stay unlisted
+                self.assertNotIn("allow", headers)
+
+    def test_browser_apps_get_cors_with_the_key(self):
+        # What TypingMind and any web chat app do: a preflight, then the real request.
+        origin = b"https://chat.example"
+        status, headers, body = read_response(io.BytesIO(raw_exchange(
+            self.proxy.port, b"\r\n".join((
+                b"OPTIONS /v1/messages HTTP/1.1", b"host: localhost", b"origin: " + origin,
+                b"access-control-request-method: POST",
+                b"access-control-request-headers: content-type,x-api-key,anthropic-version,"
+                b"anthropic-dangerous-direct-browser-access",
+                b"connection: close", b"", b"")))))
+        self.assertEqual((status, body), (204, b""))
+        self.assertEqual(headers["access-control-allow-origin"], origin.decode())
+        self.assertIn("POST", headers["access-control-allow-methods"])
+        self.assertIn("x-api-key", headers["access-control-allow-headers"])
+        self.assertNotIn("content-length", headers)
+        UPSTREAM.clear()
+        status, headers, body = post_raw(
+            self.proxy.port, "/v1/messages", {"model": "sonnet", "max_tokens": 10, "messages": [
+                {"role": "user", "content": "from a browser"}]},
+            "origin: https://chat.example", f"x-api-key: {self.KEY}",
+            "anthropic-dangerous-direct-browser-access: true")
+        self.assertEqual(status, 200)
+        self.assertEqual(headers["access-control-allow-origin"], "https://chat.example")
+        self.assertEqual(json.loads(body)["content"][0]["text"], UPSTREAM_TEXT)
+        status, headers, _ = post_raw(self.proxy.port, "/v1/messages", {},
+                                      "origin: https://chat.example", "x-api-key: wrong")
+        self.assertEqual(status, 401)       # and the app can read why
+        self.assertEqual(headers["access-control-allow-origin"], "https://chat.example")
+        self.assertEqual(len(UPSTREAM.messages_requests()), 1)
+
+    def test_web_pages_cannot_use_a_keyless_proxy_but_may_bring_the_key(self):
+        keyless = ProxyThread()
+        self.addCleanup(keyless.stop)
+        UPSTREAM.clear()
+        body = json.dumps({"model": "claude-sonnet-5-5", "max_tokens": 10, "messages": [
+            {"role": "user", "content": "from a web page"}]}).encode()
+
+        def browser_post(port, host, origin, *extra):
+            # What a page's fetch() sends: text/plain needs no CORS preflight.
+            return raw_exchange(port, b"\r\n".join((
+                b"POST /v1/messages HTTP/1.1", b"Host: " + host, b"Origin: " + origin,
+                b"Content-Type: text/plain;charset=UTF-8", b"Connection: close", *extra,
+                b"Content-Length: %d" % len(body), b"", body)), timeout=60)
+        local = b"127.0.0.1:%d" % keyless.port
+        for host, origin in ((local, b"https://evil.example"),           # cross-site POST
+                             (b"evil.example:%d" % keyless.port,          # DNS rebinding
+                              b"http://evil.example:%d" % keyless.port)):
+            with self.subTest(host=host, origin=origin):
+                status, _, answer = read_response(io.BytesIO(
+                    browser_post(keyless.port, host, origin)))
+                self.assertEqual(status, 403)
+                self.assertEqual(json.loads(answer)["error"]["type"], "permission_error")
+        self.assertEqual(UPSTREAM.messages_requests(), [], "nothing reached the upstream")
+        local_page = browser_post(keyless.port, local, b"http://localhost:5173")
+        self.assertTrue(local_page.startswith(b"HTTP/1.1 200 "), local_page[:60])
+        self.assertIn(b"access-control-allow-origin: http://localhost:5173", local_page)
+        UPSTREAM.clear()
+        page_with_key = browser_post(self.proxy.port, b"127.0.0.1:%d" % self.proxy.port,
+                                     b"https://my-app.example", b"x-api-key: " + self.KEY.encode())
+        self.assertTrue(page_with_key.startswith(b"HTTP/1.1 200 "), page_with_key[:60])
+        self.assertEqual(len(UPSTREAM.messages_requests()), 1)
+
+
 # =============================================================================
-# 6. Anthropic translation
+# 6. Messages API requests
 # =============================================================================
 
 def valid_body(**changes) -> dict:
@@ -1103,7 +1292,11 @@ def valid_body(**changes) -> dict:
 
 
 SID = "12345678-1234-5678-1234-567812345678"
+
+
 NOW = dt.datetime(2025, 1, 2, 3, 4, 5, 678901, tzinfo=dt.timezone.utc)
+
+
 U, A = "user", "assistant"
 
 
@@ -1561,752 +1754,6 @@ class AnthropicTranslationTest(PureAssertions, unittest.TestCase):
                 self.assertProxyError(INV, proxy.check_count_tokens_request, body, prefix=prefix)
 
 
-# =============================================================================
-# 7. OpenAI translation
-# =============================================================================
-
-def chat_body(**changes) -> dict:
-    """A valid Chat Completions request; a change to `...` deletes that key."""
-    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
-    return {k: v for k, v in {**body, **changes}.items() if v is not ...}
-
-
-CHAT_TOOLS = [{"type": "function", "function": {
-                  "name": "get_weather", "description": "Weather.", "parameters": {
-                      "type": "object", "properties": {"city": {"type": "string"}}}}},
-              {"type": "function", "function": {"name": "now"}}]
-
-
-def text_block(t: str) -> dict:
-    return {"type": "text", "text": t}
-
-
-class OpenAITranslationTest(PureAssertions, unittest.TestCase):
-    def test_messages_become_system_history_and_prompt(self):
-        png = base64.b64encode(png_bytes(2, 2)).decode()
-        body = chat_body(messages=[
-            {"role": "system", "content": "Sys one."},
-            {"role": "developer", "content": [text_block("Dev"), text_block("two.")]},
-            {"role": "user", "content": "first"},
-            {"role": "assistant", "content": "answer"},
-            {"role": "user", "content": [
-                text_block("look"),
-                {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}},
-                {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}])
-        before = copy.deepcopy(body)
-        turn = proxy.chat_request_to_turn(body, "sonnet", caller="key")
-        self.assertEqual(body, before)
-        self.assertEqual((turn.model, turn.system, turn.stream, turn.caller, turn.tools,
-                          turn.params), ("sonnet", "Sys one.\n\nDev\n\ntwo.", False, "key", [], {}))
-        self.assertEqual(turn.history, [{"role": U, "content": [text_block("first")]},
-                                        {"role": A, "content": [text_block("answer")]}])
-        self.assertEqual(turn.prompt, {"role": U, "content": [text_block("look"), {
-            "type": "image", "source": {"type": "base64", "media_type": "image/png",
-                                        "data": png}}, {
-            "type": "image", "source": {"type": "url", "url": "https://example.com/a.png"}}]})
-        claude = proxy.chat_request_to_turn(chat_body(model="claude-opus-5-5", stream=True,
-                                                      user="u-1"), "sonnet", caller="key")
-        self.assertEqual((claude.model, claude.stream, claude.caller, claude.system),
-                         ("claude-opus-5-5", True, "key/u-1", ""))
-
-    def test_tool_calls_and_results_and_merging(self):
-        turn = proxy.chat_request_to_turn(chat_body(messages=[
-            {"role": "user", "content": "a"}, {"role": "user", "content": [text_block("b")]},
-            {"role": "assistant", "content": "Let me check."},
-            {"role": "assistant", "content": None, "tool_calls": [
-                {"id": "call_1", "type": "function",
-                 "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
-                {"id": "call_2", "type": "function", "function": {"name": "now",
-                                                                  "arguments": ""}}]},
-            {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
-            {"role": "tool", "tool_call_id": "call_2", "content": [text_block("noon")]},
-            {"role": "user", "content": "thanks"}]), "sonnet")
-        self.assertEqual(turn.history, [
-            {"role": U, "content": [text_block("a"), text_block("b")]},
-            {"role": A, "content": [
-                text_block("Let me check."),
-                {"type": "tool_use", "id": "call_1", "name": "get_weather",
-                 "input": {"city": "Paris"}},
-                {"type": "tool_use", "id": "call_2", "name": "now", "input": {}}]}])
-        self.assertEqual(turn.prompt, {"role": U, "content": [
-            {"type": "tool_result", "tool_use_id": "call_1", "content": "sunny"},
-            {"type": "tool_result", "tool_use_id": "call_2", "content": "noon"},
-            text_block("thanks")]})
-
-    def test_blank_text_is_left_out_as_the_messages_api_requires(self):
-        # Clients echo Claude's blank text beside tool calls, and send empty messages.
-        call = {"id": "call_1", "type": "function",
-                "function": {"name": "now", "arguments": "{}"}}
-        turn = proxy.chat_request_to_turn(chat_body(messages=[
-            {"role": "user", "content": "a"}, {"role": "assistant", "content": ""},
-            {"role": "user", "content": "b"},
-            {"role": "assistant", "content": "\n\n", "tool_calls": [call]},
-            {"role": "tool", "tool_call_id": "call_1", "content": "noon"}]), "sonnet")
-        self.assertEqual(turn.history, [
-            {"role": U, "content": [text_block("a"), text_block("b")]},
-            {"role": A, "content": [{"type": "tool_use", "id": "call_1", "name": "now",
-                                     "input": {}}]}])
-        responses, _ = proxy.responses_request_to_turn({"model": "m", "input": [
-            {"role": "user", "content": "a"},
-            {"role": "assistant", "content": [{"type": "output_text", "text": " "}]},
-            {"role": "user", "content": ""},
-            {"role": "user", "content": [{"type": "input_text", "text": "\n"},
-                                         {"type": "input_text", "text": "b"}]}]}, "sonnet")
-        self.assertEqual((responses.history, responses.prompt["content"]),
-                         ([], [text_block("a"), text_block("b")]))
-        for blank in ("", [{"type": "text", "text": " "}]):      # nothing to answer
-            self.assertProxyError(INV, proxy.chat_request_to_turn, chat_body(messages=[
-                {"role": "user", "content": "a"}, {"role": "user", "content": blank}]),
-                "sonnet", message="messages.1.content: is blank; Claude needs something "
-                                  "to answer.")
-        stored = proxy.answer_as_history({"content": [
-            {"type": "text", "text": "\n\n"}, {"type": "tool_use", "id": "t", "name": "n",
-                                               "input": {}}]})
-        self.assertEqual(stored, [{"role": "assistant", "content": [
-            {"type": "tool_use", "id": "t", "name": "n", "input": {}}]}])
-        self.assertEqual(proxy.answer_as_history({"content": [text_block("")]}), [])
-
-    def test_parameters_become_carried_params(self):
-        tools = {"tools": CHAT_TOOLS}
-        fmt = {"output_config": {"format": {"type": "json_schema", "schema": {"type": "object"}}}}
-        schema = {"type": "object", "properties": {"a": {"type": "string"}}}
-        table = [
-            ({}, {}), ({"max_tokens": 10}, {"max_tokens": 10}),
-            ({"max_tokens": 10, "max_completion_tokens": 20}, {"max_tokens": 20}),
-            ({"max_completion_tokens": 30}, {"max_tokens": 30}),
-            ({"temperature": 0.5, "top_p": 0.9}, {"temperature": 0.5, "top_p": 0.9}),
-            ({"stop": "END"}, {"stop_sequences": ["END"]}),
-            ({"stop": ["A", "B"]}, {"stop_sequences": ["A", "B"]}),
-            ({**tools, "tool_choice": "none"}, {"tool_choice": {"type": "none"}}),
-            ({**tools, "tool_choice": "auto"}, {"tool_choice": {"type": "auto"}}),
-            ({**tools, "tool_choice": "required"}, {"tool_choice": {"type": "any"}}),
-            ({**tools, "tool_choice": {"type": "function", "function": {"name": "now"}}},
-             {"tool_choice": {"type": "tool", "name": proxy.upstream_tool_name("now")}}),
-            ({**tools, "parallel_tool_calls": True}, {}),
-            ({**tools, "parallel_tool_calls": False},
-             {"tool_choice": {"type": "auto", "disable_parallel_tool_use": True}}),
-            ({**tools, "tool_choice": "required", "parallel_tool_calls": False},
-             {"tool_choice": {"type": "any", "disable_parallel_tool_use": True}}),
-            ({**tools, "tool_choice": "none", "parallel_tool_calls": False},
-             {"tool_choice": {"type": "none"}}),
-            ({**tools, "parallel_tool_calls": False,
-              "tool_choice": {"type": "function", "function": {"name": "get_weather"}}},
-             {"tool_choice": {"type": "tool", "name": "mcp__c__get_weather",
-                              "disable_parallel_tool_use": True}}),
-            ({"response_format": {"type": "json_object"}}, fmt),
-            ({"response_format": {"type": "json_schema", "json_schema": {
-                "name": "r", "strict": True, "schema": schema}}},
-             {"output_config": {"format": {"type": "json_schema", "schema": schema}}}),
-            ({"response_format": {"type": "text"}, "max_tokens": 5}, {"max_tokens": 5}),
-            ({"reasoning_effort": "minimal"}, {"output_config": {"effort": "low"}}),
-            ({"reasoning_effort": "none"}, {"output_config": {"effort": "low"}}),
-            ({"reasoning_effort": "xhigh"}, {"output_config": {"effort": "xhigh"}}),
-            ({"reasoning_effort": "high", "response_format": {"type": "json_object"}},
-             {"output_config": {**fmt["output_config"], "effort": "high"}}),
-            ({"store": False, "metadata": {"k": "v"}, "service_tier": "auto", "seed": None,
-              "modalities": ["text"], "n": 1, "logprobs": False,
-              "stream_options": {"include_usage": True}, "prompt_cache_key": "k",
-              "prompt_cache_retention": "24h", "verbosity": "low"}, {})]
-        for changes, params in table:
-            with self.subTest(changes=changes):
-                self.assertEqual(proxy.chat_request_to_turn(chat_body(**changes), "s").params,
-                                 params)
-        self.assertEqual(proxy.chat_request_to_turn(chat_body(**tools), "s").tools, [
-            {"name": "get_weather", "description": "Weather.", "input_schema": {
-                "type": "object", "properties": {"city": {"type": "string"}}}},
-            {"name": "now", "input_schema": {"type": "object", "properties": {}}}])
-        self.assertIsNone(proxy._chat_response_format(None))
-        self.assertIsNone(proxy._chat_response_format({"type": "text"}))
-        for changes, caller in (({"user": "u1"}, "key/u1"),          # the end user
-                                ({"user": "u1", "safety_identifier": "s1"}, "key/s1")):
-            self.assertEqual(proxy.chat_request_to_turn(chat_body(**changes), "s", "key").caller,
-                             caller)
-
-    def test_unsupported_parameters_are_400_naming_them(self):
-        changed = {"n": 2, "logprobs": True, "top_logprobs": 2, "logit_bias": {"50256": -100},
-                   "presence_penalty": 0.5, "frequency_penalty": -1, "seed": 42,
-                   "audio": {"voice": "alloy", "format": "mp3"},
-                   "prediction": {"type": "content", "content": "x"}, "web_search_options": {}}
-        self.assertEqual(set(changed), set(proxy.CHAT_UNSUPPORTED))
-        for name, value in changed.items():
-            with self.subTest(name=name):
-                default = proxy.CHAT_UNSUPPORTED[name]
-                self.assertEqual(proxy.chat_request_to_turn(
-                    chat_body(**{name: default}), "s").params, {})
-                self.assertProxyError(INV, proxy.chat_request_to_turn,
-                                      chat_body(**{name: value}), "s", message=(
-                                          f"{name}: not supported by this proxy "
-                                          "(Claude cannot honour it)."))
-        self.assertProxyError(INV, proxy.chat_request_to_turn,
-                              chat_body(bogus=1, functions=[]), "s",
-                              message="bogus, functions: unknown or unsupported parameter.")
-
-    def test_invalid_requests_are_400_naming_the_field(self):
-        def msgs(*messages):
-            return {"messages": [*messages, {"role": "user", "content": "q"}]}
-
-        def image(url):
-            return msgs({"role": "user", "content": [{"type": "image_url",
-                                                      "image_url": {"url": url}}]})
-
-        def call(arguments):
-            return msgs({"role": "assistant", "tool_calls": [{"id": "c", "type": "function",
-                         "function": {"name": "f", "arguments": arguments}}]})
-        table = [
-            (image("ftp://example.com/a.png"),
-             "messages.0.content.0.image_url.url: must be an http(s) URL or a base64 data URI."),
-            (image("data:text/plain;base64,aGk="), "messages.0.content.0.image_url.url: must"),
-            (image("example.com/a.png"), "messages.0.content.0.image_url.url: must"),
-            (msgs({"role": "user", "content": [{"type": "audio"}]}),
-             "messages.0.content.0.type: must be 'text' or 'image_url'."),
-            (call("{not json"), "messages.0.tool_calls.0.function.arguments: must be a JSON "
-                                "object."),
-            (call("[1, 2]"), "messages.0.tool_calls.0.function.arguments: must be a JSON object."),
-            (call({"a": 1}), "messages.0.tool_calls.0: needs an id and a function"),
-            (msgs({"role": "tool", "content": "x"}), "messages.0.tool_call_id: required."),
-            (msgs({"role": "function", "content": "x"}), "messages.0.role: must be system"),
-            (msgs({"role": "system", "content": [{"type": "image_url"}]}),
-             "messages.0.content: must be a string or a list of text parts."),
-            ({"messages": []}, "messages: required, a non-empty list."),
-            ({"messages": [{"role": "system", "content": "s"}]}, "messages: required"),
-            ({"tools": [{"type": "code_interpreter"}]}, "tools.0: must be a function tool."),
-            ({"tools": CHAT_TOOLS, "tool_choice": "sometimes"}, "tool_choice: must be 'none'"),
-            ({"tools": CHAT_TOOLS, "tool_choice": {"type": "function"}}, "tool_choice: must be"),
-            ({"tools": CHAT_TOOLS, "tool_choice": {"type": "function", "function": {
-                "name": "other"}}},
-             "tool_choice.function.name: must name one of the request's tools."),
-            ({"response_format": {"type": "yaml"}}, "response_format.type: must be 'text', "
-                                                    "'json_object' or 'json_schema'."),
-            ({"response_format": {"type": "json_schema", "json_schema": {"name": "r"}}},
-             "response_format.json_schema.schema: required, an object."),
-            ({"reasoning_effort": "max"}, "reasoning_effort: must be one of none, minimal,"),
-            ({"user": 7}, "user: must be a string."), ({"temperature": 1.5}, "temperature:"),
-            ({"max_completion_tokens": 0}, "max_completion_tokens: must be an integer of at "
-                                           "least 1."),
-            ({"max_tokens": 0}, "max_tokens: must be an integer of at least 1."),
-            ({"stop": [""]}, "stop: must be a non-empty string or a list of non-empty strings."),
-            ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
-                "type": "string"}}}]}, "tools.0.function.parameters: must be a JSON schema"),
-            ({"tools": [{"type": "function", "function": {"name": "f g"}}]},
-             "tools.0.function.name: must be 1-64 letters"),
-            # The shared rules, at the client's own message: a result of no call.
-            (msgs({"role": "system", "content": "s"}, {"role": "user", "content": "a"},
-                  {"role": "assistant", "content": "b"},
-                  {"role": "tool", "tool_call_id": "c9", "content": "r"}),
-             "messages.3: unexpected `tool_use_id` found in `tool_result` blocks: c9.")]
-        for changes, prefix in table:
-            with self.subTest(changes=changes):
-                self.assertProxyError(INV, proxy.chat_request_to_turn, chat_body(**changes), "s",
-                                      prefix=prefix)
-
-    def test_chat_usage_counts_cached_tokens_in_the_prompt(self):
-        table = [({}, (0, 0, 0, 0)), ({"input_tokens": 5, "output_tokens": 7}, (5, 7, 12, 0)),
-                 ({"input_tokens": 17, "cache_read_input_tokens": 3, "output_tokens": 42,
-                   "cache_creation_input_tokens": 2}, (22, 42, 64, 3)),
-                 ({"input_tokens": 1, "cache_read_input_tokens": None}, (1, 0, 1, 0))]
-        for usage, (prompt, completion, total, cached) in table:
-            with self.subTest(usage=usage):
-                self.assertEqual(proxy.chat_usage(usage), {
-                    "prompt_tokens": prompt, "completion_tokens": completion,
-                    "total_tokens": total, "prompt_tokens_details": {"cached_tokens": cached}})
-
-    def test_message_to_chat_completion(self):
-        usage = {"input_tokens": 10, "cache_read_input_tokens": 4, "output_tokens": 6}
-        message = {"id": "msg_1", "model": "claude-x", "stop_reason": "tool_use", "usage": usage,
-                   "content": [{"type": "thinking", "thinking": "hmm", "signature": "s"},
-                               text_block("Hel"), text_block("lo"),
-                               {"type": "tool_use", "id": "toolu_1", "name": "get_weather",
-                                "input": {"city": "Paris"}}]}
-        call = {"id": "toolu_1", "type": "function", "function": {
-            "name": "get_weather", "arguments": '{"city": "Paris"}'}}
-        self.assertEqual(proxy.chat_tool_call(message["content"][3]), call)
-        self.assertEqual(proxy.message_to_chat_completion(message, "chatcmpl-1", 1700000000), {
-            "id": "chatcmpl-1", "object": "chat.completion", "created": 1700000000,
-            "model": "claude-x", "choices": [{"index": 0, "logprobs": None,
-                                              "finish_reason": "tool_calls", "message": {
-                                                  "role": "assistant", "content": "Hello",
-                                                  "refusal": None, "tool_calls": [call]}}],
-            "usage": {"prompt_tokens": 14, "completion_tokens": 6, "total_tokens": 20,
-                      "prompt_tokens_details": {"cached_tokens": 4}}})
-        for content, stop, reply, finish in [
-                ([text_block("cut")], "max_tokens", "cut", "length"),
-                ([text_block("ok")], "end_turn", "ok", "stop"),
-                ([text_block("ok")], None, "ok", "stop"),
-                ([{"type": "thinking", "thinking": "x"}], "refusal", None, "content_filter")]:
-            with self.subTest(stop=stop):
-                choice = proxy.message_to_chat_completion(
-                    {**message, "content": content, "stop_reason": stop}, "c", 0)["choices"][0]
-                self.assertEqual((choice["message"], choice["finish_reason"]), (
-                    {"role": "assistant", "content": reply, "refusal": None}, finish))
-
-    def test_chunk_translator_over_a_full_stream(self):
-        def delta(i, **d):
-            return {"type": "content_block_delta", "index": i, "delta": d}
-        events = [
-            {"type": "message_start", "message": {"id": "msg_1", "model": "claude-x",
-                                                  "usage": {"input_tokens": 10,
-                                                            "cache_read_input_tokens": 2}}},
-            {"type": "content_block_start", "index": 0, "content_block": text_block("")},
-            delta(0, type="text_delta", text="Hel"), delta(0, type="text_delta", text="lo"),
-            {"type": "content_block_stop", "index": 0}, {"type": "ping"},
-            {"type": "content_block_start", "index": 1, "content_block": {
-                "type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {}}},
-            delta(1, type="input_json_delta", partial_json=""),
-            delta(1, type="input_json_delta", partial_json='{"ci'),
-            delta(1, type="input_json_delta", partial_json='ty": "Paris"}'),
-            {"type": "content_block_stop", "index": 1},
-            {"type": "message_delta", "delta": {"stop_reason": "tool_use"},
-             "usage": {"output_tokens": 9, "cache_read_input_tokens": None}},
-            {"type": "message_stop"}]
-        base = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 5,
-                "model": "claude-x"}
-
-        def chunk(delta, finish=None):
-            return {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None,
-                                         "finish_reason": finish}]}
-
-        def args(fragment):
-            return chunk({"tool_calls": [{"index": 0, "function": {"arguments": fragment}}]})
-        expected = [chunk({"role": "assistant", "content": ""}), chunk({"content": "Hel"}),
-                    chunk({"content": "lo"}),
-                    chunk({"tool_calls": [{"index": 0, "id": "toolu_1", "type": "function",
-                                           "function": {"name": "get_weather",
-                                                        "arguments": ""}}]}),
-                    args('{"ci'), args('ty": "Paris"}'), chunk({}, "tool_calls")]
-        usage = {**base, "choices": [], "usage": {
-            "prompt_tokens": 12, "completion_tokens": 9, "total_tokens": 21,
-            "prompt_tokens_details": {"cached_tokens": 2}}}
-        for include_usage, tail in [(True, [usage]), (False, [])]:
-            with self.subTest(include_usage=include_usage):
-                translator = proxy.ChunkTranslator("chatcmpl-1", 5, include_usage)
-                chunks = [c for event in events for c in translator.feed(event)]
-                self.assertEqual(chunks, expected + tail)
-                self.assertEqual(sum(c["choices"][0]["finish_reason"] is not None
-                                     for c in chunks if c["choices"]), 1)
-
-    def test_chunk_translator_numbers_tool_calls_and_maps_finish(self):
-        translator = proxy.ChunkTranslator("c", 0, False)
-        translator.feed({"type": "message_start", "message": {"model": "m"}})
-        for index, name in [(1, "a"), (3, "b")]:
-            start = translator.feed({"type": "content_block_start", "index": index,
-                                     "content_block": {"type": "tool_use", "id": name,
-                                                       "name": name, "input": {}}})
-            self.assertEqual(start[0]["choices"][0]["delta"]["tool_calls"][0]["index"],
-                             "ab".index(name))
-        fragment = translator.feed({"type": "content_block_delta", "index": 3, "delta": {
-            "type": "input_json_delta", "partial_json": "{}"}})
-        self.assertEqual(fragment[0]["choices"][0]["delta"]["tool_calls"][0]["index"], 1)
-        # A call without input streams one empty fragment (the API's way): "{}" at its end.
-        empty = translator.feed({"type": "content_block_delta", "index": 1, "delta": {
-            "type": "input_json_delta", "partial_json": ""}})
-        ends = [translator.feed({"type": "content_block_stop", "index": i}) for i in (1, 3)]
-        self.assertEqual((empty, ends[1]), ([], []))
-        self.assertEqual(ends[0][0]["choices"][0]["delta"]["tool_calls"],
-                         [{"index": 0, "function": {"arguments": "{}"}}])
-        for stop, finish in [("end_turn", "stop"), ("stop_sequence", "stop"), (None, "stop"),
-                             ("max_tokens", "length"), ("tool_use", "tool_calls"),
-                             ("pause_turn", "stop"), ("refusal", "content_filter")]:
-            with self.subTest(stop=stop):
-                done = translator.feed({"type": "message_delta", "delta": {"stop_reason": stop}})
-                self.assertEqual(done[0]["choices"][0]["finish_reason"], finish)
-        self.assertEqual(set(proxy.FINISH_REASONS) - {"end_turn", "stop_sequence", "max_tokens",
-                                                      "tool_use", "pause_turn", "refusal",
-                                                      "model_context_window_exceeded"}, set())
-
-    def test_error_to_openai(self):
-        for err, kind in [(proxy.InvalidRequest("bad"), "invalid_request_error"),
-                          (proxy.RateLimited("slow"), "rate_limit_error"),
-                          (proxy.Overloaded("busy"), "overloaded_error")]:
-            with self.subTest(kind=kind):
-                self.assertEqual(proxy.error_to_openai(err), {"error": {
-                    "message": err.message, "type": kind, "param": None, "code": None}})
-
-    def test_responses_errors_name_the_clients_own_fields_in_message_and_param(self):
-        def call(arguments):
-            return {"input": [{"role": "user", "content": "q"}, {
-                "type": "function_call", "call_id": "c", "name": "f", "arguments": arguments},
-                {"type": "function_call_output", "call_id": "c", "output": "r"}]}
-        table = [   # (changes, message prefix, OpenAI's param)
-            (call("{not json"), "input.1.arguments: must be a JSON object.",
-             "input[1].arguments"),
-            ({"max_output_tokens": 0}, "max_output_tokens: must be an integer of at least 1.",
-             "max_output_tokens"),
-            ({"reasoning": {"effort": "max"}}, "reasoning.effort: must be one of none,",
-             "reasoning.effort"),
-            ({"tools": [{"type": "function", "name": "f", "parameters": {"type": "array"}}]},
-             "tools.0.parameters: must be a JSON schema with type 'object'.",
-             "tools[0].parameters"),
-            ({"tools": [{"type": "namespace", "name": "ns", "tools": [
-                {"type": "function", "name": "f", "parameters": []}]}]},
-             "tools.0.tools.0.parameters: must be", "tools[0].tools[0].parameters"),
-            ({"text": {"format": {"type": "json_schema", "name": "r"}}},
-             "text.format.schema: required, an object.", "text.format.schema"),
-            ({"temperature": 3}, "temperature: must be a number between 0 and 1.",
-             "temperature"),
-            # The shared rules, at the client's own item: an output of no call.
-            ({"input": [{"role": "user", "content": "q"}, {
-                "type": "function_call_output", "call_id": "c7", "output": "r"}]},
-             "input.1: unexpected `tool_use_id` found", "input[1]"),
-            ({"input": [{"role": "user", "content": "q"}, {"role": "user", "content": " "}]},
-             "input.1.content: is blank", "input[1].content"),
-        ]
-        for changes, prefix, param in table:
-            with self.subTest(changes=changes):
-                err = self.assertProxyError(
-                    INV, proxy.responses_request_to_turn,
-                    {"model": "gpt-5", "input": "hi", **changes}, "s", prefix=prefix)
-                self.assertEqual(proxy.error_to_openai(err)["error"]["param"], param)
-
-
-class OpenAIMalformedValuesTest(PureAssertions, unittest.TestCase):
-    def test_malformed_values_are_400s_and_nulls_mean_absent(self):
-        tools = [{"type": "function", "function": {"name": "f"}}]
-        for extra, prefix in [
-                ({"tools": tools, "tool_choice": {"type": "function", "function": "f"}},
-                 "tool_choice: must be"),
-                ({"tool_choice": ["auto"]}, "tool_choice: must be"),
-                ({"response_format": {"type": "json_schema", "json_schema": "x"}},
-                 "response_format.json_schema.schema: required"),
-                ({"reasoning_effort": ["low"]}, "reasoning_effort: must be one of"),
-                ({"stream_options": True}, "stream_options: must be an object"),
-                ({"stream_options": {"include_usage": "no"}}, "stream_options: must be"),
-                ({"safety_identifier": 7}, "safety_identifier: must be a string")]:
-            with self.subTest(extra=extra):
-                self.assertProxyError(INV, proxy.chat_request_to_turn, chat_body(**extra),
-                                      "sonnet", prefix=prefix)
-        turn = proxy.chat_request_to_turn(chat_body(max_completion_tokens=None, max_tokens=5,
-                                                    stream=None), "sonnet")
-        self.assertEqual((turn.params, turn.stream), ({"max_tokens": 5}, False))
-        self.assertProxyError(INV, proxy.responses_request_to_turn,
-                              {"input": "hi", "instructions": ["Be brief."]}, "sonnet",
-                              prefix="instructions: must be a string")
-
-
-# =============================================================================
-# 8. SDK adapter: what the CLI's owner task watches for
-# =============================================================================
-
-def stream_event(event: dict, parent: str | None = None):
-    return proxy.sdk.StreamEvent(uuid="u", session_id="s", event=event,
-                                 parent_tool_use_id=parent)
-
-
-def upstream_message(*blocks: dict, stop: str = "end_turn") -> list:
-    """One upstream message as the CLI streams it: SDK StreamEvents."""
-    events: list[dict] = [{"type": "message_start", "message": {
-        "id": "msg_1", "type": "message", "role": "assistant", "model": "m", "content": [],
-        "usage": {"input_tokens": 3, "output_tokens": 1}}}]
-    for index, block in enumerate(blocks):
-        start, delta = ({"type": "text", "text": ""}, {"type": "text_delta", "text": block["text"]}) \
-            if block["type"] == "text" else ({**block, "input": {}}, {
-                "type": "input_json_delta", "partial_json": json.dumps(block["input"])})
-        events += [{"type": "content_block_start", "index": index, "content_block": start},
-                   {"type": "content_block_delta", "index": index, "delta": delta},
-                   {"type": "content_block_stop", "index": index}]
-    events += [{"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": None},
-                "usage": {"output_tokens": 5}}, {"type": "message_stop"}]
-    return [stream_event(event) for event in events]
-
-
-def sdk_result(is_error: bool = False, **fields):
-    return proxy.sdk.ResultMessage(
-        subtype="error_during_execution" if is_error else "success", duration_ms=1,
-        duration_api_ms=1, is_error=is_error, num_turns=1, session_id="s", **fields)
-
-
-def describe_turn_event(event) -> object:
-    """A TurnEvent in short: a Delta's event type (and a tool call's name), an
-    Answer's stop reason, text and tool calls, else the event's class name."""
-    if isinstance(event, proxy.Delta):
-        block = event.event.get("content_block") or {}
-        return (event.event["type"], block["name"]) if block.get("type") == "tool_use" \
-            else event.event["type"]
-    if isinstance(event, proxy.Answer):
-        texts = [b["text"] for b in event.message["content"] if b["type"] == "text"]
-        return ("Answer", event.message["stop_reason"], texts[0] if texts else None,
-                [call["name"] for call in event.tool_calls])
-    return type(event).__name__
-
-
-class SdkSurfaceTest(unittest.TestCase):
-    """What the proxy relies on in the SDK and the CLI, by name: an SDK or CLI release
-    that moves one fails here, in seconds, saying which (some drift hangs the
-    end-to-end tests instead of failing them)."""
-
-    def test_private_sdk_names_the_proxy_uses(self):
-        import inspect
-        import claude_agent_sdk as sdk
-        from claude_agent_sdk._internal import query
-        from claude_agent_sdk._internal.transport import subprocess_cli
-        from claude_agent_sdk._internal import _mcp_compat
-        from claude_agent_sdk import _cli_version
-        client_source = inspect.getsource(sdk.ClaudeSDKClient)
-        table = [
-            ("_cli_version.__cli_version__",
-             isinstance(getattr(_cli_version, "__cli_version__", None), str)),
-            ("_internal._mcp_compat.build_tool_server",
-             callable(getattr(_mcp_compat, "build_tool_server", None))),
-            ("ClaudeSDKClient._transport", "self._transport" in client_source),
-            ("ClaudeSDKClient._query", "self._query" in client_source),
-            ("Query._send_control_request",
-             callable(getattr(query.Query, "_send_control_request", None))),
-            ("Query.close_receive_stream",
-             callable(getattr(query.Query, "close_receive_stream", None))),
-            ("SubprocessCLITransport._process",
-             "self._process" in inspect.getsource(subprocess_cli.SubprocessCLITransport)),
-            # CLIs start in sessions of their own through the module attribute.
-            ("anyio.open_process(...) in the transport",
-             "anyio.open_process(" in inspect.getsource(subprocess_cli)),
-            ("the _internal.query logger's 'Fatal error in message reader'",
-             query.logger.name == "claude_agent_sdk._internal.query" and
-             "Fatal error in message reader" in inspect.getsource(query)),
-        ]
-        for name, present in table:
-            with self.subTest(name=name):
-                self.assertTrue(present, f"the SDK moved {name}")
-
-    def test_sdk_options_messages_and_errors_the_proxy_reads(self):
-        import claude_agent_sdk as sdk
-        options = {f.name for f in dataclasses.fields(sdk.ClaudeAgentOptions)}
-        for name in ("allowed_tools", "cli_path", "cwd", "env", "extra_args",
-                     "include_partial_messages", "max_buffer_size", "max_turns", "mcp_servers",
-                     "model", "resume", "session_store", "setting_sources", "stderr",
-                     "strict_mcp_config", "system_prompt", "thinking", "tools", "sandbox",
-                     "verbatim_prompts"):
-            with self.subTest(option=name):
-                self.assertIn(name, options, f"ClaudeAgentOptions.{name} moved")
-        for message, fields in ((sdk.StreamEvent, ("event", "parent_tool_use_id")),
-                                (sdk.RateLimitEvent, ("rate_limit_info",)),
-                                (sdk.ResultMessage, ("is_error", "subtype", "result",
-                                                     "api_error_status", "terminal_reason")),
-                                (sdk.RateLimitInfo, ("raw",))):
-            present = {f.name for f in dataclasses.fields(message)}
-            for name in fields:
-                with self.subTest(field=f"{message.__name__}.{name}"):
-                    self.assertIn(name, present, f"{message.__name__}.{name} moved")
-        for name in ("CLIConnectionError", "CLINotFoundError", "ProcessError", "ResultError",
-                     "McpSdkServerConfig", "ClaudeSDKClient"):
-            with self.subTest(name=name):
-                self.assertTrue(hasattr(sdk, name), f"claude_agent_sdk.{name} moved")
-
-    def test_cli_variables_and_strings_are_in_the_bundled_cli(self):
-        import mmap
-        turn = dataclasses.replace(proxy.messages_request_to_turn(valid_body(), "sonnet"),
-                                   tools=[WEATHER], betas="x")
-        names = [name for name in proxy.cli_environment(turn)
-                 if not name.startswith("CLAUDE_PROXY_")]
-        names += ["CLAUDE_CODE_RESUME_INTERRUPTED_TURN", "CLAUDE_CONFIG_DIR",
-                  "CLAUDE_CODE_OAUTH_TOKEN", "ANTHROPIC_BASE_URL"]
-        strings = ["rewind_conversation", "no-session-persistence",
-                   "anthropic/maxResultSizeChars", "API Error:", "prompt_too_long"]
-        self.assertGreaterEqual(len(names), 15)
-        binary = proxy.cli_binary(proxy.Config())
-        with open(binary, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as cli:
-            for name in names + strings:
-                with self.subTest(name=name):
-                    self.assertGreaterEqual(cli.find(name.encode()), 0,
-                                            f"the bundled CLI no longer knows {name}")
-
-    def test_the_installed_sdk_is_in_the_tested_range_and_notes_say_so(self):
-        import claude_agent_sdk as sdk
-        self.assertEqual(proxy.sdk_version_notes(sdk.__version__), ([], []))
-        older, _ = proxy.sdk_version_notes("0.2.179")
-        self.assertIn("older than 0.2.180", older[0])
-        self.assertIn("-m pip install 'claude-agent-sdk>=0.2.180' --upgrade", older[0])
-        _, newer = proxy.sdk_version_notes("0.2.999")
-        self.assertIn("newer than 0.2.189", newer[0])
-
-
-class SdkAdapterTest(unittest.TestCase):
-    def test_the_cli_never_inherits_the_proxys_key(self):
-        turn = proxy.messages_request_to_turn(valid_body(), "sonnet")
-        self.assertEqual(proxy.cli_environment(turn)["CLAUDE_PROXY_API_KEY"], "")
-
-    def test_cli_watch_stops_a_cli_that_goes_on_without_the_client(self):
-        text, call = {"type": "text", "text": "Hi"}, {"type": "tool_use", "id": "toolu_1",
-                                                       "name": "mcp__c__f", "input": {}}
-        end, tools = upstream_message(text), upstream_message(call, stop="tool_use")
-        cases = [       # (messages, calls that reached the broker, where it stops)
-            ("another call after a whole answer", end + end[:1], 0, len(end)),
-            ("the next turn after the result", end + [sdk_result()] + end[:1], 0, None),
-            ("a call after the client's results", tools + end[:1], 1, None),
-            ("a call although a tool call never reached the broker", tools + end[:1], 0,
-             len(tools)),
-            ("a subagent's call", [stream_event(end[0].event, parent="toolu_0")], 0, 0),
-        ] + [(f"{reason}, which the CLI answers itself", upstream_message(
-            text, stop=reason), 0, 4) for reason in proxy.CLI_GOES_ON_AFTER] + [
-            ("a subagent's max_tokens", [stream_event(e.event, parent="toolu_0")
-                                         for e in upstream_message(text, stop="max_tokens")
-                                         if e.event["type"] != "message_start"], 0, None)]
-        for name, messages, reached, stop_at in cases:
-            with self.subTest(name):
-                broker = proxy.ToolBroker()
-                watch = proxy.CliWatch(broker)
-                said = []
-                for index, message in enumerate(messages):
-                    if index == len(messages) - 1:
-                        broker.reached += reached
-                    if watch(message):
-                        said.append(index)
-                self.assertEqual(said, [] if stop_at is None else [stop_at])
-                self.assertEqual(broker.broken, "never reached" in name)
-
-    def test_turn_reader_turns_sdk_messages_into_turn_events(self):
-        text = {"type": "text", "text": "Hi"}
-        call = {"type": "tool_use", "id": "toolu_1", "name": "mcp__c__get_weather",
-                "input": {"city": "Ulm"}}
-        bash = {"type": "tool_use", "id": "toolu_2", "name": "Bash", "input": {}}
-        whole = upstream_message(text)
-        broken = whole[:3] + [stream_event(e) for e in (
-            {"type": "content_block_stop", "index": 0},
-            {"type": "message_delta", "delta": {"stop_reason": None}, "usage": {}},
-            {"type": "message_stop"})]
-        max_tokens = upstream_message(text, stop="max_tokens")
-        limit = {"status": "rejected", "resetsAt": 4102444800, "rateLimitType": "five_hour"}
-        rate_limit = proxy.sdk.RateLimitEvent(rate_limit_info=proxy.sdk.RateLimitInfo(
-            status="rejected", raw=limit), uuid="u", session_id="s")
-        stream = ["message_start", "content_block_start", "content_block_delta",
-                  "content_block_stop", "message_delta", "message_stop"]
-        cases = [   # (name, SDK messages, events as (kind, detail), or the error raised)
-            ("an answer", whole + [sdk_result()],
-             stream + [("Answer", "end_turn", "Hi", []), "Finished"]),
-            ("a client tool call, under the client's name", upstream_message(
-                call, stop="tool_use"), ["message_start", ("content_block_start",
-                                                           "get_weather")] + stream[2:]
-             + [("Answer", "tool_use", None, ["mcp__c__get_weather"])]),
-            ("a stream the upstream broke off", broken + [sdk_result(is_error=True)],
-             stream[:3] + [proxy.BadGateway]),
-            ("a max_tokens stop it would go on after", max_tokens[:4]
-             + [proxy.WentOnAt(max_tokens[4])],
-             stream + [("Answer", "max_tokens", "Hi", []), "WentOn"]),
-            ("another call after the answer", whole + [proxy.WentOnAt(whole[0])],
-             stream + [("Answer", "end_turn", "Hi", []), "WentOn"]),
-            ("a call before any answer", [proxy.WentOnAt(whole[0])], [proxy.CliWentOn]),
-            ("a call mid-answer", whole[:2] + [proxy.WentOnAt(whole[0])],
-             stream[:2] + [proxy.BadGateway]),
-            ("an agent round, folded", upstream_message(bash, stop="tool_use") + whole,
-             stream + [("Answer", "end_turn", "Hi", [])]),
-            ("a spent window", [rate_limit, sdk_result(
-                is_error=True, api_error_status=429, result="API Error: 429 limit")],
-             ["RateLimitReport", proxy.RateLimited]),
-            ("a result without a message", [sdk_result()], [proxy.BadGateway]),
-            ("a subagent's events", [stream_event(e.event, parent="toolu_0")
-                                     for e in whole] + whole, stream
-             + [("Answer", "end_turn", "Hi", [])]),
-        ]
-        for name, messages, expected in cases:
-            with self.subTest(name):
-                reader = proxy.TurnReader({"mcp__c__get_weather": "get_weather"}, {"Bash"})
-                seen = []
-                try:
-                    for message in messages:
-                        seen += [describe_turn_event(e) for e in reader.feed(message)]
-                except proxy.ProxyError as err:
-                    seen.append(type(err))
-                self.assertEqual(seen, expected)
-
-    def test_a_dead_process_is_dead_before_it_is_reaped(self):
-        # asyncio learns of a CLI's death a moment later: a turn sent then would fail.
-        import subprocess
-        child = subprocess.Popen(["sleep", "60"])
-        self.addCleanup(child.wait)
-        self.assertTrue(proxy.process_exists(child.pid))
-        child.kill()
-        self.assertTrue(wait_until(lambda: process_state(child.pid) == "Z"))
-        self.assertFalse(proxy.process_exists(child.pid), "a zombie")
-        child.wait()
-        self.assertFalse(proxy.process_exists(child.pid), "gone")
-
-
-# =============================================================================
-# Fuzzing: arbitrary bytes and JSON give API errors, never anything else
-# =============================================================================
-
-def json_containers(inner):
-    return st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=5)
-
-
-JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) |
-                    st.text(max_size=20), json_containers, max_leaves=25)
-ROLES = st.sampled_from(["user", "assistant", "system", "developer", "tool", "x"])
-BLOCK_TYPES = st.sampled_from(["text", "image", "tool_use", "tool_result", "thinking",
-                               "image_url", "input_text", "input_image", "function_call",
-                               "function_call_output", "message", "document"])
-BLOCK = st.fixed_dictionaries({"type": BLOCK_TYPES}, optional={
-    "text": JSON, "id": JSON, "name": JSON, "input": JSON, "tool_use_id": JSON,
-    "content": JSON, "source": JSON, "image_url": JSON, "call_id": JSON, "arguments": JSON,
-    "output": JSON, "role": ROLES, "tool_calls": JSON, "tool_call_id": JSON})
-MESSAGE = st.fixed_dictionaries({"role": ROLES}, optional={
-    "content": st.one_of(st.text(max_size=10), st.lists(BLOCK, max_size=3), JSON),
-    "tool_calls": JSON, "tool_call_id": JSON, "type": BLOCK_TYPES, "call_id": JSON,
-    "output": JSON, "name": JSON, "arguments": JSON})
-REQUEST = st.fixed_dictionaries({}, optional={
-    "model": st.one_of(st.sampled_from(["sonnet", "gpt-4o", "claude-opus-5-5"]), JSON),
-    "max_tokens": JSON, "messages": st.lists(MESSAGE, max_size=4), "input": st.one_of(
-        st.text(max_size=10), st.lists(MESSAGE, max_size=4)),
-    "system": JSON, "tools": JSON, "tool_choice": JSON, "temperature": JSON,
-    "stop_sequences": JSON, "thinking": JSON, "stream": JSON, "metadata": JSON,
-    "response_format": JSON, "text": JSON, "output_config": JSON, "n": JSON,
-    "max_completion_tokens": JSON, "stop": JSON, "reasoning_effort": JSON,
-    "reasoning": JSON, "instructions": JSON, "user": JSON})
-FUZZ = settings(max_examples=300, deadline=None,
-                suppress_health_check=[HealthCheck.too_slow])
-
-
-class FuzzTest(unittest.TestCase):
-    def only_api_errors(self, translate, body):
-        try:
-            turn = translate(body)
-        except proxy.ProxyError as err:
-            self.assertEqual(err.status, 400, err.message)
-            return
-        self.assertIsInstance(turn, proxy.Turn)
-        self.assertIsInstance(turn.shape, str)
-
-    @FUZZ
-    @given(REQUEST)
-    def test_messages_requests(self, body):
-        self.only_api_errors(lambda b: proxy.messages_request_to_turn(b, "sonnet"), body)
-
-    @FUZZ
-    @given(REQUEST)
-    def test_chat_completions_requests(self, body):
-        self.only_api_errors(lambda b: proxy.chat_request_to_turn(b, "sonnet"), body)
-
-    @FUZZ
-    @given(REQUEST, st.one_of(st.none(), st.lists(MESSAGE, max_size=2)))
-    def test_responses_requests(self, body, previous):
-        previous = [m for m in previous or [] if isinstance(m.get("content"), list)]
-        self.only_api_errors(lambda b: proxy.responses_request_to_turn(
-            b, "sonnet", previous=previous), body)
-
-    @FUZZ
-    @given(st.binary(max_size=300) | st.builds(
-        lambda line, fields: line + b"\r\n" + b"\r\n".join(fields) + b"\r\n\r\n",
-        st.sampled_from([b"POST /v1/messages HTTP/1.1", b"GET / HTTP/1.0", b"GET  HTTP/1.1"]),
-        st.lists(st.binary(max_size=40), max_size=5)))
-    def test_request_heads(self, data):
-        try:
-            head = proxy.parse_request_head(data)
-            proxy.body_length(head)
-        except proxy.ProxyError as err:
-            self.assertIn(err.status, (400, 413, 431), err.message)
-
-    @FUZZ
-    @given(st.lists(st.binary(max_size=30), max_size=8))
-    def test_chunked_bodies(self, pieces):
-        decoder = proxy.ChunkedDecoder(1000)
-        try:
-            for piece in pieces:
-                decoder.feed(piece)
-        except proxy.ProxyError as err:
-            self.assertIn(err.status, (400, 413), err.message)
-
-
-# =============================================================================
-# End to end: anthropic SDK -> proxy -> claude-agent-sdk -> CLI -> upstream
-# =============================================================================
-
 class MessagesEndToEndTest(ApiAssertions, unittest.TestCase):
     @classmethod
     def setUpClass(cls):
@@ -2315,7 +1762,9 @@ class MessagesEndToEndTest(ApiAssertions, unittest.TestCase):
 
     @classmethod
     def tearDownClass(cls):
-        cls.assert_exit = cls.proxy.stop()
+        exit_code = cls.proxy.stop()
+        if exit_code != 0:
+            raise AssertionError(f"the proxy exited with {exit_code!r}, not 0")
 
     def setUp(self):
         UPSTREAM.clear()
@@ -2636,1312 +2085,8 @@ class MessagesEndToEndTest(ApiAssertions, unittest.TestCase):
         self.assertEqual(info["versions"]["sdk"], proxy.sdk.__version__)
 
 
-class StreamPacingTest(unittest.TestCase):
-    """A short head hold and ping interval, so pacing shows in a second."""
-
-    @classmethod
-    def setUpClass(cls):
-        cls.proxy = ProxyThread(head_hold_s=0.2, ping_interval_s=0.2)
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.proxy.stop()
-
-    def stream_events(self, text: str) -> tuple[int, list[str]]:
-        """The status and the SSE event names of a Messages stream, read raw."""
-        with contextlib.closing(socket.create_connection(("127.0.0.1", self.proxy.port))) as sock:
-            body = json.dumps({"model": "claude-sonnet-5-5", "max_tokens": 10, "stream": True,
-                               "messages": [{"role": "user", "content": text}]})
-            sock.sendall(f"POST /v1/messages HTTP/1.1\r\nhost: localhost\r\ncontent-type: "
-                         f"application/json\r\ncontent-length: {len(body)}\r\n\r\n{body}".encode())
-            reader = sock.makefile("rb")
-            status, _, data = read_response(reader)
-            while status < 200:         # 102 Processing while the upstream is silent
-                status, _, data = read_response(reader)
-        return status, [event for event, _ in parse_sse(data)]
-
-    def test_a_slow_upstream_gets_interim_answers_and_its_real_status(self):
-        # Under load the first event can take seconds: the status waits for it (an
-        # SDK retries a 429 only as a status), 102s keep the line alive meanwhile.
-        for text, status, first in (("[[delay 1]] slow", 200, "message_start"),
-                                    ("[[delay 1]] [[error 429]]", 429, None),
-                                    ("[[delay 1]] [[error 529]]", 529, None)):
-            with self.subTest(text=text):
-                with contextlib.closing(socket.create_connection(
-                        ("127.0.0.1", self.proxy.port))) as sock:
-                    body = json.dumps({"model": "claude-sonnet-5-5", "max_tokens": 10,
-                                       "stream": True, "messages": [
-                                           {"role": "user", "content": text}]})
-                    sock.sendall(f"POST /v1/messages HTTP/1.1\r\nhost: localhost\r\n"
-                                 f"content-type: application/json\r\ncontent-length: "
-                                 f"{len(body)}\r\n\r\n{body}".encode())
-                    reader = sock.makefile("rb")
-                    statuses = []
-                    while not statuses or statuses[-1][0] < 200:
-                        statuses.append(read_response(reader))
-                self.assertEqual(statuses[0][0], 102)
-                self.assertEqual(statuses[-1][0], status)
-                if first:
-                    events = [event for event, _ in parse_sse(statuses[-1][2])]
-                    self.assertEqual((events[0], events[-1]), (first, "message_stop"))
-                else:
-                    self.assertIn("retry-after", statuses[-1][1])
-        with self.assertRaises(anthropic.RateLimitError):       # an SDK sees the status
-            with self.proxy.client().messages.stream(
-                    model="sonnet", max_tokens=10,
-                    messages=[{"role": "user", "content": "[[delay 1]] [[error 429]]"}]) as s:
-                s.get_final_message()
-        with self.assertRaises(openai.RateLimitError):
-            list(self.proxy.openai_client().chat.completions.create(
-                model="sonnet", stream=True,
-                messages=[{"role": "user", "content": "[[delay 1]] [[error 429]]"}]))
-
-    def test_a_stream_cut_after_its_start_never_ends_as_if_complete(self):
-        # The CLI ends a stream the upstream cut with a message_stop of its own. Cut
-        # right after message_start, the client gets a 502 (when the CLI had not
-        # passed the start on yet) or the stream and an error event.
-        status, events = self.stream_events("[[delay 1]] [[drop]]")
-        self.assertIn((status, events[-1:]), ((502, [None]), (200, ["error"])))
-        self.assertNotIn("message_stop", events)
-        status, _, data = post_raw(self.proxy.port, "/v1/responses", {
-            "model": "sonnet", "input": "[[delay 1]] [[drop]]", "stream": True})
-        kinds = [event for event, text in parse_sse(data) if text] if status == 200 else \
-            [json.loads(data)["error"]["type"]]
-        self.assertIn((status, kinds[-2:]), ((502, ["api_error"]),
-                                             (200, ["error", "response.failed"])))
-
-    def test_an_http_1_0_stream_begun_on_silence_fails_as_its_api_ends_a_stream(self):
-        # HTTP/1.0 gets no 102: its head goes out on silence, before the response began.
-        body = json.dumps({"model": "sonnet", "input": "[[delay 1]] [[drop]]", "stream": True})
-        raw = raw_exchange(self.proxy.port, (
-            f"POST /v1/responses HTTP/1.0\r\ncontent-type: application/json\r\n"
-            f"content-length: {len(body)}\r\n\r\n{body}").encode(), timeout=60)
-        head, _, data = raw.partition(b"\r\n\r\n")
-        self.assertTrue(head.startswith(b"HTTP/1.1 200 "), head)
-        events = [json.loads(text) for _, text in parse_sse(data) if text]   # no pings
-        self.assertEqual([(e["type"], e["sequence_number"]) for e in events],
-                         [("response.created", 0), ("response.in_progress", 1), ("error", 2),
-                          ("response.failed", 3)])
-        error, failed = events[-2], events[-1]
-        self.assertEqual((error["code"], error["error"]["code"], failed["response"]["status"],
-                          failed["response"]["error"]["code"]),
-                         ("server_error", "server_error", "failed", "server_error"))
-        self.assertEqual(error["message"], failed["response"]["error"]["message"])
-
-
-class AuthTest(ApiAssertions, unittest.TestCase):
-    KEY = "proxy-secret-key-for-tests"
-
-    @classmethod
-    def setUpClass(cls):
-        cls.proxy = ProxyThread(api_key=cls.KEY)
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.proxy.stop()
-
-    def test_missing_or_wrong_key_is_401_and_reaches_nothing(self):
-        UPSTREAM.clear()
-        for key in ("wrong-key", "x" + self.KEY):
-            with self.subTest(key=key):
-                with self.assertRaises(anthropic.AuthenticationError) as caught:
-                    self.proxy.client(api_key=key).models.list()
-                self.assertApiError(caught.exception, 401, "authentication_error")
-        raw = raw_exchange(self.proxy.port, b"POST /v1/messages HTTP/1.1\r\nhost: localhost\r\n"
-                                            b"content-length: 2\r\n\r\n{}")
-        self.assertTrue(raw.startswith(b"HTTP/1.1 401 "), raw[:40])
-        self.assertEqual(UPSTREAM.messages_requests(), [])
-
-    def test_openai_clients_use_the_key_as_bearer_and_get_openai_errors(self):
-        def chat(key):
-            return self.proxy.openai_client(api_key=key).chat.completions.create(
-                model="sonnet", messages=[{"role": "user", "content": "hi"}])
-        with self.assertRaises(openai.AuthenticationError) as caught:
-            chat("wrong-key")
-        self.assertEqual(caught.exception.body["type"], "authentication_error")
-        self.assertEqual(chat(self.KEY).choices[0].message.content, UPSTREAM_TEXT)
-
-    def test_key_as_x_api_key_or_bearer_is_accepted(self):
-        self.assertTrue(list(self.proxy.client(api_key=self.KEY).models.list()))
-        bearer = anthropic.Anthropic(base_url=self.proxy.url, auth_token=self.KEY,
-                                     max_retries=0, timeout=CLIENT_TIMEOUT)
-        self.assertTrue(list(bearer.models.list()))
-
-    def test_without_the_key_only_liveness_is_answered_and_no_route_is_shown(self):
-        def get(line, *headers):
-            return read_response(io.BytesIO(raw_exchange(self.proxy.port, b"\r\n".join(
-                (line, b"host: localhost", b"connection: close", *headers, b"", b"")))))
-        status, _, body = get(b"GET / HTTP/1.1")
-        self.assertEqual((status, json.loads(body)), (200, {"status": "ok"}))
-        status, _, body = get(b"GET / HTTP/1.1", b"x-api-key: " + self.KEY.encode())
-        self.assertEqual((status, json.loads(body)["service"]), (200, "claude-sdk-proxy"))
-        for line in (b"GET /no/such/route HTTP/1.1", b"PUT /v1/messages HTTP/1.1",
-                     b"GET /sessions HTTP/1.1"):
-            with self.subTest(line=line):
-                status, headers, _ = get(line)
-                self.assertEqual(status, 401)       # not 404/405: routes stay unlisted
-                self.assertNotIn("allow", headers)
-
-    def test_browser_apps_get_cors_with_the_key(self):
-        # What TypingMind and any web chat app do: a preflight, then the real request.
-        origin = b"https://chat.example"
-        status, headers, body = read_response(io.BytesIO(raw_exchange(
-            self.proxy.port, b"\r\n".join((
-                b"OPTIONS /v1/messages HTTP/1.1", b"host: localhost", b"origin: " + origin,
-                b"access-control-request-method: POST",
-                b"access-control-request-headers: content-type,x-api-key,anthropic-version,"
-                b"anthropic-dangerous-direct-browser-access",
-                b"connection: close", b"", b"")))))
-        self.assertEqual((status, body), (204, b""))
-        self.assertEqual(headers["access-control-allow-origin"], origin.decode())
-        self.assertIn("POST", headers["access-control-allow-methods"])
-        self.assertIn("x-api-key", headers["access-control-allow-headers"])
-        self.assertNotIn("content-length", headers)
-        UPSTREAM.clear()
-        status, headers, body = post_raw(
-            self.proxy.port, "/v1/messages", {"model": "sonnet", "max_tokens": 10, "messages": [
-                {"role": "user", "content": "from a browser"}]},
-            "origin: https://chat.example", f"x-api-key: {self.KEY}",
-            "anthropic-dangerous-direct-browser-access: true")
-        self.assertEqual(status, 200)
-        self.assertEqual(headers["access-control-allow-origin"], "https://chat.example")
-        self.assertEqual(json.loads(body)["content"][0]["text"], UPSTREAM_TEXT)
-        status, headers, _ = post_raw(self.proxy.port, "/v1/messages", {},
-                                      "origin: https://chat.example", "x-api-key: wrong")
-        self.assertEqual(status, 401)       # and the app can read why
-        self.assertEqual(headers["access-control-allow-origin"], "https://chat.example")
-        self.assertEqual(len(UPSTREAM.messages_requests()), 1)
-
-    def test_web_pages_cannot_use_a_keyless_proxy_but_may_bring_the_key(self):
-        keyless = ProxyThread()
-        self.addCleanup(keyless.stop)
-        UPSTREAM.clear()
-        body = json.dumps({"model": "claude-sonnet-5-5", "max_tokens": 10, "messages": [
-            {"role": "user", "content": "from a web page"}]}).encode()
-
-        def browser_post(port, host, origin, *extra):
-            # What a page's fetch() sends: text/plain needs no CORS preflight.
-            return raw_exchange(port, b"\r\n".join((
-                b"POST /v1/messages HTTP/1.1", b"Host: " + host, b"Origin: " + origin,
-                b"Content-Type: text/plain;charset=UTF-8", b"Connection: close", *extra,
-                b"Content-Length: %d" % len(body), b"", body)), timeout=60)
-        local = b"127.0.0.1:%d" % keyless.port
-        for host, origin in ((local, b"https://evil.example"),           # cross-site POST
-                             (b"evil.example:%d" % keyless.port,          # DNS rebinding
-                              b"http://evil.example:%d" % keyless.port)):
-            with self.subTest(host=host, origin=origin):
-                status, _, answer = read_response(io.BytesIO(
-                    browser_post(keyless.port, host, origin)))
-                self.assertEqual(status, 403)
-                self.assertEqual(json.loads(answer)["error"]["type"], "permission_error")
-        self.assertEqual(UPSTREAM.messages_requests(), [], "nothing reached the upstream")
-        local_page = browser_post(keyless.port, local, b"http://localhost:5173")
-        self.assertTrue(local_page.startswith(b"HTTP/1.1 200 "), local_page[:60])
-        self.assertIn(b"access-control-allow-origin: http://localhost:5173", local_page)
-        UPSTREAM.clear()
-        page_with_key = browser_post(self.proxy.port, b"127.0.0.1:%d" % self.proxy.port,
-                                     b"https://my-app.example", b"x-api-key: " + self.KEY.encode())
-        self.assertTrue(page_with_key.startswith(b"HTTP/1.1 200 "), page_with_key[:60])
-        self.assertEqual(len(UPSTREAM.messages_requests()), 1)
-
-
-class LifecycleTest(ApiAssertions, unittest.TestCase):
-    """The concurrency cap, timeouts, disconnects and shutdown, each on its own proxy."""
-
-    def setUp(self):
-        UPSTREAM.clear()
-        UPSTREAM.release.clear()
-
-    def tearDown(self):
-        UPSTREAM.release.set()
-
-    def test_queue_full_is_529_with_retry_after_and_upstream_never_sees_more(self):
-        server = ProxyThread(max_concurrent=1, queue_timeout_s=0)      # no queue at all
-        self.addCleanup(server.stop)
-        client = server.client()
-        holder = threading.Thread(target=lambda: client.messages.create(
-            model="claude-sonnet-5-5", max_tokens=10,
-            messages=[{"role": "user", "content": "[[hang]]"}]))
-        holder.start()
-        self.assertTrue(UPSTREAM.hanging.wait(15))
-        with self.assertRaises(anthropic.InternalServerError) as caught:
-            client.messages.create(model="claude-sonnet-5-5", max_tokens=10,
-                                   messages=[{"role": "user", "content": "second"}])
-        self.assertApiError(caught.exception, 529, "overloaded_error")
-        self.assertGreaterEqual(int(caught.exception.response.headers["retry-after"]), 1)
-        UPSTREAM.release.set()
-        holder.join(15)
-        message = client.messages.create(model="claude-sonnet-5-5", max_tokens=10,
-                                         messages=[{"role": "user", "content": "third"}])
-        self.assertEqual(message.content[0].text, UPSTREAM_TEXT, "the slot came back")
-        self.assertEqual(UPSTREAM.max_in_flight, 1)
-
-    def test_a_client_that_reads_nothing_gives_its_slot_back(self):
-        server = ProxyThread(max_concurrent=1, send_timeout_s=0.5, queue_timeout_s=20)
-        self.addCleanup(server.stop)
-        big = json.dumps({"x": "a" * 6_000_000})   # more than the kernel's 4 MB send buffer
-        body = json.dumps({"model": "claude-sonnet-5-5", "max_tokens": 10, "stream": True,
-                           "messages": [{"role": "user", "content": f"[[json {big}]]"}]})
-        stalled = socket.socket()
-        self.addCleanup(stalled.close)
-        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        stalled.connect(("127.0.0.1", server.port))
-        stalled.sendall(f"POST /v1/messages HTTP/1.1\r\nhost: localhost\r\ncontent-length: "
-                        f"{len(body)}\r\n\r\n{body}".encode())
-        self.assertTrue(wait_until(lambda: any("[[json" in ScriptedUpstream.last_text(r["body"])
-                                               for r in UPSTREAM.messages_requests())))
-        started = time.monotonic()
-        answer = server.client().messages.create(           # queued behind the stalled one
-            model="claude-sonnet-5-5", max_tokens=10, messages=[{"role": "user", "content": "hi"}])
-        self.assertEqual(answer.content[0].text, UPSTREAM_TEXT)
-        self.assertLess(time.monotonic() - started, 15, "the slot came back, not by the queue")
-        stalled.settimeout(10)
-        received = b"".join(iter(lambda: stalled.recv(1 << 20), b""))
-        self.assertTrue(received.startswith(b"HTTP/1.1 200 "))
-        self.assertNotIn(b"message_stop", received, "cut off mid-answer: what the kernel "
-                                                    "held, then the end")
-
-    def test_request_timeout_is_504_and_stops_the_cli(self):
-        server = ProxyThread(timeout_s=4.0)
-        self.addCleanup(server.stop)
-        client = server.client()
-        # A follow-up, so a warm CLI reaches the upstream well within the timeout
-        # even on a loaded machine (where a cold start can take seconds).
-        ask = [{"role": "user", "content": "hi"}]
-        first = client.messages.create(model="claude-sonnet-5-5", max_tokens=10, messages=ask)
-        with self.assertRaises(anthropic.APIStatusError) as caught:
-            client.messages.create(
-                model="claude-sonnet-5-5", max_tokens=10, messages=ask + [
-                    {"role": "assistant", "content": first.content[0].text},
-                    {"role": "user", "content": "[[hang]]"}])
-        self.assertApiError(caught.exception, 504, "timeout_error")
-        self.assertTrue(UPSTREAM.cut.wait(15), "the upstream call was cut")
-        self.assertTrue(wait_until(lambda: not cli_children()), cli_children())
-
-    def test_client_disconnect_cuts_the_upstream_and_stops_the_cli(self):
-        server = ProxyThread()
-        self.addCleanup(server.stop)
-        body = json.dumps({"model": "claude-sonnet-5-5", "max_tokens": 10, "stream": True,
-                           "messages": [{"role": "user", "content": "[[hang]]"}]})
-        sock = socket.create_connection(("127.0.0.1", server.port))
-        sock.sendall(f"POST /v1/messages HTTP/1.1\r\nhost: localhost\r\ncontent-length: "
-                     f"{len(body)}\r\n\r\n{body}".encode())
-        self.assertTrue(UPSTREAM.hanging.wait(15))
-        self.assertTrue(sock.recv(100).startswith(b"HTTP/1.1 200 "))
-        sock.close()
-        self.assertTrue(UPSTREAM.cut.wait(15), "the upstream call was cut")
-        self.assertTrue(wait_until(lambda: not cli_children()), cli_children())
-
-    def test_load_far_above_the_cap_queues_or_529s_and_the_upstream_sees_the_cap(self):
-        server = ProxyThread(max_concurrent=2, queue_timeout_s=1.0)
-        self.addCleanup(server.stop)
-        outcomes = []
-
-        def ask(n):
-            try:
-                answer = server.client().messages.create(
-                    model="sonnet", max_tokens=10,
-                    messages=[{"role": "user", "content": f"load {n} [[delay 0.3]]"}])
-                outcomes.append(answer.content[0].text)
-            except anthropic.APIStatusError as err:
-                outcomes.append((err.status_code, err.response.headers.get("retry-after")))
-        threads = [threading.Thread(target=ask, args=(n,)) for n in range(16)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        self.assertEqual(len(outcomes), 16)
-        answered = [o for o in outcomes if o == UPSTREAM_TEXT]
-        refused = [o for o in outcomes if o != UPSTREAM_TEXT]
-        self.assertGreaterEqual(len(answered), 2)
-        self.assertTrue(all(status == 529 and int(retry) >= 1 for status, retry in refused),
-                        refused)
-        self.assertLessEqual(UPSTREAM.max_in_flight, 2)
-        self.assertTrue(wait_until(lambda: len(cli_children()) <= server.config.max_sessions))
-
-    def test_a_cli_that_crashes_mid_answer_is_a_clean_error_and_nothing_is_stuck(self):
-        server = ProxyThread(max_concurrent=1)
-        self.addCleanup(server.stop)
-        client = server.client()
-        errors = []
-
-        def ask():
-            try:
-                with client.messages.stream(model="sonnet", max_tokens=10, messages=[
-                        {"role": "user", "content": "[[hang]]"}]) as stream:
-                    stream.get_final_message()
-            except anthropic.APIError as err:
-                errors.append(err)
-        asker = threading.Thread(target=ask)
-        asker.start()
-        self.assertTrue(UPSTREAM.hanging.wait(15))
-        [cli] = cli_children()
-        os.kill(cli, 9)                             # the CLI dies mid-answer
-        asker.join(15)
-        self.assertEqual(len(errors), 1, "the client got an error, not a silent end")
-        UPSTREAM.release.set()
-        self.assertTrue(wait_until(lambda: not cli_children()), cli_children())
-        answer = client.messages.create(model="sonnet", max_tokens=10,
-                                        messages=[{"role": "user", "content": "again"}])
-        self.assertEqual(answer.content[0].text, UPSTREAM_TEXT, "the one slot is free again")
-
-    def test_an_upstream_that_drops_the_connection_is_a_clean_error(self):
-        server = ProxyThread()
-        self.addCleanup(server.stop)
-        client = server.client()
-        UPSTREAM.clear()
-        with self.assertRaises(anthropic.APIStatusError) as caught:
-            client.messages.create(model="sonnet", max_tokens=10,
-                                   messages=[{"role": "user", "content": "[[drop]]"}])
-        self.assertGreaterEqual(caught.exception.status_code, 500)
-        self.assertEqual(caught.exception.body["type"], "error")
-        # One call, as with the API: the CLI would ask again without streaming.
-        self.assertEqual([r["body"].get("stream") for r in UPSTREAM.messages_requests()],
-                         [True])
-        self.assertEqual(client.messages.create(model="sonnet", max_tokens=10, messages=[
-            {"role": "user", "content": "fine"}]).content[0].text, UPSTREAM_TEXT)
-        self.assertTrue(wait_until(lambda: len(cli_children()) <= 1), cli_children())
-
-    def test_orphaned_clis_of_a_crashed_run_are_reaped(self):
-        import subprocess
-        gone = subprocess.Popen([sys.executable, "-c", "pass"])
-        gone.wait()
-        orphan = subprocess.Popen(["sleep", "300"], env={proxy.OWNER_ENV: str(gone.pid)})
-        ours = subprocess.Popen(["sleep", "300"], env={proxy.OWNER_ENV: str(os.getpid())})
-        for process in (ours, orphan):
-            self.addCleanup(process.wait)
-            self.addCleanup(process.kill)
-        self.assertGreaterEqual(proxy.reap_orphans(), 1)
-        self.assertEqual(orphan.wait(10), -9)
-        self.assertIsNone(ours.poll(), "a CLI whose proxy lives is left alone")
-
-    def test_a_killed_proxy_leaves_no_cli_behind_not_even_a_stopped_one(self):
-        server = BenchProxy(max_spares=1)
-        self.addCleanup(server.process.kill)
-        bench_chat(server.client(), [{"role": "user", "content": "hi"}], "app")
-        self.assertTrue(wait_until(lambda: len(server.clis()) == 2 and all(
-            process_state(pid) == "T" for pid in server.clis()), timeout=30),
-            [process_state(pid) for pid in server.clis()])
-        clis = server.clis()
-
-        def kill_clis():
-            for pid in clis:
-                with contextlib.suppress(OSError):
-                    os.kill(pid, signal.SIGKILL)
-        self.addCleanup(kill_clis)
-        server.process.kill()
-        server.process.wait()
-        self.assertTrue(wait_until(lambda: all(process_state(pid) in ("", "Z") for pid in clis),
-                                   timeout=30), [process_state(pid) for pid in clis])
-
-    def test_a_proxy_whose_start_script_exits_goes_on_serving_and_stops_clean(self):
-        # A script (or a shell) that ran it with `&` exits: the kernel sends SIGHUP to
-        # a process group it orphans with a stopped process in it, as an idle CLI is.
-        import subprocess
-        env = {**{k: v for k, v in os.environ.items() if not k.startswith("CLAUDE_PROXY_")},
-               "CLAUDE_PROXY_MAX_SPARES": "0"}
-        script = subprocess.Popen(
-            ["bash", "-c", '"$0" "$1" --port 0 </dev/null >/dev/null & echo "$!"; read -r _',
-             sys.executable, proxy.__file__], env=env, text=True, stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            preexec_fn=os.setpgrp)  # a job of its own, as a shell runs a script
-        self.addCleanup(script.wait)
-        self.addCleanup(script.kill)
-        pid = int(script.stdout.readline())
-
-        def clis():         # once the script is gone, no longer this process's
-            found = []
-            for child in proxy.descendants(pid):
-                with contextlib.suppress(OSError), open(f"/proc/{child}/comm") as comm:
-                    if comm.read().strip() == "claude" and process_state(child) != "Z":
-                        found.append(child)
-            return found
-
-        def kill_what_is_left():
-            if process_state(pid) not in ("", "Z"):
-                for each in [*clis(), pid]:
-                    with contextlib.suppress(OSError):
-                        os.kill(each, signal.SIGKILL)
-        self.addCleanup(kill_what_is_left)
-        self.addCleanup(script.stdout.close)
-        url = next(found.group(1) for line in script.stderr
-                   if (found := re.search(r"listening on (http://\S+)", line)))
-        threading.Thread(target=lambda: (script.stderr.read(), script.stderr.close()),
-                         daemon=True).start()
-        client = anthropic.Anthropic(base_url=url, api_key="k", max_retries=0,
-                                     timeout=CLIENT_TIMEOUT)
-
-        def ask(text):
-            return client.messages.create(model="claude-sonnet-5-5", max_tokens=10, messages=[
-                {"role": "user", "content": text}]).content[0].text
-        self.assertEqual(ask("before"), UPSTREAM_TEXT)
-        self.assertTrue(wait_until(lambda: clis() and all(process_state(cli) == "T"
-                                                          for cli in clis())), clis())
-        script.stdin.close()                    # the script's work is done: it exits
-        script.wait(30)
-        self.assertEqual(ask("after"), UPSTREAM_TEXT)
-        left = clis()
-        os.kill(pid, signal.SIGTERM)
-        self.assertTrue(wait_until(lambda: process_state(pid) in ("", "Z"), timeout=40))
-        self.assertTrue(wait_until(lambda: all(process_state(cli) in ("", "Z")
-                                               for cli in left)),
-                        [process_state(cli) for cli in left])
-
-    def test_a_hang_up_does_not_stop_the_proxy(self):
-        server = BenchProxy(max_spares=0)
-        self.addCleanup(server.process.kill)
-        os.kill(server.process.pid, signal.SIGHUP)      # the terminal went away
-        bench_chat(server.client(), [{"role": "user", "content": "hi"}], "app")
-        self.assertIsNone(server.process.poll())
-        server.stop()
-        self.assertEqual(server.process.returncode, 0)
-
-    def test_what_a_killed_proxy_left_on_disk_goes_at_the_next_start(self):
-        # A resumed CLI's config directory holds the conversation and a login copy.
-        tmp = tempfile.mkdtemp(prefix="proxy-test-tmp-")
-        self.addCleanup(shutil.rmtree, tmp, True)
-        secret = "kept-on-disk-" + uuid.uuid4().hex
-        crashing = BenchProxy(tmpdir=tmp, max_spares=0)
-        self.addCleanup(crashing.process.kill)
-        crashing.client().messages.create(model="sonnet", max_tokens=10, messages=[
-            {"role": "user", "content": secret}, {"role": "assistant", "content": "a"},
-            {"role": "user", "content": "b"}])
-
-        def files_with_secret():
-            paths = [os.path.join(root, name) for root, _, names in os.walk(tmp)
-                     for name in names]
-            return [path for path in paths if os.path.isfile(path) and
-                    secret.encode() in read_bytes(path)]
-        self.assertTrue(files_with_secret(), "the resumed CLI's transcript, while it lives")
-        beside = BenchProxy(tmpdir=tmp, max_spares=0)       # a live one's are left alone
-        self.addCleanup(beside.stop)
-        self.assertTrue(files_with_secret())
-        clis = crashing.clis()
-        crashing.process.kill()
-        crashing.process.wait()
-        self.addCleanup(lambda: [os.kill(pid, signal.SIGKILL) for pid in clis
-                                 if process_state(pid) not in ("", "Z")])
-        restarted = BenchProxy(tmpdir=tmp, max_spares=0)
-        self.addCleanup(restarted.stop)
-        self.assertEqual(files_with_secret(), [])
-        self.assertEqual(len(os.listdir(tmp)), 2, "the two live proxies' own")
-
-    def test_left_temps_go_only_when_nobody_holds_them(self):
-        import fcntl
-        system = tempfile.mkdtemp(prefix="proxy-test-system-tmp-")
-        self.addCleanup(shutil.rmtree, system, True)
-        outside = tempfile.mkdtemp(prefix="proxy-test-outside-")
-        self.addCleanup(shutil.rmtree, outside, True)
-        for name in ("dead", "live", "no-lock"):
-            os.mkdir(os.path.join(system, proxy.TEMP_PREFIX + name))
-        for where in ("dead", "live"):
-            open(os.path.join(system, proxy.TEMP_PREFIX + where, proxy.TEMP_LOCK), "w").close()
-        open(os.path.join(outside, proxy.TEMP_LOCK), "w").close()
-        os.symlink(outside, os.path.join(system, proxy.TEMP_PREFIX + "link"))
-        held = os.open(os.path.join(system, proxy.TEMP_PREFIX + "live", proxy.TEMP_LOCK),
-                       os.O_RDONLY)
-        self.addCleanup(os.close, held)
-        fcntl.flock(held, fcntl.LOCK_EX)            # as a running proxy holds its own
-        proxy.remove_left_temps(system)
-        self.assertEqual(sorted(os.listdir(system)), [
-            proxy.TEMP_PREFIX + name for name in ("link", "live", "no-lock")])
-        self.assertEqual(os.listdir(outside), [proxy.TEMP_LOCK])
-        proxy.remove_left_temps(os.path.join(system, "missing"))     # nothing to list
-
-    def test_sigterm_lets_in_flight_streams_finish_and_exits_zero(self):
-        server = ProxyThread()
-        client = server.client()
-        result = {}
-
-        def stream():
-            with client.messages.stream(model="claude-sonnet-5-5", max_tokens=10,
-                                        messages=[{"role": "user", "content": "[[hang]]"}]) as s:
-                result["message"] = s.get_final_message()
-        streamer = threading.Thread(target=stream)
-        streamer.start()
-        self.assertTrue(UPSTREAM.hanging.wait(15))
-        stopper = threading.Thread(target=lambda: result.update(code=server.stop()))
-        stopper.start()
-        self.assertTrue(wait_until(lambda: not server.thread.is_alive() or
-                                   refused(server.port)), "new connections are refused")
-        UPSTREAM.release.set()
-        streamer.join(15)
-        stopper.join(30)
-        self.assertEqual(result["message"].content[0].text, UPSTREAM_TEXT)
-        self.assertEqual(result["code"], 0)
-        self.assertEqual(cli_children(), [])
-
-    def test_a_stream_still_running_when_the_drain_ends_gets_the_apis_error_and_a_clean_end(self):
-        server = ProxyThread(shutdown_grace_s=0.5)
-        UPSTREAM.clear()
-        statuses = {}
-
-        def stream(path, body):
-            statuses[path] = post_raw(server.port, path, body)
-        streams = [threading.Thread(target=stream, args=args) for args in (
-            ("/v1/messages", {"model": "sonnet", "max_tokens": 10, "stream": True,
-                              "messages": [{"role": "user", "content": "[[hang]]"}]}),
-            ("/v1/responses", {"model": "sonnet", "stream": True, "input": "[[hang]]"}))]
-        for thread in streams:
-            thread.start()
-        self.assertTrue(wait_until(lambda: UPSTREAM.in_flight == 2))
-        self.assertEqual(server.stop(), 0)
-        for thread in streams:
-            thread.join(30)
-        # read_response read each chunked body to its final chunk.
-        status, _, data = statuses["/v1/messages"]
-        frames = parse_sse(data)
-        self.assertEqual((status, frames[-1][0]), (200, "error"))
-        self.assertIn("shutting down", json.loads(frames[-1][1])["error"]["message"])
-        status, _, data = statuses["/v1/responses"]
-        self.assertEqual([event for event, text in parse_sse(data) if text][-2:],
-                         ["error", "response.failed"])
-        self.assertEqual(cli_children(), [])
-
-    def test_killed_clis_leave_nothing_in_the_real_home_or_the_temp_directory(self):
-        # A SIGKILLed CLI (evicted at the cap, stopped at shutdown) cannot remove its
-        # session record and key under ~/.claude nor its socket; the proxy does.
-        tmp = tempfile.mkdtemp(prefix="proxy-test-left-")
-        self.addCleanup(shutil.rmtree, tmp, ignore_errors=True)
-        server = BenchProxy(tmpdir=tmp, max_spares=0, max_sessions=1, max_concurrent=1)
-        self.addCleanup(server.process.kill)
-        sessions = os.path.join(os.environ["HOME"], ".claude", "sessions")
-        started = set()
-        for shape in range(3):                  # each new shape evicts the last CLI
-            server.client().messages.create(model="sonnet", max_tokens=5, system=str(shape),
-                                            messages=[{"role": "user", "content": "hi"}])
-            started.update(server.clis())
-
-        def left_by(pids):
-            files = [name for root, _, names in os.walk(tmp) for name in names] + \
-                os.listdir(sessions)
-            return [name for name in files if name.split(".")[0] in {str(p) for p in pids}]
-        live = set(server.clis())
-        self.assertEqual(len(started), 3)
-        self.assertTrue(wait_until(lambda: not left_by(started - live)), left_by(started))
-        self.assertTrue(left_by(live), "a live CLI's own files are left alone")
-        server.stop()
-        self.assertEqual(left_by(started), [])
-
-    def test_a_second_signal_ends_the_drain_at_once(self):
-        server = BenchProxy(max_spares=0)
-        self.addCleanup(server.process.kill)
-        UPSTREAM.clear()
-        port = int(server.url.rsplit(":", 1)[1])
-        answer = {}
-        streamer = threading.Thread(target=lambda: answer.update(sse=post_raw(
-            port, "/v1/messages", {"model": "sonnet", "max_tokens": 10, "stream": True,
-                                   "messages": [{"role": "user", "content": "[[hang]]"}]})))
-        streamer.start()
-        self.assertTrue(wait_until(lambda: UPSTREAM.in_flight == 1))
-        server.process.send_signal(signal.SIGTERM)      # drain: up to 30 s
-        self.assertTrue(wait_until(lambda: refused(port)), "draining")
-        server.process.send_signal(signal.SIGTERM)      # no: now
-        self.assertEqual(server.process.wait(10), 0)
-        streamer.join(10)
-        self.assertEqual(parse_sse(answer["sse"][2])[-1][0], "error")
-
-    def test_missing_cli_is_503(self):
-        server = ProxyThread(cli_path="/nonexistent/claude")
-        self.addCleanup(server.stop)
-        with self.assertRaises(anthropic.APIStatusError) as caught:
-            server.client().messages.create(model="claude-sonnet-5-5", max_tokens=10,
-                                            messages=[{"role": "user", "content": "hi"}])
-        self.assertApiError(caught.exception, 503, "api_error")
-
-
-class HttpProtocolTest(unittest.TestCase):
-    """Protocol edge cases on raw sockets."""
-
-    @classmethod
-    def setUpClass(cls):
-        cls.proxy = ProxyThread(max_body_bytes=1000)
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.proxy.stop()
-
-    def exchange(self, data: bytes) -> list[tuple[int, dict, bytes]]:
-        """Send raw bytes; read every response until the server closes."""
-        with socket.create_connection(("127.0.0.1", self.proxy.port), timeout=10) as sock:
-            sock.sendall(data)
-            reader = sock.makefile("rb")
-            responses = []
-            while True:
-                try:
-                    responses.append(read_response(reader))
-                except (IndexError, ValueError):
-                    return responses
-
-    def test_keep_alive_and_pipelined_requests_are_answered_in_order(self):
-        responses = self.exchange(b"GET /v1/models HTTP/1.1\r\nhost: localhost\r\n\r\n"
-                                  b"GET /v1/models/opus-nope HTTP/1.1\r\nhost: localhost\r\n\r\n"
-                                  b"GET / HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
-        self.assertEqual([status for status, _, _ in responses], [200, 404, 200])
-        self.assertEqual(responses[0][1]["connection"], "keep-alive")
-
-    def test_chunked_request_body_fed_in_pieces(self):
-        body = json.dumps({"model": "claude-sonnet-5-5",
-                           "messages": [{"role": "user", "content": "count me"}]}).encode()
-        chunked = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 7]), body[i:i + 7])
-                           for i in range(0, len(body), 7)) + b"0\r\n\r\n"
-        with socket.create_connection(("127.0.0.1", self.proxy.port), timeout=10) as sock:
-            sock.sendall(b"POST /v1/messages/count_tokens HTTP/1.1\r\nhost: localhost\r\n"
-                         b"transfer-encoding: chunked\r\nconnection: close\r\n\r\n")
-            for i in range(len(chunked)):
-                sock.sendall(chunked[i:i + 1])
-            status, _, data = read_response(sock.makefile("rb"))
-        self.assertEqual(status, 200, data)
-        self.assertGreater(json.loads(data)["input_tokens"], 0)
-
-    def test_expect_100_continue_gets_continue_then_the_answer(self):
-        body = json.dumps({"model": "claude-sonnet-5-5", "messages": []}).encode()
-        with socket.create_connection(("127.0.0.1", self.proxy.port), timeout=10) as sock:
-            sock.sendall(b"POST /v1/messages/count_tokens HTTP/1.1\r\nhost: localhost\r\n"
-                         b"expect: 100-continue\r\ncontent-length: %d\r\n\r\n" % len(body))
-            reader = sock.makefile("rb")
-            self.assertEqual(read_response(reader)[0], 100)
-            sock.sendall(body)
-            self.assertEqual(read_response(reader)[0], 200)
-
-    def test_an_http10_client_gets_a_stream_ended_by_close_never_chunks(self):
-        body = json.dumps({"model": "claude-sonnet-5-5", "max_tokens": 20, "stream": True,
-                           "messages": [{"role": "user", "content": "old client"}]}).encode()
-        raw = raw_exchange(self.proxy.port, b"POST /v1/messages HTTP/1.0\r\n"
-                           b"expect: 100-continue\r\ncontent-length: %d\r\n\r\n%s"
-                           % (len(body), body), timeout=60)
-        head, _, stream = raw.partition(b"\r\n\r\n")
-        self.assertTrue(head.startswith(b"HTTP/1.1 200 "), head)   # and no 100 before it
-        self.assertNotIn(b"transfer-encoding", head.lower())
-        self.assertIn(b"connection: close", head)
-        frames = [frame.split(b"\n") for frame in stream.strip().split(b"\n\n")]
-        self.assertEqual([frames[0][0], frames[-1][0]],
-                         [b"event: message_start", b"event: message_stop"])
-        self.assertEqual("".join(json.loads(f[1][6:])["delta"]["text"] for f in frames
-                                 if f[0] == b"event: content_block_delta"), UPSTREAM_TEXT)
-
-    def test_oversized_body_is_413_before_it_is_read(self):
-        with socket.create_connection(("127.0.0.1", self.proxy.port), timeout=10) as sock:
-            sock.sendall(b"POST /v1/messages HTTP/1.1\r\nhost: localhost\r\n"
-                         b"expect: 100-continue\r\n"
-                         b"content-length: 5000\r\n\r\n")
-            status, headers, data = read_response(sock.makefile("rb"))
-        self.assertEqual(status, 413)
-        self.assertEqual(json.loads(data)["error"]["type"], "request_too_large")
-        self.assertEqual(headers["connection"], "close")
-
-    def test_malformed_requests_get_api_errors(self):
-        cases = [
-            (b"GARBAGE\r\n\r\n", 400),
-            (b"GET / HTTP/2.0\r\n\r\n", 400),
-            (b"GET / HTTP/1.1\r\nbad header\r\n\r\n", 400),
-            (b"POST /v1/messages HTTP/1.1\r\ncontent-length: 1\r\n"
-             b"transfer-encoding: chunked\r\n\r\n", 400),
-            (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", 431),
-            (b"GET / HTTP/1.1\r\nx-big: " + b"a" * 70000 + b"\r\n\r\n", 431),
-            (b"POST /v1/messages HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n"
-             b"content-length: 8\r\n\r\nnot json", 400),
-            (b"GET /v1/models HTTP/1.1\r\n\r\n", 400),                     # no Host
-            (b"GET /v1/models HTTP/1.1\r\nhost: localhost\r\nhost: localhost\r\n\r\n", 400),
-            (b"GET /v1/models\n HTTP/1.1\r\nhost: localhost\r\n\r\n", 400),   # a bare LF
-            # Never a whole head: answered at once, not after the 30 s head timeout.
-            (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", 400),    # a TLS ClientHello
-            (b"GET / HTTP/1.1\nHost: localhost\n\n", 400),                # bare LFs only
-        ]
-        for request, status in cases:
-            with self.subTest(request=request[:40]):
-                responses = self.exchange(request)
-                self.assertEqual(responses[0][0], status)
-                error = json.loads(responses[0][2])
-                self.assertEqual(error["type"], "error")
-
-    def test_slow_heads_slow_bodies_and_idle_sockets_are_cut(self):
-        server = ProxyThread(header_timeout_s=0.5, body_timeout_s=0.3, keepalive_idle_s=0.3)
-        self.addCleanup(server.stop)
-        def trickled(start: bytes) -> bytes:
-            """Send `start`, then a byte every 0.1 s (each read is quick): the answer."""
-            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
-                started = time.monotonic()
-                sock.sendall(start)
-                with contextlib.suppress(OSError):
-                    for _ in range(50):
-                        sock.sendall(b"X")
-                        time.sleep(0.1)     # the slowness under test, not a wait
-                self.assertLess(time.monotonic() - started, 4.5, "a deadline cut it")
-                with sock.makefile("rb") as answer:
-                    status, _, body = read_response(answer)
-            self.assertEqual(status, 400)
-            return body
-        self.assertIn(b"Timed out reading the request head.", trickled(b"GET / HTTP/1.1\r\n"))
-        raw = raw_exchange(server.port, b"POST /v1/messages HTTP/1.1\r\nHost: localhost\r\n"
-                                        b"Content-Length: 10\r\n\r\n{}")
-        self.assertIn(b"Timed out reading the request body.", raw)
-        self.assertIn(b"Timed out reading the request body.", trickled(
-            b"POST /v1/messages HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1000\r\n\r\n"))
-        idle = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-        self.addCleanup(idle.close)
-        self.assertTrue(closed_by_server(idle), "an idle socket is closed")
-
-    def test_a_flood_of_idle_and_slow_sockets_does_not_lock_clients_out(self):
-        server = ProxyThread(max_connections=4)
-        self.addCleanup(server.stop)
-        flood = []
-        for n in range(12):
-            sock = socket.create_connection(("127.0.0.1", server.port))
-            if n >= 8:                      # the last four trickle a body: none is idle
-                sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: localhost\r\n"
-                             b"Content-Length: 100\r\n"
-                             b"Expect: 100-continue\r\n\r\n")
-                self.assertEqual(sock.recv(100), b"HTTP/1.1 100 Continue\r\n\r\n")
-                sock.sendall(b"{")          # the 100 said: the proxy reads this body
-            elif n % 2:
-                sock.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n")   # a slowloris head
-            flood.append(sock)
-        self.addCleanup(lambda: [sock.close() for sock in flood])
-        raw = raw_exchange(server.port, b"GET / HTTP/1.1\r\nHost: localhost\r\n"
-                                        b"Connection: close\r\n\r\n")
-        self.assertTrue(raw.startswith(b"HTTP/1.1 200 "), raw[:60])
-        for sock in flood[:12 - 4 + 1]:
-            self.assertTrue(closed_by_server(sock), "the oldest sockets made room")
-
-    def test_head_gets_headers_without_body(self):
-        raw = raw_exchange(self.proxy.port, b"HEAD / HTTP/1.1\r\nhost: localhost\r\n"
-                                            b"connection: close\r\n\r\n")
-        head, _, rest = raw.partition(b"\r\n\r\n")
-        self.assertTrue(head.startswith(b"HTTP/1.1 200 "))
-        self.assertIn(b"content-length: ", head)
-        self.assertEqual(rest, b"")
-
-
-class CommandLineTest(unittest.TestCase):
-    def test_refuses_an_open_address_without_a_key(self):
-        import subprocess
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CLAUDE_PROXY_")}
-        done = subprocess.run([sys.executable, proxy.__file__, "-H", "0.0.0.0", "-p", "0"],
-                              capture_output=True, text=True, timeout=60, env=env)
-        self.assertEqual(done.returncode, 2)
-        self.assertIn("Set CLAUDE_PROXY_API_KEY", done.stderr)
-
-    def run_command(self, *argv, **env):
-        import subprocess
-        env = {**{k: v for k, v in os.environ.items() if not k.startswith("CLAUDE_PROXY_")},
-               **env}
-        return subprocess.run([sys.executable, proxy.__file__, *argv], capture_output=True,
-                              text=True, timeout=120, env=env)
-
-    def test_doctor_checks_everything_with_one_real_call(self):
-        UPSTREAM.clear()
-        done = self.run_command("doctor", "-p", "0")
-        self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
-        lines = done.stdout.splitlines()
-        for name in ("python", "claude-agent-sdk", "Claude Code CLI", "login", "port",
-                     "upstream call"):
-            self.assertTrue(any(line.startswith(f"ok   {name}: ") for line in lines),
-                            (name, lines))
-        [call] = UPSTREAM.messages_requests()
-        self.assertEqual(call["body"]["max_tokens"], 1)
-
-    def test_doctor_says_what_to_fix(self):
-        done = self.run_command("doctor", "-p", "0", "--agent-dir", "/nonexistent")
-        self.assertEqual(done.returncode, 1)
-        self.assertIn("FAIL configuration: The agent directory /nonexistent does not exist.",
-                      done.stdout)
-        logged_out = self.run_command("doctor", "-p", "0", CLAUDE_CODE_OAUTH_TOKEN="",
-                                      HOME=tempfile.mkdtemp(prefix="proxy-test-nologin-"))
-        self.assertEqual(logged_out.returncode, 1)
-        self.assertIn("FAIL login: not logged in", logged_out.stdout)
-        self.assertIn(f"{sys.executable} {os.path.abspath(proxy.__file__)} setup-token",
-                      logged_out.stdout)
-
-    def test_doctor_beside_a_running_proxy_names_it(self):
-        server = ProxyThread()
-        self.addCleanup(server.stop)
-        done = self.run_command("doctor", "-p", str(server.port), "--agent-dir", "/nonexistent")
-        self.assertIn(f"ok   port: 127.0.0.1:{server.port}: taken by a running claude-sdk-proxy "
-                      f"{proxy.__version__}", done.stdout)
-
-    def test_a_start_without_a_login_says_what_to_do(self):
-        import subprocess
-        env = {**{k: v for k, v in os.environ.items() if not k.startswith("CLAUDE_PROXY_")},
-               "CLAUDE_CODE_OAUTH_TOKEN": "", "HOME": tempfile.mkdtemp(prefix="proxy-nologin-")}
-        started = subprocess.Popen([sys.executable, proxy.__file__, "-p", "0"], env=env,
-                                   stderr=subprocess.PIPE, text=True)
-        self.addCleanup(started.wait, 30)
-        self.addCleanup(started.terminate)
-        self.addCleanup(started.stderr.close)
-        lines = []
-        for line in started.stderr:
-            lines.append(line)
-            if "listening on" in line:
-                break
-        said = "".join(lines)
-        self.assertIn("has no login, so every request will be a 401", said)
-        self.assertIn(f"`{proxy.self_command()} login`", said)
-
-    def test_login_runs_the_clis_own_sign_in(self):
-        done = self.run_command("login", "--", "--help")    # the CLI's own login options
-        self.assertEqual(done.returncode, 0, done.stderr)
-        self.assertIn(f"{proxy.self_command()} setup-token", done.stdout)
-        self.assertIn("Sign in to your Anthropic account", done.stdout)
-        done = self.run_command("setup-token", "--", "--help")
-        self.assertEqual(done.returncode, 0, done.stderr)
-        self.assertIn("long-lived authentication token", done.stdout)
-
-    def test_the_base_url_it_announces_is_one_clients_parse(self):
-        for host, url in (("127.0.0.1", "http://127.0.0.1:3456"),
-                          ("::1", "http://[::1]:3456"), ("localhost", "http://localhost:3456")):
-            self.assertEqual(proxy.base_url(host, 3456), url)
-            self.assertEqual(urllib.parse.urlsplit(url).port, 3456)
-
-    def test_version_names_proxy_sdk_and_cli(self):
-        import subprocess
-        done = subprocess.run([sys.executable, proxy.__file__, "-v"], capture_output=True,
-                              text=True, timeout=60)
-        self.assertEqual(done.returncode, 0)
-        self.assertIn(proxy.__version__, done.stdout)
-        self.assertIn(proxy.sdk.__version__, done.stdout)
-        self.assertIn("Claude Code CLI 2.", done.stdout)
-
-    def test_request_log_line_has_status_model_and_tokens_but_no_secrets(self):
-        server = ProxyThread()
-        self.addCleanup(server.stop)
-        with self.assertLogs("claude_sdk_proxy", "INFO") as logs:
-            server.client(api_key="sk-secret-never-logged").messages.create(
-                model="claude-sonnet-5-5", max_tokens=10,
-                messages=[{"role": "user", "content": "private words"}])
-            # the line is written once the response has gone out
-            self.assertTrue(wait_until(lambda: any("POST /v1/messages 200" in r
-                                                   for r in logs.output)))
-        line = [r for r in logs.output if "POST /v1/messages 200" in r][0]
-        self.assertIn("model=claude-sonnet-5-5 in=22 out=42", line)
-        joined = "\n".join(logs.output)
-        self.assertNotIn("private words", joined)
-        self.assertNotIn("sk-secret", joined)
-
-
-def refused(port: int) -> bool:
-    """True when nothing accepts connections on the port."""
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return False
-    except OSError:
-        return True
-
-
-
-class WarmSessionTest(ApiAssertions, unittest.TestCase):
-    """Live sessions, spares and their bounds."""
-
-    def setUp(self):
-        UPSTREAM.clear()
-
-    def chat(self, client, messages, **kwargs):
-        message = client.messages.create(model="claude-sonnet-5-5", max_tokens=50,
-                                         messages=messages, **kwargs)
-        return messages + [{"role": "assistant", "content": [
-            block.model_dump(exclude_none=True) for block in message.content]}]
-
-    def upstream_sessions(self) -> list[str]:
-        return [r["headers"].get("X-Claude-Code-Session-Id")
-                for r in UPSTREAM.messages_requests()]
-
-    def sessions(self, server) -> list[dict]:
-        return server.client().get("/sessions", cast_to=object)["data"]
-
-    def test_follow_ups_reuse_one_live_cli(self):
-        server = ProxyThread()
-        self.addCleanup(server.stop)
-        client = server.client()
-        history = self.chat(client, [{"role": "user", "content": "first"}])
-        history = self.chat(client, history + [{"role": "user", "content": "second"}])
-        with client.messages.stream(model="claude-sonnet-5-5", max_tokens=50, messages=history
-                                    + [{"role": "user", "content": "third"}]) as stream:
-            self.assertEqual(stream.get_final_message().content[0].text, UPSTREAM_TEXT)
-        ids = self.upstream_sessions()
-        self.assertEqual(len(ids), 3)
-        self.assertEqual(len(set(ids)), 1, "one CLI session answered all three turns")
-        third = conversation(UPSTREAM.messages_requests()[-1]["body"])
-        self.assertEqual([m["role"] for m in third], ["user", "assistant"] * 2 + ["user"])
-        [session] = self.sessions(server)
-        self.assertEqual((session["state"], session["turns"]), ("idle", 3))
-        self.assertEqual(len(cli_children()), 1)
-        health = client.get("/", cast_to=object)
-        self.assertEqual((health["sessions"]["idle"], health["cli_processes"]), (1, 1))
-        self.assertTrue(wait_until(lambda: client.get("/", cast_to=object)["tokens"]["output"]
-                                   == 3 * 42), "tokens out of the three answers")
-
-    def test_edited_history_falls_back_to_the_transcript_not_the_live_session(self):
-        server = ProxyThread()
-        self.addCleanup(server.stop)
-        client = server.client()
-        history = self.chat(client, [{"role": "user", "content": "original question"}])
-        edited = [{"role": "user", "content": "edited question"}] + history[1:]
-        self.chat(client, edited + [{"role": "user", "content": "follow-up"}])
-        first, second = UPSTREAM.messages_requests()
-        self.assertNotEqual(first["headers"]["X-Claude-Code-Session-Id"],
-                            second["headers"]["X-Claude-Code-Session-Id"])
-        sent = conversation(second["body"])
-        self.assertEqual(sent[0]["content"], "edited question")
-        self.assertNotIn("original question", json.dumps(second["body"]))
-        self.assertEqual(len(self.sessions(server)), 2)
-
-    def test_callers_never_share_a_session(self):
-        server = ProxyThread()
-        self.addCleanup(server.stop)
-        alice, bob = server.client(api_key="alice-key"), server.client(api_key="bob-key")
-        history = self.chat(alice, [{"role": "user", "content": "same words"}])
-        self.chat(bob, [{"role": "user", "content": "same words"}])
-        follow = history + [{"role": "user", "content": "more"}]
-        self.chat(bob, follow)
-        self.chat(alice, follow, metadata={"user_id": "someone-else"})
-        self.chat(alice, follow)
-        ids = self.upstream_sessions()
-        self.assertEqual(ids[4], ids[0], "alice's own follow-up reuses her session")
-        self.assertNotIn(ids[0], ids[1:4], "no other caller got alice's session")
-        self.assertNotIn(ids[3], ids[:3], "another user id is another caller")
-
-    def test_least_recently_used_is_evicted_at_the_cap(self):
-        server = ProxyThread(max_sessions=2, max_concurrent=1)
-        self.addCleanup(server.stop)
-        client = server.client()
-        chats = [self.chat(client, [{"role": "user", "content": f"chat {i}"}]) for i in range(3)]
-        self.assertLessEqual(len(cli_children()), 2)
-        self.assertEqual(len(self.sessions(server)), 2)
-        UPSTREAM.clear()
-        self.chat(client, chats[2] + [{"role": "user", "content": "again"}])
-        self.chat(client, chats[0] + [{"role": "user", "content": "again"}])
-        self.assertEqual(len(conversation(UPSTREAM.messages_requests()[1]["body"])), 3,
-                         "the evicted conversation was resumed from its transcript")
-        self.assertTrue(wait_until(lambda: len(cli_children()) <= 2), cli_children())
-
-    def test_at_the_cap_a_new_chat_gets_a_recycled_cli_that_forgot_its_conversation(self):
-        server = ProxyThread(max_sessions=2, max_concurrent=1, max_spares=0)
-        self.addCleanup(server.stop)
-        client = server.client()
-        old = self.chat(client, [{"role": "user", "content": "OLD private words"}])
-        self.chat(client, old + [{"role": "user", "content": "OLD follow-up"}])
-        recycled = UPSTREAM.messages_requests()[-1]["headers"]["X-Claude-Code-Session-Id"]
-        other = self.chat(client, [{"role": "user", "content": "other app"}], system="Other.")
-        other_session = UPSTREAM.messages_requests()[-1]["headers"]["X-Claude-Code-Session-Id"]
-        clis = cli_children()
-        UPSTREAM.clear()
-        self.chat(client, [{"role": "user", "content": "a new chat"}])
-        self.chat(client, other + [{"role": "user", "content": "other follow-up"}],
-                  system="Other.")
-        new_chat, follow_up = UPSTREAM.messages_requests()
-        self.assertEqual([m["role"] for m in conversation(new_chat["body"])], ["user"])
-        self.assertEqual(ScriptedUpstream.last_text(new_chat["body"]), "a new chat")
-        self.assertNotIn("OLD", json.dumps(new_chat["body"]))
-        self.assertEqual(new_chat["headers"]["X-Claude-Code-Session-Id"], recycled,
-                         "the least recently used CLI, of the same shape, answered, rewound")
-        self.assertEqual(follow_up["headers"]["X-Claude-Code-Session-Id"], other_session,
-                         "the session of another shape stayed live")
-        self.assertEqual(sorted(cli_children()), sorted(clis), "no CLI was started or killed")
-        self.assertEqual(sorted((s["turns"], s["state"]) for s in self.sessions(server)),
-                         [(1, "idle"), (2, "idle")])
-
-    def test_at_the_cap_the_least_recently_used_session_of_another_shape_is_evicted(self):
-        server = ProxyThread(max_sessions=2, max_concurrent=1, max_spares=0)
-        self.addCleanup(server.stop)
-        client = server.client()
-        self.chat(client, [{"role": "user", "content": "other app"}], system="Other.")
-        history = self.chat(client, [{"role": "user", "content": "this app"}])
-        [_, kept] = self.upstream_sessions()
-        self.chat(client, [{"role": "user", "content": "a new chat"}])
-        self.chat(client, history + [{"role": "user", "content": "follow-up"}])
-        _, _, new_chat, follow_up = self.upstream_sessions()
-        self.assertNotEqual(new_chat, kept)
-        self.assertEqual(follow_up, kept, "the more recent session of the shape stayed live")
-
-    def test_a_request_cancelled_while_a_cli_rewinds_leaves_no_busy_session(self):
-        async def scenario():
-            engine = proxy.Engine(proxy.Config(
-                workdir=tempfile.mkdtemp(prefix="proxy-test-cwd-"), max_sessions=1,
-                max_concurrent=1, max_spares=0))
-
-            def turn(text):
-                return proxy.messages_request_to_turn(
-                    valid_body(messages=[{"role": "user", "content": text}]), "sonnet")
-            try:
-                async for _ in engine.run(turn("first chat")):
-                    pass
-                [session] = engine.sessions.values()
-                recycling = asyncio.ensure_future(engine._recycle(turn("next").shape))
-                while session.state != proxy.BUSY:
-                    await asyncio.sleep(0)
-                recycling.cancel()
-                with self.assertRaises(asyncio.CancelledError):
-                    await recycling
-                self.assertNotIn(session.id, engine.sessions)
-                events = [event async for event in engine.run(turn("second chat"))]
-                self.assertEqual([type(e) for e in events if isinstance(e, proxy.Answer)],
-                                 [proxy.Answer], "one whole answer")
-                self.assertEqual([s.state for s in engine.sessions.values()], [proxy.IDLE])
-            finally:
-                await engine.close()
-        asyncio.run(scenario())
-        self.assertTrue(wait_until(lambda: not cli_children()), cli_children())
-
-    def test_a_recycled_cli_forgets_a_tool_round_too(self):
-        server = ProxyThread(max_sessions=1, max_concurrent=1, max_spares=0)
-        self.addCleanup(server.stop)
-        client = server.client()
-
-        def create(messages):
-            return client.messages.create(model="claude-sonnet-5-5", max_tokens=50,
-                                          tools=[WEATHER], messages=messages)
-        ask = [{"role": "user", "content": '[[tool get_weather {"city": "Ulm"}]]'}]
-        message = create(ask)
-        [call] = [block for block in message.content if block.type == "tool_use"]
-        create(ask + [{"role": "assistant", "content": message.content},
-                      {"role": "user", "content": [{"type": "tool_result",
-                                                    "tool_use_id": call.id,
-                                                    "content": "OLD sunny"}]}])
-        [recycled] = set(self.upstream_sessions())
-        UPSTREAM.clear()
-        create([{"role": "user", "content": "a new chat"}])
-        [new_chat] = UPSTREAM.messages_requests()
-        self.assertEqual(new_chat["headers"]["X-Claude-Code-Session-Id"], recycled)
-        self.assertEqual([m["role"] for m in conversation(new_chat["body"])], ["user"])
-        self.assertNotIn("OLD", json.dumps(new_chat["body"]))
-        self.assertNotIn("Ulm", json.dumps(new_chat["body"]))
-
-    def test_a_cli_that_began_from_a_transcript_is_evicted_not_recycled(self):
-        server = ProxyThread(max_sessions=1, max_concurrent=1, max_spares=0)
-        self.addCleanup(server.stop)
-        client = server.client()
-        self.chat(client, [{"role": "user", "content": "OLD question"},
-                           {"role": "assistant", "content": "OLD answer"},
-                           {"role": "user", "content": "OLD again"}])
-        [resumed] = self.upstream_sessions()
-        UPSTREAM.clear()
-        self.chat(client, [{"role": "user", "content": "a new chat"}])
-        [new_chat] = UPSTREAM.messages_requests()
-        self.assertNotEqual(new_chat["headers"]["X-Claude-Code-Session-Id"], resumed)
-        self.assertNotIn("OLD", json.dumps(new_chat["body"]))
-        self.assertTrue(wait_until(lambda: len(cli_children()) == 1), cli_children())
-
-    def test_no_conversation_is_written_to_disk(self):
-        server = ProxyThread()
-        self.addCleanup(server.stop)
-        client = server.client()
-        secret = "DISK-MARKER-" + uuid.uuid4().hex
-        history = self.chat(client, [{"role": "user", "content": secret}])
-        self.chat(client, history + [{"role": "user", "content": "warm " + secret}])
-        self.chat(client, history + [{"role": "assistant", "content": "x"},
-                                     {"role": "user", "content": "cold " + secret}])
-        self.assertEqual(len(set(self.upstream_sessions())), 2)
-        written = [os.path.join(root, name)
-                   for top in (os.environ["HOME"], server.config.workdir)
-                   for root, _, names in os.walk(top) for name in names]
-        self.assertTrue(written, "the CLI keeps its own files there")
-        for path in written:
-            with open(path, "rb") as f:
-                self.assertNotIn(secret.encode(), f.read(), path)
-
-    def test_an_idle_cli_is_stopped_until_its_next_turn(self):
-        server = ProxyThread(max_spares=0)
-        self.addCleanup(server.stop)
-        client = server.client()
-        history = self.chat(client, [{"role": "user", "content": "before"}])
-        [pid] = cli_children()
-        for turn in ("after", "and again"):
-            self.assertTrue(wait_until(lambda: process_state(pid) == "T"), process_state(pid))
-            [session] = self.sessions(server)
-            self.assertTrue(session["frozen"])
-            history = self.chat(client, history + [{"role": "user", "content": turn}])
-        self.assertEqual(len(set(self.upstream_sessions())), 1, "the same CLI answered")
-        self.assertEqual(cli_children(), [pid])
-        self.assertTrue(wait_until(lambda: process_state(pid) == "T"), process_state(pid))
-        client.delete(f"/sessions/{session['id']}", cast_to=object)
-        self.assertTrue(wait_until(lambda: not cli_children()), "a stopped CLI still exits")
-
-    def stream_closed_at_message_stop(self, server, ask):
-        """Stream an answer, read it up to its message_stop, and hang up there."""
-        body = json.dumps({"model": "claude-sonnet-5-5", "max_tokens": 50, "stream": True,
-                           "messages": ask}).encode()
-        with socket.create_connection(("127.0.0.1", server.port)) as sock:
-            sock.sendall(b"POST /v1/messages HTTP/1.1\r\nhost: localhost\r\n"
-                         b"x-api-key: test-key\r\n"           # the same caller as client()
-                         b"content-length: %d\r\n\r\n%s" % (len(body), body))
-            received = b""
-            while b"event: message_stop" not in received:
-                received += sock.recv(65536)
-
-    def test_a_stream_read_up_to_its_message_stop_keeps_its_session_warm(self):
-        # Clients may stop reading there and close: the answer is whole, and the CLI
-        # is still on its way to its result when the request is cancelled.
-        server = ProxyThread(max_spares=0)
-        self.addCleanup(server.stop)
-        ask = [{"role": "user", "content": "[[linger 1]] short"}]
-        self.stream_closed_at_message_stop(server, ask)
-        history = ask + [{"role": "assistant", "content": UPSTREAM_TEXT}]
-        self.assertTrue(wait_until(lambda: [s["state"] for s in self.sessions(server)] ==
-                                   ["idle"]), self.sessions(server))
-        self.chat(server.client(), history + [{"role": "user", "content": "and then?"}])
-        self.assertEqual(len(set(self.upstream_sessions())), 1, "the same CLI answered")
-
-    def test_a_cli_finishing_an_answer_is_evicted_at_the_cap_never_recycled(self):
-        # Rewinding it would race the turn it is still reading on.
-        server = ProxyThread(max_spares=0, max_sessions=1, max_concurrent=1)
-        self.addCleanup(server.stop)
-        history = self.chat(server.client(), [{"role": "user", "content": "first chat"}])
-        self.stream_closed_at_message_stop(server, history + [
-            {"role": "user", "content": "[[linger 3]] its follow-up"}])
-        self.assertTrue(wait_until(lambda: [s["state"] for s in self.sessions(server)] ==
-                                   ["finishing"]), self.sessions(server))
-        self.chat(server.client(), [{"role": "user", "content": "a new chat"}])
-        first, follow_up, second = self.upstream_sessions()
-        self.assertEqual(first, follow_up)
-        self.assertNotEqual(first, second, "a new CLI, not the rewound one")
-        self.assertEqual([as_blocks(m["content"]) for m in conversation(
-            UPSTREAM.messages_requests()[-1]["body"])], [as_blocks("a new chat")])
-        self.assertTrue(wait_until(lambda: len(cli_children()) == 1), cli_children())
-
-    def test_a_follow_up_to_a_cli_that_died_while_idle_goes_to_a_new_one(self):
-        # The OOM killer, say, between turns.
-        server = ProxyThread(max_spares=0)
-        self.addCleanup(server.stop)
-        client = server.client()
-        history = self.chat(client, [{"role": "user", "content": "first"}])
-        [pid] = cli_children()
-        self.assertTrue(wait_until(lambda: process_state(pid) == "T"), process_state(pid))
-        os.kill(pid, signal.SIGKILL)        # dead at once for the kernel, not for asyncio
-        self.assertTrue(wait_until(lambda: process_state(pid) in ("Z", "")))
-        history = self.chat(client, history + [{"role": "user", "content": "second"}])
-        self.assertEqual(len(set(self.upstream_sessions())), 2)
-        self.assertEqual([m["content"] for m in conversation(
-            UPSTREAM.messages_requests()[-1]["body"])][-1][-1]["text"], "second")
-        self.assertEqual(len(conversation(UPSTREAM.messages_requests()[-1]["body"])), 3)
-
-    def test_the_watchdog_forgets_a_stopped_cli_that_is_killed(self):
-        # Else, when the proxy exits, it would continue whatever process got the pid.
-        server = ProxyThread(max_spares=0, max_sessions=1, max_concurrent=1)
-        self.addCleanup(server.stop)
-        client = server.client()
-        self.chat(client, [{"role": "user", "content": "first"}])
-        [pid] = cli_children()
-        self.assertTrue(wait_until(lambda: process_state(pid) == "T"), process_state(pid))
-        told = []
-
-        def tell(line):
-            told.append(line.strip())
-            return real_tell(line)
-        real_tell, proxy.tell_watchdog = proxy.tell_watchdog, tell
-        self.addCleanup(setattr, proxy, "tell_watchdog", real_tell)
-        self.chat(client, [{"role": "user", "content": "another"}], system="another app")
-        self.assertTrue(wait_until(lambda: pid not in cli_children()), "evicted at the cap")
-        self.assertEqual(told[0], f"-{pid}")
-
-    def test_only_the_recent_shapes_are_remembered(self):
-        engine = proxy.Engine(proxy.Config(max_spares=2))
-        turns = [proxy.messages_request_to_turn(valid_body(system=f"app {n}", messages=[
-            {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
-            {"role": "user", "content": "q2"}]), "sonnet") for n in range(5)]
-        for turn in turns + [turns[2]]:
-            engine.note_shape(turn)
-        self.assertEqual(list(engine._recent_shapes), [turns[4].shape, turns[2].shape])
-
-    def test_many_conversations_at_once_never_exceed_the_cap(self):
-        server = ProxyThread(max_sessions=2, max_concurrent=2, max_spares=1)
-        self.addCleanup(server.stop)
-        peak, done = [0], threading.Event()
-
-        def watch():
-            while not done.is_set():
-                peak[0] = max(peak[0], len(cli_children()))
-                done.wait(0.01)
-        watcher = threading.Thread(target=watch)
-        watcher.start()
-        answers = []
-
-        def converse(n):
-            client = server.client()
-            history = self.chat(client, [{"role": "user", "content": f"busy chat {n}"}])
-            answers.append(self.chat(client, history + [{"role": "user", "content": "more"}]))
-        threads = [threading.Thread(target=converse, args=(n,)) for n in range(6)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        done.set()
-        watcher.join()
-        self.assertEqual(len(answers), 6)
-        self.assertLessEqual(peak[0], 2)
-
-    def test_a_starting_cli_is_not_reaped_under_its_request(self):
-        server = ProxyThread(session_idle_s=0.01)   # far shorter than a CLI start
-        self.addCleanup(server.stop)
-        history = self.chat(server.client(), [{"role": "user", "content": "slow start"}])
-        self.assertEqual(history[-1]["content"][0]["text"], UPSTREAM_TEXT)
-
-    def test_idle_sessions_expire_and_leave_no_process(self):
-        server = ProxyThread(session_idle_s=0.3)
-        self.addCleanup(server.stop)
-        self.chat(server.client(), [{"role": "user", "content": "short lived"}])
-        self.assertTrue(wait_until(lambda: not self.sessions(server)))
-        self.assertTrue(wait_until(lambda: not cli_children()), cli_children())
-
-    def test_delete_session_ends_it(self):
-        server = ProxyThread()
-        self.addCleanup(server.stop)
-        client = server.client()
-        self.chat(client, [{"role": "user", "content": "to be deleted"}])
-        [session] = self.sessions(server)
-        self.assertEqual(client.delete(f"/sessions/{session['id']}", cast_to=object),
-                         {"id": session["id"], "type": "session_deleted"})
-        self.assertEqual(self.sessions(server), [])
-        with self.assertRaises(anthropic.NotFoundError) as caught:
-            client.delete(f"/sessions/{session['id']}", cast_to=object)
-        self.assertApiError(caught.exception, 404, "not_found_error")
-        self.assertTrue(wait_until(lambda: not cli_children()), cli_children())
-
-    def test_stopping_the_proxy_ends_live_sessions_and_spares(self):
-        server = ProxyThread(max_spares=1)
-        client = server.client()
-        self.chat(client, [{"role": "user", "content": "one"}])
-        self.chat(client, [{"role": "user", "content": "two"}], system="other")
-        self.assertTrue(wait_until(lambda: len(cli_children()) == 3), cli_children())
-        self.assertEqual(server.stop(), 0)
-        self.assertEqual(cli_children(), [])
-
-    def test_new_chat_of_a_familiar_shape_starts_on_a_spare(self):
-        server = ProxyThread(max_spares=1)
-        self.addCleanup(server.stop)
-        client = server.client()
-        self.chat(client, [{"role": "user", "content": "first chat"}], system="Be an app.")
-        self.assertTrue(wait_until(lambda: any(
-            s["state"] == "spare" for s in self.sessions(server))), self.sessions(server))
-        spare = next(s for s in self.sessions(server) if s["state"] == "spare")
-        self.chat(client, [{"role": "user", "content": "second chat"}], system="Be an app.")
-        states = {s["id"]: (s["state"], s["turns"]) for s in self.sessions(server)}
-        self.assertEqual(states[spare["id"]], ("idle", 1), "the spare answered the new chat")
-        self.assertLessEqual(len(cli_children()), 3)
-
-
-class SharedProxyCase(unittest.TestCase):
-    """One proxy for the class, an official client on it, a clean upstream log a test."""
-
-    @staticmethod
-    def make_client(server):
-        return server.client()
-
-    @classmethod
-    def setUpClass(cls):
-        cls.server = ProxyThread()
-        cls.client = cls.make_client(cls.server)
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.server.stop()
-
-    def setUp(self):
-        UPSTREAM.clear()
-
-
 class ParametersTest(SharedProxyCase):
     """Each client parameter reaches the upstream as the real API would treat it."""
-
 
     def test_parse_effort_speed_cache_control_and_betas(self):
         import pydantic
@@ -4037,202 +2182,195 @@ class ParametersTest(SharedProxyCase):
         self.assertEqual(efforts, ["low", "high"])
 
 
-WEATHER = {"name": "get_weather", "description": "Weather for a city.",
-           "input_schema": {"type": "object", "properties": {"city": {"type": "string"}},
-                            "required": ["city"]}}
-LONG_TOOL = {"name": "n" * 64, "description": "A tool with the longest name the API allows.",
-             "input_schema": {"type": "object", "properties": {"a": {"type": "integer"}}}}
+# =============================================================================
+# 7. Conversations on the CLI
+# =============================================================================
+
+class ConversationHashTest(unittest.TestCase):
+    """conversation_hash: equal for what a client echoes of a conversation, different
+    for a different conversation, and going on from the messages before."""
+
+    QUESTION = {"role": "user", "content": "What is in a.txt?"}
+    ANSWER = {"role": "assistant", "content": [
+        {"type": "thinking", "thinking": "Read it.", "signature": "sig"},
+        {"type": "text", "text": "Let me read it."},
+        {"type": "tool_use", "id": "toolu_1", "name": "read",
+         "input": {"path": "a.txt", "lines": 10}}]}
+    RESULT = {"role": "user", "content": [
+        {"type": "tool_result", "tool_use_id": "toolu_1", "content": "hello"}]}
+    IMAGE = {"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                     "data": "AAAA"}},
+        {"type": "text", "text": "And this?"}]}
+    CONVERSATION = [QUESTION, ANSWER, RESULT, IMAGE]
+
+    @staticmethod
+    def digest(messages: list[dict], before=None) -> str:
+        return proxy.conversation_hash(messages, before).hexdigest()
+
+    def echoed(self, index: int, *content) -> list[dict]:
+        """The conversation with message `index`'s content replaced."""
+        return [dict(m, content=list(content)) if i == index else m
+                for i, m in enumerate(self.CONVERSATION)]
+
+    def test_what_a_client_may_change_when_it_echoes_keeps_the_hash(self):
+        question = {"type": "text", "text": "What is in a.txt?"}
+        thinking, text, call = self.ANSWER["content"]
+        result = self.RESULT["content"][0]
+        image, and_this = self.IMAGE["content"]
+        mark = {"cache_control": {"type": "ephemeral"}}
+        cases = [   # (name, the conversation as the client echoes it)
+            ("a string as one text block", self.echoed(0, question)),
+            ("cache_control on a text block", self.echoed(0, {**question, **mark})),
+            ("cache_control on a tool_result and on a text inside it", self.echoed(
+                2, {**result, **mark, "content": [{"type": "text", "text": "hello", **mark}]})),
+            ("cache_control on an image", self.echoed(3, {**image, **mark}, and_this)),
+            ("the thinking block left out", self.echoed(1, text, call)),
+            ("a redacted_thinking block added", self.echoed(
+                1, {"type": "redacted_thinking", "data": "x"}, thinking, text, call)),
+            # Only a text block's text is matched: citations may come back or not.
+            ("a text block's other keys", self.echoed(1, thinking, {**text, "citations": []},
+                                                      call)),
+            ("keys in another order, in blocks and in tool inputs", self.echoed(
+                1, thinking, text, {"input": {"lines": 10, "path": "a.txt"}, "name": "read",
+                                    "id": "toolu_1", "type": "tool_use"})),
+            ("is_error false spelled out", self.echoed(2, {**result, "is_error": False})),
+            ("a tool_result's string content as a text block", self.echoed(
+                2, {**result, "content": [{"type": "text", "text": "hello"}]})),
+        ]
+        expected = self.digest(self.CONVERSATION)
+        for name, echoed in cases:
+            with self.subTest(name):
+                # The row changes what the client sends (key order included).
+                self.assertNotEqual(json.dumps(echoed), json.dumps(self.CONVERSATION))
+                self.assertEqual(self.digest(echoed), expected)
+        empty = {"type": "tool_result", "tool_use_id": "toolu_1"}
+        with self.subTest("a tool_result's content missing, null, empty or blank"):
+            self.assertEqual(len({self.digest(self.echoed(2, dict(empty, **content)))
+                                  for content in ({}, {"content": None}, {"content": []},
+                                                  {"content": ""})}), 1)
+
+    def test_what_changes_the_conversation_changes_the_hash(self):
+        thinking, text, call = self.ANSWER["content"]
+        result = self.RESULT["content"][0]
+        image, and_this = self.IMAGE["content"]
+        first, second = {"type": "text", "text": "one"}, {"type": "text", "text": "two"}
+        cases = [   # (name, one conversation, another)
+            ("a word of text", [self.QUESTION],
+             [dict(self.QUESTION, content="What is in b.txt?")]),
+            ("the role", [self.QUESTION], [dict(self.QUESTION, role="assistant")]),
+            ("the order of blocks", self.CONVERSATION, self.echoed(1, thinking, call, text)),
+            ("the order of messages", [self.QUESTION, self.IMAGE], [self.IMAGE, self.QUESTION]),
+            ("a tool's input", self.CONVERSATION, self.echoed(
+                1, thinking, text, {**call, "input": {"path": "a.txt", "lines": 11}})),
+            ("a tool call's id", self.CONVERSATION, self.echoed(
+                1, thinking, text, {**call, "id": "toolu_2"})),
+            ("a tool result's error flag", self.CONVERSATION, self.echoed(
+                2, {**result, "is_error": True})),
+            ("an image's data", self.CONVERSATION, self.echoed(3, {**image, "source": {
+                **image["source"], "data": "BBBB"}}, and_this)),
+            ("two messages or one with both blocks", [
+                {"role": "user", "content": [first]}, {"role": "user", "content": [second]}],
+             [{"role": "user", "content": [first, second]}]),
+            ("an empty text block or none", [{"role": "user", "content": []}],
+             [{"role": "user", "content": [{"type": "text", "text": ""}]}]),
+            ("one message more", [self.QUESTION], [self.QUESTION, self.ANSWER]),
+        ]
+        for name, one, another in cases:
+            with self.subTest(name):
+                self.assertNotEqual(self.digest(one), self.digest(another))
+
+    def test_the_hash_goes_on_from_the_messages_before(self):
+        conversation = self.CONVERSATION
+        before = copy.deepcopy(conversation)
+        whole = self.digest(conversation)
+        for split in range(len(conversation) + 1):
+            with self.subTest(split=split):
+                head = proxy.conversation_hash(conversation[:split])
+                head_digest = head.hexdigest()
+                self.assertEqual(self.digest(conversation[split:], head), whole)
+                self.assertEqual(head.hexdigest(), head_digest)     # `before` is not used up
+        self.assertEqual(self.digest([]),       # no messages: sha256 of nothing
+                         "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
+        self.assertEqual(conversation, before)
 
 
-class ClaudeCodeClientTest(unittest.TestCase):
-    """Claude Code itself (the bundled CLI) as a client of the proxy."""
+class AgentStreamTest(unittest.TestCase):
+    """AgentStream: the upstream messages of one agent-mode answer as one message."""
 
-    @classmethod
-    def setUpClass(cls):
-        cls.server = ProxyThread()
+    BUILTIN = {"Bash", "Read"}
+    DONE = {"type": "text", "text": "Done."}
+    LOOK = {"type": "text", "text": "Let me look."}
+    BASH = {"type": "tool_use", "id": "toolu_b", "name": "Bash", "input": {"command": "ls"}}
+    READ = {"type": "tool_use", "id": "toolu_r", "name": "Read", "input": {"file_path": "/a"}}
+    CALL = {"type": "tool_use", "id": "toolu_c", "name": "mcp__c__get_weather",
+            "input": {"city": "Ulm"}}
 
-    @classmethod
-    def tearDownClass(cls):
-        cls.server.stop()
+    @staticmethod
+    def message(*blocks: dict, stop: str = "end_turn") -> list[dict]:
+        """One upstream message's raw events: message_start, three events a block,
+        message_delta (5 output tokens), message_stop."""
+        return [sdk_message.event for sdk_message in upstream_message(*blocks, stop=stop)]
 
-    def setUp(self):
-        UPSTREAM.clear()
+    @staticmethod
+    def block(events: list[dict], index: int, to: int | None = None) -> list[dict]:
+        """The start, delta and stop of block `index` of a message, moved to client
+        index `to` (unmoved when None)."""
+        found = events[1 + 3 * index:4 + 3 * index]
+        return found if to is None else [{**event, "index": to} for event in found]
 
-    def claude(self, prompt, *flags):
-        import subprocess
-        env = {k: v for k, v in os.environ.items() if k != "CLAUDE_CODE_OAUTH_TOKEN"}
-        env.update({"ANTHROPIC_BASE_URL": self.server.url, "ANTHROPIC_API_KEY": "client-key",
-                    "HOME": tempfile.mkdtemp(prefix="proxy-test-cc-home-"),
-                    "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"})
-        return subprocess.run([proxy.cli_binary(self.server.config), "-p", prompt, *flags],
-                              capture_output=True, text=True, timeout=120, env=env,
-                              cwd=tempfile.mkdtemp(prefix="proxy-test-cc-cwd-"))
+    @staticmethod
+    def tokens(message_delta: dict, output_tokens: int) -> dict:
+        return {**message_delta, "usage": {**message_delta["usage"],
+                                           "output_tokens": output_tokens}}
 
-    def test_print_mode_text_and_stream_json(self):
-        done = self.claude("hello", "--output-format", "text")
-        self.assertEqual((done.returncode, done.stdout.strip()), (0, UPSTREAM_TEXT), done.stderr)
-        done = self.claude("hello", "--output-format", "stream-json", "--verbose")
-        self.assertEqual(done.returncode, 0, done.stdout[-500:])
-        result = json.loads(done.stdout.strip().splitlines()[-1])
-        self.assertEqual((result["type"], result["result"]), ("result", UPSTREAM_TEXT))
-        body = UPSTREAM.messages_requests()[-1]["body"]
-        offered = {t["name"] for t in body["tools"]}
-        self.assertLessEqual({"mcp__c__Bash", "mcp__c__Read", "mcp__c__Edit"}, offered,
-                             "Claude Code's own tools reach the upstream")
-
-    def test_its_own_tool_runs_on_its_side_and_the_turn_goes_on(self):
-        done = self.claude('[[tool Bash {"command": "echo ran-in-claude-code"}]]',
-                           "--output-format", "text", "--allowedTools", "Bash")
-        self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
-        self.assertRegex(done.stdout.strip(), r"^Results: toolu_\w+=ran-in-claude-code$")
-        first, second = UPSTREAM.messages_requests()
-        self.assertEqual(first["headers"]["X-Claude-Code-Session-Id"],
-                         second["headers"]["X-Claude-Code-Session-Id"],
-                         "the parked CLI took Claude Code's tool result")
-
-
-class ReadmeRecipesTest(unittest.TestCase):
-    """The README's curl and Python recipes run as written, against a test proxy."""
-
-    @classmethod
-    def setUpClass(cls):
-        cls.server = ProxyThread()
-        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")) as f:
-            cls.blocks = re.findall(r"```(bash|python)\n(.*?)```", f.read(), re.S)
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.server.stop()
-
-    def recipes(self, language, start):
-        found = [code.replace("http://127.0.0.1:3456", self.server.url)
-                 for lang, code in self.blocks if lang == language and code.startswith(start)]
-        self.assertTrue(found, (language, start))
-        return found
-
-    def test_curl_recipes(self):
-        import subprocess
-        for command in self.recipes("bash", "curl "):
-            with self.subTest(command=command[:60]):
-                done = subprocess.run(["bash", "-c", command], capture_output=True, text=True,
-                                      timeout=60)
-                self.assertEqual(done.returncode, 0, done.stderr)
-                self.assertIn(UPSTREAM_TEXT[:9], done.stdout)
-
-    def test_python_recipes(self):
-        for code in self.recipes("python", "import "):
-            with self.subTest(code=code[:40]):
-                printed = io.StringIO()
-                with contextlib.redirect_stdout(printed):
-                    exec(compile(code, "README.md", "exec"), {})
-                self.assertIn(UPSTREAM_TEXT, printed.getvalue())
-
-
-class AgentModeTest(unittest.TestCase):
-    """Built-in tools only when the operator turns agent mode on, inside its directory."""
-
-    def setUp(self):
-        UPSTREAM.clear()
-
-    def test_off_by_default(self):
-        server = ProxyThread()
-        self.addCleanup(server.stop)
-        server.client().messages.create(model="sonnet", max_tokens=5,
-                                        messages=[{"role": "user", "content": "x"}])
-        self.assertEqual(UPSTREAM.messages_requests()[0]["body"]["tools"], [])
-
-    def test_builtin_tools_run_in_the_agent_directory_only(self):
-        agent_dir = tempfile.mkdtemp(prefix="proxy-agent-")
-        self.addCleanup(shutil.rmtree, agent_dir, True)
-        server = ProxyThread(agent_dir=agent_dir)
-        self.addCleanup(server.stop)
-        target = os.path.join(agent_dir, "note.txt")
-        message = server.client().messages.create(model="sonnet", max_tokens=100, messages=[
-            {"role": "user", "content": f'[[builtin Write {{"file_path": "{target}", '
-                                        '"content": "written by the agent"}]]'}])
-        with open(target) as f:
-            self.assertEqual(f.read(), "written by the agent")
-        self.assertEqual(message.stop_reason, "end_turn")
-        self.assertEqual([b.type for b in message.content], ["text", "text"],
-                         "the built-in call stays inside the CLI")
-        self.assertEqual(message.content[0].text, "Calling.")
-        self.assertTrue(message.content[1].text.startswith("Results: toolu_"))
-        first, second = UPSTREAM.messages_requests()
-        self.assertLessEqual({"Read", "Write", "Edit", "Bash", "Glob", "Grep"},
-                             {t["name"] for t in first["body"]["tools"]})
-        [result] = conversation(second["body"])[-1]["content"]
-        self.assertFalse(result.get("is_error"))
-        for call in ('Read {"file_path": "/etc/hostname"}',
-                     'Grep {"pattern": "root", "path": "/etc/passwd"}',
-                     'Glob {"pattern": "*", "path": "/etc"}'):
-            with self.subTest(call=call):
-                UPSTREAM.clear()
-                outside = server.client().messages.create(
-                    model="sonnet", max_tokens=100,
-                    messages=[{"role": "user", "content": f"[[builtin {call}]]"}])
-                [result] = conversation(UPSTREAM.messages_requests()[1]["body"])[-1]["content"]
-                self.assertTrue(result.get("is_error"), result)
-                self.assertIn("haven't granted", result["content"])
-                self.assertEqual(outside.stop_reason, "end_turn")
-
-
-    def test_bash_cannot_reach_the_login(self):
-        # The soak's escape: Bash read the CLI's environment through /proc. The CLI's
-        # sandbox (bubblewrap on Linux: CI installs bubblewrap and socat) runs it in
-        # a pid namespace of its own, and the credentials file is unreadable in it.
-        token = os.environ["CLAUDE_CODE_OAUTH_TOKEN"]
-        credentials = os.path.join(os.environ["HOME"], ".claude", ".credentials.json")
-        with open(credentials, "w") as f:     # the env token still wins as the login
-            json.dump({"claudeAiOauth": {"accessToken": token + "-from-file"}}, f)
-        self.addCleanup(os.remove, credentials)
-        agent_dir = tempfile.mkdtemp(prefix="proxy-agent-")
-        self.addCleanup(shutil.rmtree, agent_dir, True)
-        server = ProxyThread(agent_dir=agent_dir)
-        self.addCleanup(server.stop)
-
-        def bash(command):
-            UPSTREAM.clear()
-            marker = json.dumps({"command": command})
-            message = server.client().messages.create(
-                model="sonnet", max_tokens=100,
-                messages=[{"role": "user", "content": f"[[builtin Bash {marker}]]"}])
-            requests = UPSTREAM.messages_requests()
-            self.assertEqual(len(requests), 2, "the Bash call's result went upstream")
-            [result] = conversation(requests[1]["body"])[-1]["content"]
-            self.assertNotIn(token, json.dumps([r["body"] for r in requests])
-                             + message.model_dump_json())     # (its header carries the login)
-            return result
-        for escape in (r"tr '\0' '\n' < /proc/$PPID/environ",
-                       r"cat /proc/*/environ | tr '\0' '\n'",
-                       "python3 -c 'import glob\nfor p in glob.glob(\"/proc/[0-9]*/environ\"):\n"
-                       "    try: print(open(p).read())\n    except OSError: pass'",
-                       "env", "cat ~/.claude/.credentials.json"):
-            with self.subTest(escape=escape):
-                bash(escape)
-        result = bash("echo made > made.txt && cat made.txt && pwd")
-        self.assertFalse(result.get("is_error"), result)
-        self.assertEqual(result["content"], f"made\n{agent_dir}")
-        with open(os.path.join(agent_dir, "made.txt")) as f:
-            self.assertEqual(f.read(), "made\n")
-
-    def test_at_the_cap_an_agent_cli_is_evicted_not_recycled(self):
-        # Its tools remember the files they read: a rewound CLI would still know.
-        agent_dir = tempfile.mkdtemp(prefix="proxy-agent-")
-        self.addCleanup(shutil.rmtree, agent_dir, True)
-        server = ProxyThread(agent_dir=agent_dir, max_sessions=1, max_concurrent=1,
-                             max_spares=0)
-        self.addCleanup(server.stop)
-        for text in ("first chat", "second chat"):
-            server.client().messages.create(model="sonnet", max_tokens=5,
-                                            messages=[{"role": "user", "content": text}])
-        first, second = [r["headers"]["X-Claude-Code-Session-Id"]
-                         for r in UPSTREAM.messages_requests()]
-        self.assertNotEqual(first, second)
+    def test_agent_rounds_fold_into_one_client_message(self):
+        text, block, tokens = self.message(self.DONE), self.block, self.tokens
+        bash = self.message(self.BASH, stop="tool_use")
+        look_read = self.message(self.LOOK, self.READ, stop="tool_use")
+        look_call = self.message(self.LOOK, self.CALL, stop="tool_use")
+        mixed = self.message(self.BASH, self.CALL, stop="tool_use")
+        cut = self.message(self.LOOK, self.BASH, stop="max_tokens")
+        ping = {"type": "ping"}
+        stray = {"type": "content_block_delta", "index": 7,
+                 "delta": {"type": "text_delta", "text": "never started"}}
+        cases = [   # (name, built-in tool names, upstream events, the client's events)
+            ("no built-in tools: every event as it came", set(), look_call, look_call),
+            ("built-in tools offered but not called: every event as it came", self.BUILTIN,
+             look_call, look_call),
+            ("a built-in round, then a text round", self.BUILTIN, bash + text,
+             bash[:1] + block(text, 0) + [tokens(text[-2], 10), text[-1]]),
+            # The text before a built-in call stays; the next round's block comes after it.
+            ("text and a built-in call, then a text round", self.BUILTIN, look_read + text,
+             look_read[:1] + block(look_read, 0) + block(text, 0, to=1)
+             + [tokens(text[-2], 10), text[-1]]),
+            ("two built-in rounds, then text: the tokens of all three", self.BUILTIN,
+             bash + look_read + text, bash[:1] + block(look_read, 0) + block(text, 0, to=1)
+             + [tokens(text[-2], 15), text[-1]]),
+            # The client answers its call; the CLI runs the built-in one itself.
+            ("a built-in and a client call in one round: the client's call ends the answer",
+             self.BUILTIN, mixed, mixed[:1] + block(mixed, 1, to=0) + mixed[-2:]),
+            ("a built-in round, then a round ending at a client call", self.BUILTIN,
+             bash + look_call, bash[:1] + block(look_call, 0) + block(look_call, 1)
+             + [tokens(look_call[-2], 10), look_call[-1]]),
+            # Not a tool_use stop: nothing runs the call, so the answer ends there.
+            ("a built-in call cut off at max_tokens ends the answer", self.BUILTIN, cut,
+             cut[:1] + block(cut, 0) + cut[-2:]),
+            ("pings pass, deltas of a block never started do not", self.BUILTIN,
+             bash[:1] + [ping, stray] + bash[1:] + text,
+             bash[:1] + [ping] + block(text, 0) + [tokens(text[-2], 10), text[-1]]),
+        ]
+        for name, builtin, upstream, expected in cases:
+            with self.subTest(name):
+                before = copy.deepcopy(upstream)
+                stream = proxy.AgentStream(builtin)
+                self.assertEqual([out for event in upstream for out in stream.feed(event)],
+                                 expected)
+                self.assertEqual(upstream, before)      # the events are not changed
 
 
 class ClientToolsTest(ApiAssertions, SharedProxyCase):
     """Client tools: tool_use out, tool_result back, on the parked live CLI."""
-
 
     def create(self, messages, tools=(WEATHER,), **kwargs):
         return self.client.messages.create(model="claude-sonnet-5-5", max_tokens=300,
@@ -4643,85 +2781,419 @@ class ConversationExtrasTest(SharedProxyCase):
         self.check_paths("claude-sonnet-4-5")
 
 
-OPENAI_WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "Weather for a city.",
-    "parameters": WEATHER["input_schema"]}}
+# =============================================================================
+# 8. OpenAI Chat Completions
+# =============================================================================
+
+def chat_body(**changes) -> dict:
+    """A valid Chat Completions request; a change to `...` deletes that key."""
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+    return {k: v for k, v in {**body, **changes}.items() if v is not ...}
 
 
-class OpenAICase(SharedProxyCase):
-    """The shared proxy with an official openai client on it."""
-
-    @staticmethod
-    def make_client(server):
-        return server.openai_client()
+def text_block(t: str) -> dict:
+    return {"type": "text", "text": t}
 
 
-class AsyncClientsTest(unittest.TestCase):
-    """The official SDKs' async clients, plain and streaming."""
+class OpenAITranslationTest(PureAssertions, unittest.TestCase):
+    def test_messages_become_system_history_and_prompt(self):
+        png = base64.b64encode(png_bytes(2, 2)).decode()
+        body = chat_body(messages=[
+            {"role": "system", "content": "Sys one."},
+            {"role": "developer", "content": [text_block("Dev"), text_block("two.")]},
+            {"role": "user", "content": "first"},
+            {"role": "assistant", "content": "answer"},
+            {"role": "user", "content": [
+                text_block("look"),
+                {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}},
+                {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}])
+        before = copy.deepcopy(body)
+        turn = proxy.chat_request_to_turn(body, "sonnet", caller="key")
+        self.assertEqual(body, before)
+        self.assertEqual((turn.model, turn.system, turn.stream, turn.caller, turn.tools,
+                          turn.params), ("sonnet", "Sys one.\n\nDev\n\ntwo.", False, "key", [], {}))
+        self.assertEqual(turn.history, [{"role": U, "content": [text_block("first")]},
+                                        {"role": A, "content": [text_block("answer")]}])
+        self.assertEqual(turn.prompt, {"role": U, "content": [text_block("look"), {
+            "type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                        "data": png}}, {
+            "type": "image", "source": {"type": "url", "url": "https://example.com/a.png"}}]})
+        claude = proxy.chat_request_to_turn(chat_body(model="claude-opus-5-5", stream=True,
+                                                      user="u-1"), "sonnet", caller="key")
+        self.assertEqual((claude.model, claude.stream, claude.caller, claude.system),
+                         ("claude-opus-5-5", True, "key/u-1", ""))
 
-    def test_async_anthropic_and_openai(self):
-        server = ProxyThread()
-        self.addCleanup(server.stop)
+    def test_tool_calls_and_results_and_merging(self):
+        turn = proxy.chat_request_to_turn(chat_body(messages=[
+            {"role": "user", "content": "a"}, {"role": "user", "content": [text_block("b")]},
+            {"role": "assistant", "content": "Let me check."},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "call_1", "type": "function",
+                 "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+                {"id": "call_2", "type": "function", "function": {"name": "now",
+                                                                  "arguments": ""}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+            {"role": "tool", "tool_call_id": "call_2", "content": [text_block("noon")]},
+            {"role": "user", "content": "thanks"}]), "sonnet")
+        self.assertEqual(turn.history, [
+            {"role": U, "content": [text_block("a"), text_block("b")]},
+            {"role": A, "content": [
+                text_block("Let me check."),
+                {"type": "tool_use", "id": "call_1", "name": "get_weather",
+                 "input": {"city": "Paris"}},
+                {"type": "tool_use", "id": "call_2", "name": "now", "input": {}}]}])
+        self.assertEqual(turn.prompt, {"role": U, "content": [
+            {"type": "tool_result", "tool_use_id": "call_1", "content": "sunny"},
+            {"type": "tool_result", "tool_use_id": "call_2", "content": "noon"},
+            text_block("thanks")]})
 
-        async def talk():
-            async with anthropic.AsyncAnthropic(
-                    base_url=server.url, api_key="k", max_retries=0,
-                    timeout=CLIENT_TIMEOUT) as anthropic_client, \
-                    server.openai_client(kind=openai.AsyncOpenAI) as openai_client:
-                return await talk_through(anthropic_client, openai_client)
+    def test_blank_text_is_left_out_as_the_messages_api_requires(self):
+        # Clients echo Claude's blank text beside tool calls, and send empty messages.
+        call = {"id": "call_1", "type": "function",
+                "function": {"name": "now", "arguments": "{}"}}
+        turn = proxy.chat_request_to_turn(chat_body(messages=[
+            {"role": "user", "content": "a"}, {"role": "assistant", "content": ""},
+            {"role": "user", "content": "b"},
+            {"role": "assistant", "content": "\n\n", "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "noon"}]), "sonnet")
+        self.assertEqual(turn.history, [
+            {"role": U, "content": [text_block("a"), text_block("b")]},
+            {"role": A, "content": [{"type": "tool_use", "id": "call_1", "name": "now",
+                                     "input": {}}]}])
+        responses, _ = proxy.responses_request_to_turn({"model": "m", "input": [
+            {"role": "user", "content": "a"},
+            {"role": "assistant", "content": [{"type": "output_text", "text": " "}]},
+            {"role": "user", "content": ""},
+            {"role": "user", "content": [{"type": "input_text", "text": "\n"},
+                                         {"type": "input_text", "text": "b"}]}]}, "sonnet")
+        self.assertEqual((responses.history, responses.prompt["content"]),
+                         ([], [text_block("a"), text_block("b")]))
+        for blank in ("", [{"type": "text", "text": " "}]):      # nothing to answer
+            self.assertProxyError(INV, proxy.chat_request_to_turn, chat_body(messages=[
+                {"role": "user", "content": "a"}, {"role": "user", "content": blank}]),
+                "sonnet", message="messages.1.content: is blank; Claude needs something "
+                                  "to answer.")
+        stored = proxy.answer_as_history({"content": [
+            {"type": "text", "text": "\n\n"}, {"type": "tool_use", "id": "t", "name": "n",
+                                               "input": {}}]})
+        self.assertEqual(stored, [{"role": "assistant", "content": [
+            {"type": "tool_use", "id": "t", "name": "n", "input": {}}]}])
+        self.assertEqual(proxy.answer_as_history({"content": [text_block("")]}), [])
 
-        async def talk_through(anthropic_client, openai_client):
-            message = await anthropic_client.messages.create(
-                model="sonnet", max_tokens=10, messages=[{"role": "user", "content": "a"}])
-            async with anthropic_client.messages.stream(
-                    model="sonnet", max_tokens=10,
-                    messages=[{"role": "user", "content": "b"}]) as stream:
-                streamed = "".join([text async for text in stream.text_stream])
-            chat = await openai_client.chat.completions.create(
-                model="sonnet", messages=[{"role": "user", "content": "c"}])
-            async with openai_client.chat.completions.stream(
-                    model="sonnet", messages=[{"role": "user", "content": "d"}]) as stream:
-                final = await stream.get_final_completion()
-            response = await openai_client.responses.create(model="sonnet", input="e")
-            return [message.content[0].text, streamed, chat.choices[0].message.content,
-                    final.choices[0].message.content, response.output_text]
-        self.assertEqual(asyncio.run(talk()), [UPSTREAM_TEXT] * 5)
+    def test_parameters_become_carried_params(self):
+        tools = {"tools": CHAT_TOOLS}
+        fmt = {"output_config": {"format": {"type": "json_schema", "schema": {"type": "object"}}}}
+        schema = {"type": "object", "properties": {"a": {"type": "string"}}}
+        table = [
+            ({}, {}), ({"max_tokens": 10}, {"max_tokens": 10}),
+            ({"max_tokens": 10, "max_completion_tokens": 20}, {"max_tokens": 20}),
+            ({"max_completion_tokens": 30}, {"max_tokens": 30}),
+            ({"temperature": 0.5, "top_p": 0.9}, {"temperature": 0.5, "top_p": 0.9}),
+            ({"stop": "END"}, {"stop_sequences": ["END"]}),
+            ({"stop": ["A", "B"]}, {"stop_sequences": ["A", "B"]}),
+            ({**tools, "tool_choice": "none"}, {"tool_choice": {"type": "none"}}),
+            ({**tools, "tool_choice": "auto"}, {"tool_choice": {"type": "auto"}}),
+            ({**tools, "tool_choice": "required"}, {"tool_choice": {"type": "any"}}),
+            ({**tools, "tool_choice": {"type": "function", "function": {"name": "now"}}},
+             {"tool_choice": {"type": "tool", "name": proxy.upstream_tool_name("now")}}),
+            ({**tools, "parallel_tool_calls": True}, {}),
+            ({**tools, "parallel_tool_calls": False},
+             {"tool_choice": {"type": "auto", "disable_parallel_tool_use": True}}),
+            ({**tools, "tool_choice": "required", "parallel_tool_calls": False},
+             {"tool_choice": {"type": "any", "disable_parallel_tool_use": True}}),
+            ({**tools, "tool_choice": "none", "parallel_tool_calls": False},
+             {"tool_choice": {"type": "none"}}),
+            ({**tools, "parallel_tool_calls": False,
+              "tool_choice": {"type": "function", "function": {"name": "get_weather"}}},
+             {"tool_choice": {"type": "tool", "name": "mcp__c__get_weather",
+                              "disable_parallel_tool_use": True}}),
+            ({"response_format": {"type": "json_object"}}, fmt),
+            ({"response_format": {"type": "json_schema", "json_schema": {
+                "name": "r", "strict": True, "schema": schema}}},
+             {"output_config": {"format": {"type": "json_schema", "schema": schema}}}),
+            ({"response_format": {"type": "text"}, "max_tokens": 5}, {"max_tokens": 5}),
+            ({"reasoning_effort": "minimal"}, {"output_config": {"effort": "low"}}),
+            ({"reasoning_effort": "none"}, {"output_config": {"effort": "low"}}),
+            ({"reasoning_effort": "xhigh"}, {"output_config": {"effort": "xhigh"}}),
+            ({"reasoning_effort": "high", "response_format": {"type": "json_object"}},
+             {"output_config": {**fmt["output_config"], "effort": "high"}}),
+            ({"store": False, "metadata": {"k": "v"}, "service_tier": "auto", "seed": None,
+              "modalities": ["text"], "n": 1, "logprobs": False,
+              "stream_options": {"include_usage": True}, "prompt_cache_key": "k",
+              "prompt_cache_retention": "24h", "verbosity": "low"}, {})]
+        for changes, params in table:
+            with self.subTest(changes=changes):
+                self.assertEqual(proxy.chat_request_to_turn(chat_body(**changes), "s").params,
+                                 params)
+        self.assertEqual(proxy.chat_request_to_turn(chat_body(**tools), "s").tools, [
+            {"name": "get_weather", "description": "Weather.", "input_schema": {
+                "type": "object", "properties": {"city": {"type": "string"}}}},
+            {"name": "now", "input_schema": {"type": "object", "properties": {}}}])
+        self.assertIsNone(proxy._chat_response_format(None))
+        self.assertIsNone(proxy._chat_response_format({"type": "text"}))
+        for changes, caller in (({"user": "u1"}, "key/u1"),          # the end user
+                                ({"user": "u1", "safety_identifier": "s1"}, "key/s1")):
+            self.assertEqual(proxy.chat_request_to_turn(chat_body(**changes), "s", "key").caller,
+                             caller)
+
+    def test_unsupported_parameters_are_400_naming_them(self):
+        changed = {"n": 2, "logprobs": True, "top_logprobs": 2, "logit_bias": {"50256": -100},
+                   "presence_penalty": 0.5, "frequency_penalty": -1, "seed": 42,
+                   "audio": {"voice": "alloy", "format": "mp3"},
+                   "prediction": {"type": "content", "content": "x"}, "web_search_options": {}}
+        self.assertEqual(set(changed), set(proxy.CHAT_UNSUPPORTED))
+        for name, value in changed.items():
+            with self.subTest(name=name):
+                default = proxy.CHAT_UNSUPPORTED[name]
+                self.assertEqual(proxy.chat_request_to_turn(
+                    chat_body(**{name: default}), "s").params, {})
+                self.assertProxyError(INV, proxy.chat_request_to_turn,
+                                      chat_body(**{name: value}), "s", message=(
+                                          f"{name}: not supported by this proxy "
+                                          "(Claude cannot honour it)."))
+        self.assertProxyError(INV, proxy.chat_request_to_turn,
+                              chat_body(bogus=1, functions=[]), "s",
+                              message="bogus, functions: unknown or unsupported parameter.")
+
+    def test_invalid_requests_are_400_naming_the_field(self):
+        def msgs(*messages):
+            return {"messages": [*messages, {"role": "user", "content": "q"}]}
+
+        def image(url):
+            return msgs({"role": "user", "content": [{"type": "image_url",
+                                                      "image_url": {"url": url}}]})
+
+        def call(arguments):
+            return msgs({"role": "assistant", "tool_calls": [{"id": "c", "type": "function",
+                         "function": {"name": "f", "arguments": arguments}}]})
+        table = [
+            (image("ftp://example.com/a.png"),
+             "messages.0.content.0.image_url.url: must be an http(s) URL or a base64 data URI."),
+            (image("data:text/plain;base64,aGk="), "messages.0.content.0.image_url.url: must"),
+            (image("example.com/a.png"), "messages.0.content.0.image_url.url: must"),
+            (msgs({"role": "user", "content": [{"type": "audio"}]}),
+             "messages.0.content.0.type: must be 'text' or 'image_url'."),
+            (call("{not json"), "messages.0.tool_calls.0.function.arguments: must be a JSON "
+                                "object."),
+            (call("[1, 2]"), "messages.0.tool_calls.0.function.arguments: must be a JSON object."),
+            (call({"a": 1}), "messages.0.tool_calls.0: needs an id and a function"),
+            (msgs({"role": "tool", "content": "x"}), "messages.0.tool_call_id: required."),
+            (msgs({"role": "function", "content": "x"}), "messages.0.role: must be system"),
+            (msgs({"role": "system", "content": [{"type": "image_url"}]}),
+             "messages.0.content: must be a string or a list of text parts."),
+            ({"messages": []}, "messages: required, a non-empty list."),
+            ({"messages": [{"role": "system", "content": "s"}]}, "messages: required"),
+            ({"tools": [{"type": "code_interpreter"}]}, "tools.0: must be a function tool."),
+            ({"tools": CHAT_TOOLS, "tool_choice": "sometimes"}, "tool_choice: must be 'none'"),
+            ({"tools": CHAT_TOOLS, "tool_choice": {"type": "function"}}, "tool_choice: must be"),
+            ({"tools": CHAT_TOOLS, "tool_choice": {"type": "function", "function": {
+                "name": "other"}}},
+             "tool_choice.function.name: must name one of the request's tools."),
+            ({"response_format": {"type": "yaml"}}, "response_format.type: must be 'text', "
+                                                    "'json_object' or 'json_schema'."),
+            ({"response_format": {"type": "json_schema", "json_schema": {"name": "r"}}},
+             "response_format.json_schema.schema: required, an object."),
+            ({"reasoning_effort": "max"}, "reasoning_effort: must be one of none, minimal,"),
+            ({"user": 7}, "user: must be a string."), ({"temperature": 1.5}, "temperature:"),
+            ({"max_completion_tokens": 0}, "max_completion_tokens: must be an integer of at "
+                                           "least 1."),
+            ({"max_tokens": 0}, "max_tokens: must be an integer of at least 1."),
+            ({"stop": [""]}, "stop: must be a non-empty string or a list of non-empty strings."),
+            ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+                "type": "string"}}}]}, "tools.0.function.parameters: must be a JSON schema"),
+            ({"tools": [{"type": "function", "function": {"name": "f g"}}]},
+             "tools.0.function.name: must be 1-64 letters"),
+            # The shared rules, at the client's own message: a result of no call.
+            (msgs({"role": "system", "content": "s"}, {"role": "user", "content": "a"},
+                  {"role": "assistant", "content": "b"},
+                  {"role": "tool", "tool_call_id": "c9", "content": "r"}),
+             "messages.3: unexpected `tool_use_id` found in `tool_result` blocks: c9.")]
+        for changes, prefix in table:
+            with self.subTest(changes=changes):
+                self.assertProxyError(INV, proxy.chat_request_to_turn, chat_body(**changes), "s",
+                                      prefix=prefix)
+
+    def test_chat_usage_counts_cached_tokens_in_the_prompt(self):
+        table = [({}, (0, 0, 0, 0)), ({"input_tokens": 5, "output_tokens": 7}, (5, 7, 12, 0)),
+                 ({"input_tokens": 17, "cache_read_input_tokens": 3, "output_tokens": 42,
+                   "cache_creation_input_tokens": 2}, (22, 42, 64, 3)),
+                 ({"input_tokens": 1, "cache_read_input_tokens": None}, (1, 0, 1, 0))]
+        for usage, (prompt, completion, total, cached) in table:
+            with self.subTest(usage=usage):
+                self.assertEqual(proxy.chat_usage(usage), {
+                    "prompt_tokens": prompt, "completion_tokens": completion,
+                    "total_tokens": total, "prompt_tokens_details": {"cached_tokens": cached}})
+
+    def test_message_to_chat_completion(self):
+        usage = {"input_tokens": 10, "cache_read_input_tokens": 4, "output_tokens": 6}
+        message = {"id": "msg_1", "model": "claude-x", "stop_reason": "tool_use", "usage": usage,
+                   "content": [{"type": "thinking", "thinking": "hmm", "signature": "s"},
+                               text_block("Hel"), text_block("lo"),
+                               {"type": "tool_use", "id": "toolu_1", "name": "get_weather",
+                                "input": {"city": "Paris"}}]}
+        call = {"id": "toolu_1", "type": "function", "function": {
+            "name": "get_weather", "arguments": '{"city": "Paris"}'}}
+        self.assertEqual(proxy.chat_tool_call(message["content"][3]), call)
+        self.assertEqual(proxy.message_to_chat_completion(message, "chatcmpl-1", 1700000000), {
+            "id": "chatcmpl-1", "object": "chat.completion", "created": 1700000000,
+            "model": "claude-x", "choices": [{"index": 0, "logprobs": None,
+                                              "finish_reason": "tool_calls", "message": {
+                                                  "role": "assistant", "content": "Hello",
+                                                  "refusal": None, "tool_calls": [call]}}],
+            "usage": {"prompt_tokens": 14, "completion_tokens": 6, "total_tokens": 20,
+                      "prompt_tokens_details": {"cached_tokens": 4}}})
+        for content, stop, reply, finish in [
+                ([text_block("cut")], "max_tokens", "cut", "length"),
+                ([text_block("ok")], "end_turn", "ok", "stop"),
+                ([text_block("ok")], None, "ok", "stop"),
+                ([{"type": "thinking", "thinking": "x"}], "refusal", None, "content_filter")]:
+            with self.subTest(stop=stop):
+                choice = proxy.message_to_chat_completion(
+                    {**message, "content": content, "stop_reason": stop}, "c", 0)["choices"][0]
+                self.assertEqual((choice["message"], choice["finish_reason"]), (
+                    {"role": "assistant", "content": reply, "refusal": None}, finish))
+
+    def test_chunk_translator_over_a_full_stream(self):
+        def delta(i, **d):
+            return {"type": "content_block_delta", "index": i, "delta": d}
+        events = [
+            {"type": "message_start", "message": {"id": "msg_1", "model": "claude-x",
+                                                  "usage": {"input_tokens": 10,
+                                                            "cache_read_input_tokens": 2}}},
+            {"type": "content_block_start", "index": 0, "content_block": text_block("")},
+            delta(0, type="text_delta", text="Hel"), delta(0, type="text_delta", text="lo"),
+            {"type": "content_block_stop", "index": 0}, {"type": "ping"},
+            {"type": "content_block_start", "index": 1, "content_block": {
+                "type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {}}},
+            delta(1, type="input_json_delta", partial_json=""),
+            delta(1, type="input_json_delta", partial_json='{"ci'),
+            delta(1, type="input_json_delta", partial_json='ty": "Paris"}'),
+            {"type": "content_block_stop", "index": 1},
+            {"type": "message_delta", "delta": {"stop_reason": "tool_use"},
+             "usage": {"output_tokens": 9, "cache_read_input_tokens": None}},
+            {"type": "message_stop"}]
+        base = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 5,
+                "model": "claude-x"}
+
+        def chunk(delta, finish=None):
+            return {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                         "finish_reason": finish}]}
+
+        def args(fragment):
+            return chunk({"tool_calls": [{"index": 0, "function": {"arguments": fragment}}]})
+        expected = [chunk({"role": "assistant", "content": ""}), chunk({"content": "Hel"}),
+                    chunk({"content": "lo"}),
+                    chunk({"tool_calls": [{"index": 0, "id": "toolu_1", "type": "function",
+                                           "function": {"name": "get_weather",
+                                                        "arguments": ""}}]}),
+                    args('{"ci'), args('ty": "Paris"}'), chunk({}, "tool_calls")]
+        usage = {**base, "choices": [], "usage": {
+            "prompt_tokens": 12, "completion_tokens": 9, "total_tokens": 21,
+            "prompt_tokens_details": {"cached_tokens": 2}}}
+        for include_usage, tail in [(True, [usage]), (False, [])]:
+            with self.subTest(include_usage=include_usage):
+                translator = proxy.ChunkTranslator("chatcmpl-1", 5, include_usage)
+                chunks = [c for event in events for c in translator.feed(event)]
+                self.assertEqual(chunks, expected + tail)
+                self.assertEqual(sum(c["choices"][0]["finish_reason"] is not None
+                                     for c in chunks if c["choices"]), 1)
+
+    def test_chunk_translator_numbers_tool_calls_and_maps_finish(self):
+        translator = proxy.ChunkTranslator("c", 0, False)
+        translator.feed({"type": "message_start", "message": {"model": "m"}})
+        for index, name in [(1, "a"), (3, "b")]:
+            start = translator.feed({"type": "content_block_start", "index": index,
+                                     "content_block": {"type": "tool_use", "id": name,
+                                                       "name": name, "input": {}}})
+            self.assertEqual(start[0]["choices"][0]["delta"]["tool_calls"][0]["index"],
+                             "ab".index(name))
+        fragment = translator.feed({"type": "content_block_delta", "index": 3, "delta": {
+            "type": "input_json_delta", "partial_json": "{}"}})
+        self.assertEqual(fragment[0]["choices"][0]["delta"]["tool_calls"][0]["index"], 1)
+        # A call without input streams one empty fragment (the API's way): "{}" at its end.
+        empty = translator.feed({"type": "content_block_delta", "index": 1, "delta": {
+            "type": "input_json_delta", "partial_json": ""}})
+        ends = [translator.feed({"type": "content_block_stop", "index": i}) for i in (1, 3)]
+        self.assertEqual((empty, ends[1]), ([], []))
+        self.assertEqual(ends[0][0]["choices"][0]["delta"]["tool_calls"],
+                         [{"index": 0, "function": {"arguments": "{}"}}])
+        for stop, finish in [("end_turn", "stop"), ("stop_sequence", "stop"), (None, "stop"),
+                             ("max_tokens", "length"), ("tool_use", "tool_calls"),
+                             ("pause_turn", "stop"), ("refusal", "content_filter")]:
+            with self.subTest(stop=stop):
+                done = translator.feed({"type": "message_delta", "delta": {"stop_reason": stop}})
+                self.assertEqual(done[0]["choices"][0]["finish_reason"], finish)
+        self.assertEqual(set(proxy.FINISH_REASONS) - {"end_turn", "stop_sequence", "max_tokens",
+                                                      "tool_use", "pause_turn", "refusal",
+                                                      "model_context_window_exceeded"}, set())
+
+    def test_error_to_openai(self):
+        for err, kind in [(proxy.InvalidRequest("bad"), "invalid_request_error"),
+                          (proxy.RateLimited("slow"), "rate_limit_error"),
+                          (proxy.Overloaded("busy"), "overloaded_error")]:
+            with self.subTest(kind=kind):
+                self.assertEqual(proxy.error_to_openai(err), {"error": {
+                    "message": err.message, "type": kind, "param": None, "code": None}})
+
+    def test_responses_errors_name_the_clients_own_fields_in_message_and_param(self):
+        def call(arguments):
+            return {"input": [{"role": "user", "content": "q"}, {
+                "type": "function_call", "call_id": "c", "name": "f", "arguments": arguments},
+                {"type": "function_call_output", "call_id": "c", "output": "r"}]}
+        table = [   # (changes, message prefix, OpenAI's param)
+            (call("{not json"), "input.1.arguments: must be a JSON object.",
+             "input[1].arguments"),
+            ({"max_output_tokens": 0}, "max_output_tokens: must be an integer of at least 1.",
+             "max_output_tokens"),
+            ({"reasoning": {"effort": "max"}}, "reasoning.effort: must be one of none,",
+             "reasoning.effort"),
+            ({"tools": [{"type": "function", "name": "f", "parameters": {"type": "array"}}]},
+             "tools.0.parameters: must be a JSON schema with type 'object'.",
+             "tools[0].parameters"),
+            ({"tools": [{"type": "namespace", "name": "ns", "tools": [
+                {"type": "function", "name": "f", "parameters": []}]}]},
+             "tools.0.tools.0.parameters: must be", "tools[0].tools[0].parameters"),
+            ({"text": {"format": {"type": "json_schema", "name": "r"}}},
+             "text.format.schema: required, an object.", "text.format.schema"),
+            ({"temperature": 3}, "temperature: must be a number between 0 and 1.",
+             "temperature"),
+            # The shared rules, at the client's own item: an output of no call.
+            ({"input": [{"role": "user", "content": "q"}, {
+                "type": "function_call_output", "call_id": "c7", "output": "r"}]},
+             "input.1: unexpected `tool_use_id` found", "input[1]"),
+            ({"input": [{"role": "user", "content": "q"}, {"role": "user", "content": " "}]},
+             "input.1.content: is blank", "input[1].content"),
+        ]
+        for changes, prefix, param in table:
+            with self.subTest(changes=changes):
+                err = self.assertProxyError(
+                    INV, proxy.responses_request_to_turn,
+                    {"model": "gpt-5", "input": "hi", **changes}, "s", prefix=prefix)
+                self.assertEqual(proxy.error_to_openai(err)["error"]["param"], param)
 
 
-class LangChainTest(unittest.TestCase):
-    """LangChain's ChatAnthropic and ChatOpenAI with bind_tools, a whole tool round."""
-
-    def test_bind_tools_round_trip_with_both_chat_models(self):
-        from langchain_anthropic import ChatAnthropic
-        from langchain_core.messages import HumanMessage, ToolMessage
-        from langchain_core.tools import tool
-        from langchain_openai import ChatOpenAI
-
-        @tool
-        def get_weather(city: str) -> str:
-            """Weather for a city."""
-            return f"sunny in {city}"
-        server = ProxyThread()
-        self.addCleanup(server.stop)
-        models = [ChatAnthropic(model="claude-sonnet-5-5", base_url=server.url, api_key="k",
-                                max_retries=0, timeout=CLIENT_TIMEOUT),
-                  ChatOpenAI(model="claude-sonnet-5-5", base_url=server.url + "/v1",
-                             api_key="k", max_retries=0, timeout=CLIENT_TIMEOUT)]
-        for model in models:
-            with self.subTest(model=type(model).__name__):
-                UPSTREAM.clear()
-                chat = model.bind_tools([get_weather])
-                asked = [HumanMessage('Weather? [[tool get_weather {"city": "Oslo"}]]')]
-                called = chat.invoke(asked)
-                [call] = called.tool_calls
-                self.assertEqual((call["name"], call["args"]), ("get_weather", {"city": "Oslo"}))
-                answer = chat.invoke(asked + [called, ToolMessage(
-                    get_weather.invoke(call["args"]), tool_call_id=call["id"])])
-                self.assertEqual(answer.content if isinstance(answer.content, str) else
-                                 answer.content[0]["text"], f"Results: {call['id']}=sunny in Oslo")
-                sessions = {r["headers"]["X-Claude-Code-Session-Id"]
-                            for r in UPSTREAM.messages_requests()}
-                self.assertEqual(len(sessions), 1, "the parked CLI took the tool result")
+class OpenAIMalformedValuesTest(PureAssertions, unittest.TestCase):
+    def test_malformed_values_are_400s_and_nulls_mean_absent(self):
+        tools = [{"type": "function", "function": {"name": "f"}}]
+        for extra, prefix in [
+                ({"tools": tools, "tool_choice": {"type": "function", "function": "f"}},
+                 "tool_choice: must be"),
+                ({"tool_choice": ["auto"]}, "tool_choice: must be"),
+                ({"response_format": {"type": "json_schema", "json_schema": "x"}},
+                 "response_format.json_schema.schema: required"),
+                ({"reasoning_effort": ["low"]}, "reasoning_effort: must be one of"),
+                ({"stream_options": True}, "stream_options: must be an object"),
+                ({"stream_options": {"include_usage": "no"}}, "stream_options: must be"),
+                ({"safety_identifier": 7}, "safety_identifier: must be a string")]:
+            with self.subTest(extra=extra):
+                self.assertProxyError(INV, proxy.chat_request_to_turn, chat_body(**extra),
+                                      "sonnet", prefix=prefix)
+        turn = proxy.chat_request_to_turn(chat_body(max_completion_tokens=None, max_tokens=5,
+                                                    stream=None), "sonnet")
+        self.assertEqual((turn.params, turn.stream), ({"max_tokens": 5}, False))
+        self.assertProxyError(INV, proxy.responses_request_to_turn,
+                              {"input": "hi", "instructions": ["Be brief."]}, "sonnet",
+                              prefix="instructions: must be a string")
 
 
 class OpenAIChatTest(OpenAICase):
@@ -4862,9 +3334,222 @@ class OpenAIChatTest(OpenAICase):
                 self.assertIn("retry-after", caught.exception.response.headers)
 
 
-RESPONSES_WEATHER = {"type": "function", "name": "get_weather",
-                     "description": "Weather for a city.",
-                     "parameters": WEATHER["input_schema"]}
+# =============================================================================
+# 9. OpenAI Responses
+# =============================================================================
+
+class ResponseTranslatorTest(unittest.TestCase):
+    """ResponseTranslator: upstream stream events into Responses API events and the
+    `response` object they build."""
+
+    ID_PREFIXES = {"message": "msg_", "function_call": "fc_", "custom_tool_call": "ctc_",
+                   "reasoning": "rs_", "tool_search_call": "tsc_"}
+    # upstream_message's usage: 3 input tokens, 1 output at the start, 5 at the end.
+    USAGE = {"input_tokens": 3, "input_tokens_details": {"cached_tokens": 0},
+             "output_tokens": 5, "output_tokens_details": {"reasoning_tokens": 0},
+             "total_tokens": 8}
+    BEGUN = ["response.created", "response.in_progress"]
+    TEXT = ["response.output_item.added", "response.content_part.added",
+            "response.output_text.delta", "response.output_text.done",
+            "response.content_part.done", "response.output_item.done"]
+    FUNCTION = ["response.output_item.added", "response.function_call_arguments.delta",
+                "response.function_call_arguments.done", "response.output_item.done"]
+
+    @staticmethod
+    def tools() -> dict:
+        """The tools of a request as responses_request_to_turn hands them on."""
+        offered = proxy.responses_tools([
+            {"type": "namespace", "name": "files", "tools": [{"type": "function",
+                                                              "name": "read"}]},
+            {"type": "custom", "name": "apply_patch"},
+            {"type": "function", "name": "get_weather"}])
+        return {name: tool for name, (tool, _) in offered.items()}
+
+    def translate(self, events: list[dict], request: dict | None = None):
+        translator = proxy.ResponseTranslator("resp_1", 7, request or {}, self.tools())
+        return translator, [out for event in events for out in translator.feed(event)]
+
+    @staticmethod
+    def message(*blocks: dict, stop: str = "end_turn") -> list[dict]:
+        return [sdk_message.event for sdk_message in upstream_message(*blocks, stop=stop)]
+
+    def without_id(self, item: dict) -> dict:
+        """An output item without its random id, which must carry its type's prefix."""
+        self.assertTrue(item["id"].startswith(self.ID_PREFIXES[item["type"]]), item)
+        return {key: value for key, value in item.items() if key != "id"}
+
+    def assertWellFormed(self, events: list[dict], output: list[dict]):
+        """Numbered from 0 without gaps; each event names its output item by the
+        item's position and id; a finished item's deltas add up to its text or
+        arguments."""
+        self.assertEqual([e["sequence_number"] for e in events], list(range(len(events))))
+        for event in events:
+            if "output_index" in event:
+                item = output[event["output_index"]]
+                self.assertEqual(event.get("item_id", (event.get("item") or {}).get("id")),
+                                 item["id"], event)
+        for position, item in enumerate(output):
+            deltas = "".join(e["delta"] for e in events if e.get("output_index") == position
+                             and e["type"].endswith(".delta"))
+            whole = item["content"][0]["text"] if item["type"] == "message" else \
+                item.get("arguments", "")
+            # A call without input streams no delta at all (its row says so).
+            if deltas and item.get("status") == "completed":
+                self.assertEqual(deltas, whole, item)
+        for event in events:
+            if event["type"] == "response.output_item.added":     # begun, never finished
+                self.assertIn(event["item"].get("status"), ("in_progress", None))
+
+    def test_answers_become_responses_events_and_output_items(self):
+        hi = {"type": "text", "text": "Hi"}
+        read = {"type": "tool_use", "id": "toolu_1", "name": "files__read",
+                "input": {"path": "a.txt"}}
+        unknown = {"type": "tool_use", "id": "toolu_2", "name": "lookup", "input": {}}
+        patch = {"type": "tool_use", "id": "toolu_3", "name": "apply_patch",
+                 "input": {"input": "*** Begin Patch"}}
+        no_input = self.message(unknown, stop="tool_use")
+        no_input[2] = {**no_input[2], "delta": {"type": "input_json_delta",
+                                                "partial_json": ""}}     # as the API sends it
+        thinking = [
+            {"type": "message_start", "message": {"id": "m", "model": "m", "content": [],
+                                                  "usage": {"input_tokens": 3}}},
+            {"type": "content_block_start", "index": 0,
+             "content_block": {"type": "thinking", "thinking": "", "signature": ""}},
+            {"type": "content_block_delta", "index": 0,
+             "delta": {"type": "thinking_delta", "thinking": "Hmm."}},
+            {"type": "content_block_stop", "index": 0},
+            {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+             "usage": {"output_tokens": 5}},
+            {"type": "message_stop"}]
+
+        def said(text):
+            return {"type": "message", "status": "completed", "role": "assistant",
+                    "content": [{"type": "output_text", "text": text, "annotations": []}]}
+
+        def called(call_id, name, arguments, **namespace):
+            return {"type": "function_call", "call_id": call_id, "status": "completed",
+                    "name": name, "arguments": arguments, **namespace}
+        cases = [   # (name, upstream events, event types, status, incomplete reason, output)
+            ("a text answer", self.message(hi), self.BEGUN + self.TEXT
+             + ["response.completed"], "completed", None, [said("Hi")]),
+            ("a namespaced function call: the client's name and namespace",
+             self.message(read, stop="tool_use"), self.BEGUN + self.FUNCTION
+             + ["response.completed"], "completed", None,
+             [called("toolu_1", "read", '{"path": "a.txt"}', namespace="files")]),
+            # An empty input streams its "{}" as one delta, so the deltas add up.
+            ("a call of a name the tools do not know: a plain function call", no_input,
+             self.BEGUN
+             + ["response.output_item.added", "response.function_call_arguments.delta",
+                "response.function_call_arguments.done",
+                "response.output_item.done", "response.completed"], "completed", None,
+             [called("toolu_2", "lookup", "{}")]),
+            ("a custom tool call: its input string whole at the end",
+             self.message(patch, stop="tool_use"), self.BEGUN
+             + ["response.output_item.added", "response.custom_tool_call_input.done",
+                "response.output_item.done", "response.completed"], "completed", None,
+             [{"type": "custom_tool_call", "call_id": "toolu_3", "status": "completed",
+               "name": "apply_patch", "input": "*** Begin Patch"}]),
+            ("text, then a call: two items in order", self.message(hi, read, stop="tool_use"),
+             self.BEGUN + self.TEXT + self.FUNCTION + ["response.completed"], "completed",
+             None, [said("Hi"), called("toolu_1", "read", '{"path": "a.txt"}',
+                                       namespace="files")]),
+            ("a max_tokens stop: incomplete", self.message(hi, stop="max_tokens"),
+             self.BEGUN + self.TEXT + ["response.incomplete"], "incomplete",
+             "max_output_tokens", [said("Hi")]),
+            ("a refusal: incomplete, by the content filter", self.message(hi, stop="refusal"),
+             self.BEGUN + self.TEXT + ["response.incomplete"], "incomplete",
+             "content_filter", [said("Hi")]),
+            ("thinking: a reasoning item with the thinking as its summary", thinking,
+             self.BEGUN + ["response.output_item.added", "response.output_item.done",
+                           "response.completed"], "completed", None,
+             [{"type": "reasoning", "summary": [{"type": "summary_text", "text": "Hmm."}]}]),
+        ]
+        for name, upstream, kinds, status, reason, output in cases:
+            with self.subTest(name):
+                translator, events = self.translate(upstream)
+                self.assertEqual([e["type"] for e in events], kinds)
+                final = translator.response()
+                self.assertEqual(events[-1]["response"], final)
+                self.assertEqual((final["status"], final["incomplete_details"], final["usage"]),
+                                 (status, reason and {"reason": reason}, self.USAGE))
+                self.assertEqual([self.without_id(item) for item in final["output"]], output)
+                self.assertWellFormed(events, final["output"])
+                for begun in events[:2]:        # a response begun has no output yet
+                    self.assertEqual((begun["response"]["status"], begun["response"]["output"],
+                                      begun["response"]["usage"]), ("in_progress", [], None))
+
+    def test_a_stream_broken_off_ends_in_error_and_response_failed(self):
+        done = {"type": "text", "text": "Done."}
+        weather = {"type": "tool_use", "id": "toolu_1", "name": "get_weather",
+                   "input": {"city": "Ulm"}}
+        # message() events: [start, block 0 start/delta/stop, block 1 start/delta/stop, ...]
+        text_begun = self.message(done)[:3]
+        call_then_text_begun = self.message(weather, done)[:6]
+        begun_usage = {**self.USAGE, "output_tokens": 1, "total_tokens": 4}
+        cases = [   # (name, events before, error, event types, code, output, usage)
+            # A stream whose head went out on a ping: the response begins, then fails.
+            ("before any event", [], proxy.RateLimited("Slow down."),
+             self.BEGUN + ["error", "response.failed"], "rate_limit_exceeded", [], None),
+            ("a prompt too long: OpenAI's own code", [], proxy.PromptTooLong("prompt is too long"),
+             self.BEGUN + ["error", "response.failed"], "context_length_exceeded", [], None),
+            ("mid-text: the open message is incomplete", text_begun, proxy.Overloaded("Busy."),
+             self.BEGUN + self.TEXT[:3] + ["error", "response.failed"], "server_error",
+             [{"type": "message", "status": "incomplete", "role": "assistant", "content": [
+                 {"type": "output_text", "text": "Done.", "annotations": []}]}], begun_usage),
+            ("after a whole call: the call stays completed", call_then_text_begun,
+             proxy.BadGateway("The CLI went away."),
+             self.BEGUN + self.FUNCTION + self.TEXT[:3] + ["error", "response.failed"],
+             "server_error",
+             [{"type": "function_call", "call_id": "toolu_1", "status": "completed",
+               "name": "get_weather", "arguments": '{"city": "Ulm"}'},
+              {"type": "message", "status": "incomplete", "role": "assistant", "content": [
+                  {"type": "output_text", "text": "Done.", "annotations": []}]}], begun_usage),
+        ]
+        for name, upstream, err, kinds, code, output, usage in cases:
+            with self.subTest(name):
+                translator, events = self.translate(upstream)
+                events += translator.failed(err)
+                self.assertEqual([e["type"] for e in events], kinds)
+                error, failed = events[-2], events[-1]["response"]
+                self.assertEqual(error, {
+                    "type": "error", "sequence_number": len(events) - 2, "code": code,
+                    "message": err.message, "param": None, "error": {
+                        "type": err.error_type, "code": code, "message": err.message,
+                        "param": None}})
+                self.assertEqual((failed["status"], failed["error"], failed["incomplete_details"],
+                                  failed["usage"]),
+                                 ("failed", {"code": code, "message": err.message}, None, usage))
+                self.assertEqual([self.without_id(item) for item in failed["output"]], output)
+                self.assertEqual([e["sequence_number"] for e in events], list(range(len(events))))
+
+    def test_the_response_echoes_the_request_and_fills_in_the_defaults(self):
+        request = {"instructions": "Be brief.", "max_output_tokens": 100,
+                   "metadata": {"k": "v"}, "parallel_tool_calls": False,
+                   "previous_response_id": "resp_0", "temperature": 0.2,
+                   "tool_choice": "required", "tools": [{"type": "function", "name": "f"}],
+                   "top_p": 0.9, "text": {"format": {"type": "json_object"}},
+                   "reasoning": {"effort": "low"}, "store": False, "truncation": "auto",
+                   "input": "hi", "model": "gpt-5", "stream": True}
+        common = {"id": "resp_1", "object": "response", "created_at": 7, "error": None,
+                  "model": "m", "status": "completed", "incomplete_details": None,
+                  "usage": self.USAGE}
+        cases = [   # (name, request, the response without its output)
+            ("a request setting everything echoed", request, {
+                **common, **{key: request[key] for key in proxy.ResponseTranslator.ECHOED},
+                "truncation": "disabled"}),     # the proxy never truncates
+            ("an empty request: the API's defaults", {}, {
+                **common, "instructions": None, "max_output_tokens": None, "metadata": {},
+                "parallel_tool_calls": True, "previous_response_id": None,
+                "temperature": None, "tool_choice": "auto", "tools": [], "top_p": None,
+                "text": {"format": {"type": "text"}}, "reasoning": None, "store": True,
+                "truncation": "disabled"}),
+        ]
+        for name, body, expected in cases:
+            with self.subTest(name):
+                translator, _ = self.translate(self.message({"type": "text", "text": "Hi"}),
+                                               body)
+                final = translator.response()
+                self.assertEqual({k: v for k, v in final.items() if k != "output"}, expected)
 
 
 class OpenAIResponsesTest(OpenAICase):
@@ -4977,6 +3662,2040 @@ class OpenAIResponsesTest(OpenAICase):
                          "previous_response_id: must be a string.")
         with self.assertRaises(openai.RateLimitError):
             self.client.responses.create(model="sonnet", input="[[error 429]]")
+
+
+# =============================================================================
+# 10. SDK adapter
+# =============================================================================
+
+def stream_event(event: dict, parent: str | None = None):
+    return proxy.sdk.StreamEvent(uuid="u", session_id="s", event=event,
+                                 parent_tool_use_id=parent)
+
+
+def upstream_message(*blocks: dict, stop: str = "end_turn") -> list:
+    """One upstream message as the CLI streams it: SDK StreamEvents."""
+    events: list[dict] = [{"type": "message_start", "message": {
+        "id": "msg_1", "type": "message", "role": "assistant", "model": "m", "content": [],
+        "usage": {"input_tokens": 3, "output_tokens": 1}}}]
+    for index, block in enumerate(blocks):
+        start, delta = ({"type": "text", "text": ""}, {"type": "text_delta", "text": block["text"]}) \
+            if block["type"] == "text" else ({**block, "input": {}}, {
+                "type": "input_json_delta", "partial_json": json.dumps(block["input"])})
+        events += [{"type": "content_block_start", "index": index, "content_block": start},
+                   {"type": "content_block_delta", "index": index, "delta": delta},
+                   {"type": "content_block_stop", "index": index}]
+    events += [{"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": None},
+                "usage": {"output_tokens": 5}}, {"type": "message_stop"}]
+    return [stream_event(event) for event in events]
+
+
+def sdk_result(is_error: bool = False, **fields):
+    return proxy.sdk.ResultMessage(
+        subtype="error_during_execution" if is_error else "success", duration_ms=1,
+        duration_api_ms=1, is_error=is_error, num_turns=1, session_id="s", **fields)
+
+
+def describe_turn_event(event) -> object:
+    """A TurnEvent in short: a Delta's event type (and a tool call's name), an
+    Answer's stop reason, text and tool calls, else the event's class name."""
+    if isinstance(event, proxy.Delta):
+        block = event.event.get("content_block") or {}
+        return (event.event["type"], block["name"]) if block.get("type") == "tool_use" \
+            else event.event["type"]
+    if isinstance(event, proxy.Answer):
+        texts = [b["text"] for b in event.message["content"] if b["type"] == "text"]
+        return ("Answer", event.message["stop_reason"], texts[0] if texts else None,
+                [call["name"] for call in event.tool_calls])
+    return type(event).__name__
+
+
+class SdkSurfaceTest(unittest.TestCase):
+    """What the proxy relies on in the SDK and the CLI, by name: an SDK or CLI release
+    that moves one fails here, in seconds, saying which (some drift hangs the
+    end-to-end tests instead of failing them)."""
+
+    def test_private_sdk_names_the_proxy_uses(self):
+        import inspect
+        import claude_agent_sdk as sdk
+        from claude_agent_sdk._internal import query
+        from claude_agent_sdk._internal.transport import subprocess_cli
+        from claude_agent_sdk._internal import _mcp_compat
+        from claude_agent_sdk import _cli_version
+        client_source = inspect.getsource(sdk.ClaudeSDKClient)
+        table = [
+            ("_cli_version.__cli_version__",
+             isinstance(getattr(_cli_version, "__cli_version__", None), str)),
+            ("_internal._mcp_compat.build_tool_server",
+             callable(getattr(_mcp_compat, "build_tool_server", None))),
+            ("ClaudeSDKClient._transport", "self._transport" in client_source),
+            ("ClaudeSDKClient._query", "self._query" in client_source),
+            ("Query._send_control_request",
+             callable(getattr(query.Query, "_send_control_request", None))),
+            ("Query.close_receive_stream",
+             callable(getattr(query.Query, "close_receive_stream", None))),
+            ("SubprocessCLITransport._process",
+             "self._process" in inspect.getsource(subprocess_cli.SubprocessCLITransport)),
+            # CLIs start in sessions of their own through the module attribute.
+            ("anyio.open_process(...) in the transport",
+             "anyio.open_process(" in inspect.getsource(subprocess_cli)),
+            ("the _internal.query logger's 'Fatal error in message reader'",
+             query.logger.name == "claude_agent_sdk._internal.query" and
+             "Fatal error in message reader" in inspect.getsource(query)),
+        ]
+        for name, present in table:
+            with self.subTest(name=name):
+                self.assertTrue(present, f"the SDK moved {name}")
+
+    def test_sdk_options_messages_and_errors_the_proxy_reads(self):
+        import claude_agent_sdk as sdk
+        options = {f.name for f in dataclasses.fields(sdk.ClaudeAgentOptions)}
+        for name in ("allowed_tools", "cli_path", "cwd", "env", "extra_args",
+                     "include_partial_messages", "max_buffer_size", "max_turns", "mcp_servers",
+                     "model", "resume", "session_store", "setting_sources", "stderr",
+                     "strict_mcp_config", "system_prompt", "thinking", "tools", "sandbox",
+                     "verbatim_prompts"):
+            with self.subTest(option=name):
+                self.assertIn(name, options, f"ClaudeAgentOptions.{name} moved")
+        for message, fields in ((sdk.StreamEvent, ("event", "parent_tool_use_id")),
+                                (sdk.RateLimitEvent, ("rate_limit_info",)),
+                                (sdk.ResultMessage, ("is_error", "subtype", "result",
+                                                     "api_error_status", "terminal_reason")),
+                                (sdk.RateLimitInfo, ("raw",))):
+            present = {f.name for f in dataclasses.fields(message)}
+            for name in fields:
+                with self.subTest(field=f"{message.__name__}.{name}"):
+                    self.assertIn(name, present, f"{message.__name__}.{name} moved")
+        for name in ("CLIConnectionError", "CLINotFoundError", "ProcessError", "ResultError",
+                     "McpSdkServerConfig", "ClaudeSDKClient"):
+            with self.subTest(name=name):
+                self.assertTrue(hasattr(sdk, name), f"claude_agent_sdk.{name} moved")
+
+    def test_cli_variables_and_strings_are_in_the_bundled_cli(self):
+        import mmap
+        turn = dataclasses.replace(proxy.messages_request_to_turn(valid_body(), "sonnet"),
+                                   tools=[WEATHER], betas="x")
+        names = [name for name in proxy.cli_environment(turn)
+                 if not name.startswith("CLAUDE_PROXY_")]
+        names += ["CLAUDE_CODE_RESUME_INTERRUPTED_TURN", "CLAUDE_CONFIG_DIR",
+                  "CLAUDE_CODE_OAUTH_TOKEN", "ANTHROPIC_BASE_URL"]
+        strings = ["rewind_conversation", "no-session-persistence",
+                   "anthropic/maxResultSizeChars", "API Error:", "prompt_too_long"]
+        self.assertGreaterEqual(len(names), 15)
+        binary = proxy.cli_binary(proxy.Config())
+        with open(binary, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as cli:
+            for name in names + strings:
+                with self.subTest(name=name):
+                    self.assertGreaterEqual(cli.find(name.encode()), 0,
+                                            f"the bundled CLI no longer knows {name}")
+
+    def test_the_installed_sdk_is_in_the_tested_range_and_notes_say_so(self):
+        import claude_agent_sdk as sdk
+        self.assertEqual(proxy.sdk_version_notes(sdk.__version__), ([], []))
+        older, _ = proxy.sdk_version_notes("0.2.179")
+        self.assertIn("older than 0.2.180", older[0])
+        self.assertIn("-m pip install 'claude-agent-sdk>=0.2.180' --upgrade", older[0])
+        _, newer = proxy.sdk_version_notes("0.2.999")
+        self.assertIn("newer than 0.2.189", newer[0])
+
+
+class SdkAdapterTest(unittest.TestCase):
+    def test_the_cli_never_inherits_the_proxys_key(self):
+        turn = proxy.messages_request_to_turn(valid_body(), "sonnet")
+        self.assertEqual(proxy.cli_environment(turn)["CLAUDE_PROXY_API_KEY"], "")
+
+    def test_cli_watch_stops_a_cli_that_goes_on_without_the_client(self):
+        text, call = {"type": "text", "text": "Hi"}, {"type": "tool_use", "id": "toolu_1",
+                                                       "name": "mcp__c__f", "input": {}}
+        end, tools = upstream_message(text), upstream_message(call, stop="tool_use")
+        cases = [       # (messages, calls that reached the broker, where it stops)
+            ("another call after a whole answer", end + end[:1], 0, len(end)),
+            ("the next turn after the result", end + [sdk_result()] + end[:1], 0, None),
+            ("a call after the client's results", tools + end[:1], 1, None),
+            ("a call although a tool call never reached the broker", tools + end[:1], 0,
+             len(tools)),
+            ("a subagent's call", [stream_event(end[0].event, parent="toolu_0")], 0, 0),
+        ] + [(f"{reason}, which the CLI answers itself", upstream_message(
+            text, stop=reason), 0, 4) for reason in proxy.CLI_GOES_ON_AFTER] + [
+            ("a subagent's max_tokens", [stream_event(e.event, parent="toolu_0")
+                                         for e in upstream_message(text, stop="max_tokens")
+                                         if e.event["type"] != "message_start"], 0, None)]
+        for name, messages, reached, stop_at in cases:
+            with self.subTest(name):
+                broker = proxy.ToolBroker()
+                watch = proxy.CliWatch(broker)
+                said = []
+                for index, message in enumerate(messages):
+                    if index == len(messages) - 1:
+                        broker.reached += reached
+                    if watch(message):
+                        said.append(index)
+                self.assertEqual(said, [] if stop_at is None else [stop_at])
+                self.assertEqual(broker.broken, "never reached" in name)
+
+    def test_turn_reader_turns_sdk_messages_into_turn_events(self):
+        text = {"type": "text", "text": "Hi"}
+        call = {"type": "tool_use", "id": "toolu_1", "name": "mcp__c__get_weather",
+                "input": {"city": "Ulm"}}
+        bash = {"type": "tool_use", "id": "toolu_2", "name": "Bash", "input": {}}
+        whole = upstream_message(text)
+        broken = whole[:3] + [stream_event(e) for e in (
+            {"type": "content_block_stop", "index": 0},
+            {"type": "message_delta", "delta": {"stop_reason": None}, "usage": {}},
+            {"type": "message_stop"})]
+        max_tokens = upstream_message(text, stop="max_tokens")
+        limit = {"status": "rejected", "resetsAt": 4102444800, "rateLimitType": "five_hour"}
+        rate_limit = proxy.sdk.RateLimitEvent(rate_limit_info=proxy.sdk.RateLimitInfo(
+            status="rejected", raw=limit), uuid="u", session_id="s")
+        stream = ["message_start", "content_block_start", "content_block_delta",
+                  "content_block_stop", "message_delta", "message_stop"]
+        cases = [   # (name, SDK messages, events as (kind, detail), or the error raised)
+            ("an answer", whole + [sdk_result()],
+             stream + [("Answer", "end_turn", "Hi", []), "Finished"]),
+            ("a client tool call, under the client's name", upstream_message(
+                call, stop="tool_use"), ["message_start", ("content_block_start",
+                                                           "get_weather")] + stream[2:]
+             + [("Answer", "tool_use", None, ["mcp__c__get_weather"])]),
+            ("a stream the upstream broke off", broken + [sdk_result(is_error=True)],
+             stream[:3] + [proxy.BadGateway]),
+            ("a max_tokens stop it would go on after", max_tokens[:4]
+             + [proxy.WentOnAt(max_tokens[4])],
+             stream + [("Answer", "max_tokens", "Hi", []), "WentOn"]),
+            ("another call after the answer", whole + [proxy.WentOnAt(whole[0])],
+             stream + [("Answer", "end_turn", "Hi", []), "WentOn"]),
+            ("a call before any answer", [proxy.WentOnAt(whole[0])], [proxy.CliWentOn]),
+            ("a call mid-answer", whole[:2] + [proxy.WentOnAt(whole[0])],
+             stream[:2] + [proxy.BadGateway]),
+            ("an agent round, folded", upstream_message(bash, stop="tool_use") + whole,
+             stream + [("Answer", "end_turn", "Hi", [])]),
+            ("a spent window", [rate_limit, sdk_result(
+                is_error=True, api_error_status=429, result="API Error: 429 limit")],
+             ["RateLimitReport", proxy.RateLimited]),
+            ("a result without a message", [sdk_result()], [proxy.BadGateway]),
+            ("a subagent's events", [stream_event(e.event, parent="toolu_0")
+                                     for e in whole] + whole, stream
+             + [("Answer", "end_turn", "Hi", [])]),
+        ]
+        for name, messages, expected in cases:
+            with self.subTest(name):
+                reader = proxy.TurnReader({"mcp__c__get_weather": "get_weather"}, {"Bash"})
+                seen = []
+                try:
+                    for message in messages:
+                        seen += [describe_turn_event(e) for e in reader.feed(message)]
+                except proxy.ProxyError as err:
+                    seen.append(type(err))
+                self.assertEqual(seen, expected)
+
+    def test_a_dead_process_is_dead_before_it_is_reaped(self):
+        # asyncio learns of a CLI's death a moment later: a turn sent then would fail.
+        import subprocess
+        child = subprocess.Popen(["sleep", "60"])
+        self.addCleanup(child.wait)
+        self.assertTrue(proxy.process_exists(child.pid))
+        child.kill()
+        self.assertTrue(wait_until(lambda: process_state(child.pid) == "Z"))
+        self.assertFalse(proxy.process_exists(child.pid), "a zombie")
+        child.wait()
+        self.assertFalse(proxy.process_exists(child.pid), "gone")
+
+
+class ResultErrorTest(unittest.TestCase):
+    """result_error: a CLI result that reports an error as the ProxyError a client sees."""
+
+    RESET = 4102444800                  # 2100-01-01T00:00:00Z
+    NOW = RESET - 100
+    SPENT = {"status": "rejected", "resetsAt": RESET, "rateLimitType": "five_hour"}
+    LOGIN = "The proxy's Claude login is missing or was rejected."
+    SPENT_MESSAGE = ("Claude subscription 5-hour limit reached; it resets at "
+                     "2100-01-01T00:00:00Z. This is a usage limit of the subscription, not a "
+                     "transient throttle.")
+    DEFAULT_WAIT = {"retry-after": str(proxy.RETRY_AFTER_DEFAULT_S)}
+
+    def test_cli_results_become_the_errors_a_client_should_see(self):
+        expired = ('API Error: 401 {"type":"error","error":{"type":"authentication_error",'
+                   '"message":"OAuth token has expired."}} · Please run /login')
+        server_side = (". This is a server-side issue, usually temporary \u2014 try again in "
+                       "a moment.")
+        spent_text = {"api_error_status": 429, "result": "API Error: 429 limit"}
+        cases = [   # (name, result data, rate-limit info, class, message start, its end,
+                    #  headers)
+            ("api_error_status 401", {"api_error_status": 401, "result": expired}, None,
+             proxy.AuthenticationFailed, self.LOGIN,
+             '(upstream: {"type":"error","error":{"type":"authentication_error","message":'
+             '"OAuth token has expired."}} · Please run /login)', {}),
+            ("'Not logged in' without a status", {"result": "Not logged in · Please run /login"},
+             None, proxy.AuthenticationFailed, self.LOGIN,
+             "(upstream: Not logged in · Please run /login)", {}),
+            ("the CLI's other words for a refused login", {
+                "result": "Authentication required · Sign in again to continue"}, None,
+             proxy.AuthenticationFailed, self.LOGIN,
+             "(upstream: Authentication required · Sign in again to continue)", {}),
+            ("a revoked token", {"result": "Failed to authenticate: OAuth token revoked."},
+             None, proxy.AuthenticationFailed, self.LOGIN,
+             "(upstream: Failed to authenticate: OAuth token revoked.)", {}),
+            ("a spent window with its reset: no retry in seconds", spent_text, self.SPENT,
+             proxy.RateLimited, self.SPENT_MESSAGE, self.SPENT_MESSAGE,
+             {"retry-after": "100", "x-should-retry": "false"}),
+            ("a spent window's 429 read from the text", {"result": "API Error: 429 limit"},
+             self.SPENT, proxy.RateLimited, self.SPENT_MESSAGE, self.SPENT_MESSAGE,
+             {"retry-after": "100", "x-should-retry": "false"}),
+            ("a spent window resetting now: retry after one second", spent_text,
+             {**self.SPENT, "resetsAt": self.NOW}, proxy.RateLimited,
+             "Claude subscription 5-hour limit reached; it resets at 2099-12-31T23:58:20Z.",
+             "not a transient throttle.", {"retry-after": "1", "x-should-retry": "false"}),
+            ("a spent window whose reset is past: retry after one second", spent_text,
+             {**self.SPENT, "resetsAt": self.NOW - 50}, proxy.RateLimited,
+             "Claude subscription 5-hour limit reached; it resets at 2099-12-31T23:57:30Z.",
+             "not a transient throttle.", {"retry-after": "1", "x-should-retry": "false"}),
+            ("a 429 without rate-limit info: a throttle", spent_text, None, proxy.RateLimited,
+             "limit", "limit", self.DEFAULT_WAIT),
+            ("a 429 while the window is not rejected: a throttle", spent_text,
+             {**self.SPENT, "status": "allowed_warning"}, proxy.RateLimited, "limit", "limit",
+             self.DEFAULT_WAIT),
+            ("a rejected window without a reset: a throttle", spent_text,
+             {"status": "rejected", "rateLimitType": "five_hour"}, proxy.RateLimited, "limit",
+             "limit", self.DEFAULT_WAIT),
+            ("terminal_reason prompt_too_long", {
+                "api_error_status": 400, "terminal_reason": "prompt_too_long",
+                "result": "Prompt is too long"}, None, proxy.PromptTooLong,
+             "prompt is too long", "(the proxy never shortens it)", {}),
+            ("'API Error: 529 ...' without a status", {"result": "API Error: 529 Overloaded"
+                                                       + server_side},
+             None, proxy.Overloaded, "Overloaded", "Overloaded", self.DEFAULT_WAIT),
+            ("api_error_status 500", {"api_error_status": 500,
+                                      "result": "API Error: 500 Internal server error"
+                                      + server_side},
+             None, proxy.UpstreamError, "Internal server error", "Internal server error", {}),
+            ("the CLI's status wins over the one in its text",
+             {"api_error_status": 500, "result": "API Error: 529 Overloaded"}, None,
+             proxy.UpstreamError, "Overloaded", "Overloaded", {}),
+            ("api_error_status 400", {"api_error_status": 400,
+                                      "result": "API Error: 400 messages.1: bad"},
+             None, proxy.InvalidRequest, "messages.1: bad", "messages.1: bad", {}),
+            ("api_error_status 403", {"api_error_status": 403, "result": "API Error: 403 no"},
+             None, proxy.PermissionDenied, "no", "no", {}),
+            ("no status: the CLI's errors joined", {
+                "subtype": "error_during_execution", "errors": ["Stream closed", "again"]},
+             None, proxy.BadGateway, "The Claude Code CLI reported an error: Stream closed; "
+             "again", "again", {}),
+            ("'API Error:' without a status number", {"result": "API Error: Connection error."},
+             None, proxy.BadGateway,
+             "The Claude Code CLI reported an error: API Error: Connection error.",
+             "Connection error.", {}),
+            ("no status, only a subtype", {"subtype": "error_max_turns"}, None,
+             proxy.BadGateway, "The Claude Code CLI reported an error: error_max_turns",
+             "error_max_turns", {}),
+            ("nothing at all", {}, None, proxy.BadGateway,
+             "The Claude Code CLI reported an error: unknown error", "unknown error", {}),
+        ]
+        for name, data, rate_limit, kind, start, end, headers in cases:
+            with self.subTest(name):
+                err = proxy.result_error(data, rate_limit, self.NOW)
+                self.assertIs(type(err), kind, err.message)
+                self.assertTrue(err.message.startswith(start), err.message)
+                self.assertTrue(err.message.endswith(end), err.message)
+                self.assertEqual(err.headers, headers)
+
+    def test_each_class_has_the_status_clients_see(self):
+        # The table above names classes; their statuses are what reaches the client.
+        for kind, status in [(proxy.AuthenticationFailed, 401), (proxy.RateLimited, 429),
+                             (proxy.PromptTooLong, 400), (proxy.Overloaded, 529),
+                             (proxy.UpstreamError, 500), (proxy.BadGateway, 502),
+                             (proxy.PermissionDenied, 403), (proxy.InvalidRequest, 400)]:
+            with self.subTest(kind.__name__):
+                self.assertEqual(kind("x").status, status)
+
+
+class RateLimitHeadersTest(unittest.TestCase):
+    """rate_limit_headers and usage_windows: the CLI's raw rate-limit info as the API's
+    anthropic-ratelimit-unified-* headers and as GET /usage."""
+
+    RESET = 4102444800                  # 2100-01-01T00:00:00Z
+    P = "anthropic-ratelimit-unified-"
+    # As the CLI reports it (its rate_limit_event's raw info), fields it adds included.
+    WARNING = {"status": "allowed_warning", "resetsAt": RESET, "rateLimitType": "five_hour",
+               "utilization": 0.91, "isUsingOverage": False, "surpassedThreshold": 0.9,
+               "unifiedWindows": {
+                   "five_hour": {"utilization": 0.91, "resetsAt": RESET,
+                                 "status": "allowed_warning", "surpassedThreshold": 0.9},
+                   "seven_day": {"utilization": 0.25, "resetsAt": RESET + 86400}}}
+
+    def test_rate_limit_info_becomes_the_unified_headers(self):
+        p, reset = self.P, str(self.RESET)
+        cases = [   # (name, info, headers)
+            ("nothing known", {}, {}),
+            ("the representative window", {"status": "rejected", "resetsAt": self.RESET,
+                                           "rateLimitType": "seven_day"},
+             {p + "status": "rejected", p + "reset": reset,
+              p + "representative-claim": "seven_day"}),
+            ("resets in whole seconds", {"resetsAt": self.RESET + 0.7, "unifiedWindows": {
+                "five_hour": {"resetsAt": self.RESET + 0.7}}},
+             {p + "reset": reset, p + "5h-reset": reset}),
+            ("a reset that is not a number is left out", {"resetsAt": "soon"}, {}),
+            ("a blank status is left out", {"status": ""}, {}),
+            ("the windows, under the API's short names", self.WARNING, {
+                p + "status": "allowed_warning", p + "reset": reset,
+                p + "representative-claim": "five_hour",
+                p + "5h-status": "allowed_warning", p + "5h-utilization": "0.91",
+                p + "5h-reset": reset, p + "7d-utilization": "0.25",
+                p + "7d-reset": str(self.RESET + 86400)}),
+            ("every window name the proxy knows, and one it does not", {"unifiedWindows": {
+                "seven_day_opus": {"utilization": 0.5}, "seven_day_sonnet": {"utilization": 0.6},
+                "seven_day_overage_included": {"utilization": 0.65},
+                "overage": {"utilization": 0.7}, "new_window": {"utilization": 0.8}}},
+             {p + "7d_opus-utilization": "0.5", p + "7d_sonnet-utilization": "0.6",
+              p + "7d_oi-utilization": "0.65",
+              p + "overage-utilization": "0.7", p + "new_window-utilization": "0.8"}),
+            ("a utilization of 0 is a value; null and non-object windows are nothing",
+             {"unifiedWindows": {"five_hour": {"utilization": 0, "status": None},
+                                 "seven_day": None, "overage": "x"}},
+             {p + "5h-utilization": "0"}),
+        ]
+        for name, info, headers in cases:
+            with self.subTest(name):
+                self.assertEqual(proxy.rate_limit_headers(info), headers)
+
+    def test_usage_windows_are_the_latest_windows_readable(self):
+        observed = self.RESET - 3600.5                  # when the proxy last heard of them
+        cases = [   # (name, info, GET /usage)
+            ("nothing known", {}, {
+                "status": None, "representative_window": None, "resets_at": None,
+                "observed_at": "2099-12-31T22:59:59Z", "using_overage": None, "windows": {}}),
+            ("a warning on the 5-hour window", self.WARNING, {
+                "status": "allowed_warning", "representative_window": "five_hour",
+                "resets_at": "2100-01-01T00:00:00Z", "observed_at": "2099-12-31T22:59:59Z",
+                "using_overage": False, "windows": {
+                    "five_hour": {"status": "allowed_warning", "utilization": 0.91,
+                                  "resets_at": "2100-01-01T00:00:00Z"},
+                    "seven_day": {"status": None, "utilization": 0.25,
+                                  "resets_at": "2100-01-02T00:00:00Z"}}}),
+            ("non-object windows are left out; a reset that is no number is null", {
+                "unifiedWindows": {"five_hour": None, "seven_day": {"resetsAt": "soon"}}}, {
+                "status": None, "representative_window": None, "resets_at": None,
+                "observed_at": "2099-12-31T22:59:59Z", "using_overage": None, "windows": {
+                    "seven_day": {"status": None, "utilization": None, "resets_at": None}}}),
+        ]
+        for name, info, expected in cases:
+            with self.subTest(name):
+                self.assertEqual(proxy.usage_windows(info, observed), expected)
+
+
+class AgentModeTest(unittest.TestCase):
+    """Built-in tools only when the operator turns agent mode on, inside its directory."""
+
+    def setUp(self):
+        UPSTREAM.clear()
+
+    def test_off_by_default(self):
+        server = ProxyThread()
+        self.addCleanup(server.stop)
+        server.client().messages.create(model="sonnet", max_tokens=5,
+                                        messages=[{"role": "user", "content": "x"}])
+        self.assertEqual(UPSTREAM.messages_requests()[0]["body"]["tools"], [])
+
+    def test_builtin_tools_run_in_the_agent_directory_only(self):
+        agent_dir = tempfile.mkdtemp(prefix="proxy-agent-")
+        self.addCleanup(shutil.rmtree, agent_dir, True)
+        server = ProxyThread(agent_dir=agent_dir)
+        self.addCleanup(server.stop)
+        target = os.path.join(agent_dir, "note.txt")
+        message = server.client().messages.create(model="sonnet", max_tokens=100, messages=[
+            {"role": "user", "content": f'[[builtin Write {{"file_path": "{target}", '
+                                        '"content": "written by the agent"}]]'}])
+        with open(target) as f:
+            self.assertEqual(f.read(), "written by the agent")
+        self.assertEqual(message.stop_reason, "end_turn")
+        self.assertEqual([b.type for b in message.content], ["text", "text"],
+                         "the built-in call stays inside the CLI")
+        self.assertEqual(message.content[0].text, "Calling.")
+        self.assertTrue(message.content[1].text.startswith("Results: toolu_"))
+        first, second = UPSTREAM.messages_requests()
+        self.assertLessEqual({"Read", "Write", "Edit", "Bash", "Glob", "Grep"},
+                             {t["name"] for t in first["body"]["tools"]})
+        [result] = conversation(second["body"])[-1]["content"]
+        self.assertFalse(result.get("is_error"))
+        for call in ('Read {"file_path": "/etc/hostname"}',
+                     'Grep {"pattern": "root", "path": "/etc/passwd"}',
+                     'Glob {"pattern": "*", "path": "/etc"}'):
+            with self.subTest(call=call):
+                UPSTREAM.clear()
+                outside = server.client().messages.create(
+                    model="sonnet", max_tokens=100,
+                    messages=[{"role": "user", "content": f"[[builtin {call}]]"}])
+                [result] = conversation(UPSTREAM.messages_requests()[1]["body"])[-1]["content"]
+                self.assertTrue(result.get("is_error"), result)
+                self.assertIn("haven't granted", result["content"])
+                self.assertEqual(outside.stop_reason, "end_turn")
+
+    def test_bash_cannot_reach_the_login(self):
+        # The soak's escape: Bash read the CLI's environment through /proc. The CLI's
+        # sandbox (bubblewrap on Linux: CI installs bubblewrap and socat) runs it in
+        # a pid namespace of its own, and the credentials file is unreadable in it.
+        token = os.environ["CLAUDE_CODE_OAUTH_TOKEN"]
+        credentials = os.path.join(os.environ["HOME"], ".claude", ".credentials.json")
+        with open(credentials, "w") as f:     # the env token still wins as the login
+            json.dump({"claudeAiOauth": {"accessToken": token + "-from-file"}}, f)
+        self.addCleanup(os.remove, credentials)
+        agent_dir = tempfile.mkdtemp(prefix="proxy-agent-")
+        self.addCleanup(shutil.rmtree, agent_dir, True)
+        server = ProxyThread(agent_dir=agent_dir)
+        self.addCleanup(server.stop)
+
+        def bash(command):
+            UPSTREAM.clear()
+            marker = json.dumps({"command": command})
+            message = server.client().messages.create(
+                model="sonnet", max_tokens=100,
+                messages=[{"role": "user", "content": f"[[builtin Bash {marker}]]"}])
+            requests = UPSTREAM.messages_requests()
+            self.assertEqual(len(requests), 2, "the Bash call's result went upstream")
+            [result] = conversation(requests[1]["body"])[-1]["content"]
+            self.assertNotIn(token, json.dumps([r["body"] for r in requests])
+                             + message.model_dump_json())     # (its header carries the login)
+            return result
+        for escape in (r"tr '\0' '\n' < /proc/$PPID/environ",
+                       r"cat /proc/*/environ | tr '\0' '\n'",
+                       "python3 -c 'import glob\nfor p in glob.glob(\"/proc/[0-9]*/environ\"):\n"
+                       "    try: print(open(p).read())\n    except OSError: pass'",
+                       "env", "cat ~/.claude/.credentials.json"):
+            with self.subTest(escape=escape):
+                bash(escape)
+        result = bash("echo made > made.txt && cat made.txt && pwd")
+        self.assertFalse(result.get("is_error"), result)
+        self.assertEqual(result["content"], f"made\n{agent_dir}")
+        with open(os.path.join(agent_dir, "made.txt")) as f:
+            self.assertEqual(f.read(), "made\n")
+
+    def test_at_the_cap_an_agent_cli_is_evicted_not_recycled(self):
+        # Its tools remember the files they read: a rewound CLI would still know.
+        agent_dir = tempfile.mkdtemp(prefix="proxy-agent-")
+        self.addCleanup(shutil.rmtree, agent_dir, True)
+        server = ProxyThread(agent_dir=agent_dir, max_sessions=1, max_concurrent=1,
+                             max_spares=0)
+        self.addCleanup(server.stop)
+        for text in ("first chat", "second chat"):
+            server.client().messages.create(model="sonnet", max_tokens=5,
+                                            messages=[{"role": "user", "content": text}])
+        first, second = [r["headers"]["X-Claude-Code-Session-Id"]
+                         for r in UPSTREAM.messages_requests()]
+        self.assertNotEqual(first, second)
+
+
+# =============================================================================
+# 11. Host processes
+# =============================================================================
+
+class LifecycleTest(ApiAssertions, unittest.TestCase):
+    """The concurrency cap, timeouts, disconnects and shutdown, each on its own proxy."""
+
+    def setUp(self):
+        UPSTREAM.clear()
+        UPSTREAM.release.clear()
+
+    def tearDown(self):
+        UPSTREAM.release.set()
+
+    def test_queue_full_is_529_with_retry_after_and_upstream_never_sees_more(self):
+        server = ProxyThread(max_concurrent=1, queue_timeout_s=0)      # no queue at all
+        self.addCleanup(server.stop)
+        client = server.client()
+        holder = threading.Thread(target=lambda: client.messages.create(
+            model="claude-sonnet-5-5", max_tokens=10,
+            messages=[{"role": "user", "content": "[[hang]]"}]))
+        holder.start()
+        self.assertTrue(UPSTREAM.hanging.wait(15))
+        with self.assertRaises(anthropic.InternalServerError) as caught:
+            client.messages.create(model="claude-sonnet-5-5", max_tokens=10,
+                                   messages=[{"role": "user", "content": "second"}])
+        self.assertApiError(caught.exception, 529, "overloaded_error")
+        self.assertGreaterEqual(int(caught.exception.response.headers["retry-after"]), 1)
+        UPSTREAM.release.set()
+        holder.join(15)
+        message = client.messages.create(model="claude-sonnet-5-5", max_tokens=10,
+                                         messages=[{"role": "user", "content": "third"}])
+        self.assertEqual(message.content[0].text, UPSTREAM_TEXT, "the slot came back")
+        self.assertEqual(UPSTREAM.max_in_flight, 1)
+
+    def test_a_client_that_reads_nothing_gives_its_slot_back(self):
+        server = ProxyThread(max_concurrent=1, send_timeout_s=0.5, queue_timeout_s=20)
+        self.addCleanup(server.stop)
+        big = json.dumps({"x": "a" * 6_000_000})   # more than the kernel's 4 MB send buffer
+        body = json.dumps({"model": "claude-sonnet-5-5", "max_tokens": 10, "stream": True,
+                           "messages": [{"role": "user", "content": f"[[json {big}]]"}]})
+        stalled = socket.socket()
+        self.addCleanup(stalled.close)
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.connect(("127.0.0.1", server.port))
+        stalled.sendall(f"POST /v1/messages HTTP/1.1\r\nhost: localhost\r\ncontent-length: "
+                        f"{len(body)}\r\n\r\n{body}".encode())
+        self.assertTrue(wait_until(lambda: any("[[json" in ScriptedUpstream.last_text(r["body"])
+                                               for r in UPSTREAM.messages_requests())))
+        started = time.monotonic()
+        answer = server.client().messages.create(           # queued behind the stalled one
+            model="claude-sonnet-5-5", max_tokens=10, messages=[{"role": "user", "content": "hi"}])
+        self.assertEqual(answer.content[0].text, UPSTREAM_TEXT)
+        self.assertLess(time.monotonic() - started, 15, "the slot came back, not by the queue")
+        stalled.settimeout(10)
+        received = b"".join(iter(lambda: stalled.recv(1 << 20), b""))
+        self.assertTrue(received.startswith(b"HTTP/1.1 200 "))
+        self.assertNotIn(b"message_stop", received, "cut off mid-answer: what the kernel "
+                                                    "held, then the end")
+
+    def test_request_timeout_is_504_and_stops_the_cli(self):
+        server = ProxyThread(timeout_s=4.0)
+        self.addCleanup(server.stop)
+        client = server.client()
+        # A follow-up, so a warm CLI reaches the upstream well within the timeout
+        # even on a loaded machine (where a cold start can take seconds).
+        ask = [{"role": "user", "content": "hi"}]
+        first = client.messages.create(model="claude-sonnet-5-5", max_tokens=10, messages=ask)
+        with self.assertRaises(anthropic.APIStatusError) as caught:
+            client.messages.create(
+                model="claude-sonnet-5-5", max_tokens=10, messages=ask + [
+                    {"role": "assistant", "content": first.content[0].text},
+                    {"role": "user", "content": "[[hang]]"}])
+        self.assertApiError(caught.exception, 504, "timeout_error")
+        self.assertTrue(UPSTREAM.cut.wait(15), "the upstream call was cut")
+        self.assertTrue(wait_until(lambda: not cli_children()), cli_children())
+
+    def test_client_disconnect_cuts_the_upstream_and_stops_the_cli(self):
+        server = ProxyThread()
+        self.addCleanup(server.stop)
+        body = json.dumps({"model": "claude-sonnet-5-5", "max_tokens": 10, "stream": True,
+                           "messages": [{"role": "user", "content": "[[hang]]"}]})
+        sock = socket.create_connection(("127.0.0.1", server.port))
+        sock.sendall(f"POST /v1/messages HTTP/1.1\r\nhost: localhost\r\ncontent-length: "
+                     f"{len(body)}\r\n\r\n{body}".encode())
+        self.assertTrue(UPSTREAM.hanging.wait(15))
+        self.assertTrue(sock.recv(100).startswith(b"HTTP/1.1 200 "))
+        sock.close()
+        self.assertTrue(UPSTREAM.cut.wait(15), "the upstream call was cut")
+        self.assertTrue(wait_until(lambda: not cli_children()), cli_children())
+
+    def test_load_far_above_the_cap_queues_or_529s_and_the_upstream_sees_the_cap(self):
+        server = ProxyThread(max_concurrent=2, queue_timeout_s=1.0)
+        self.addCleanup(server.stop)
+        outcomes = []
+
+        def ask(n):
+            try:
+                answer = server.client().messages.create(
+                    model="sonnet", max_tokens=10,
+                    messages=[{"role": "user", "content": f"load {n} [[delay 0.3]]"}])
+                outcomes.append(answer.content[0].text)
+            except anthropic.APIStatusError as err:
+                outcomes.append((err.status_code, err.response.headers.get("retry-after")))
+        threads = [threading.Thread(target=ask, args=(n,)) for n in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        self.assertEqual(len(outcomes), 16)
+        answered = [o for o in outcomes if o == UPSTREAM_TEXT]
+        refused = [o for o in outcomes if o != UPSTREAM_TEXT]
+        self.assertGreaterEqual(len(answered), 2)
+        self.assertTrue(all(status == 529 and int(retry) >= 1 for status, retry in refused),
+                        refused)
+        self.assertLessEqual(UPSTREAM.max_in_flight, 2)
+        self.assertTrue(wait_until(lambda: len(cli_children()) <= server.config.max_sessions))
+
+    def test_a_cli_that_crashes_mid_answer_is_a_clean_error_and_nothing_is_stuck(self):
+        server = ProxyThread(max_concurrent=1)
+        self.addCleanup(server.stop)
+        client = server.client()
+        errors = []
+
+        def ask():
+            try:
+                with client.messages.stream(model="sonnet", max_tokens=10, messages=[
+                        {"role": "user", "content": "[[hang]]"}]) as stream:
+                    stream.get_final_message()
+            except anthropic.APIError as err:
+                errors.append(err)
+        asker = threading.Thread(target=ask)
+        asker.start()
+        self.assertTrue(UPSTREAM.hanging.wait(15))
+        [cli] = cli_children()
+        os.kill(cli, 9)                             # the CLI dies mid-answer
+        asker.join(15)
+        self.assertEqual(len(errors), 1, "the client got an error, not a silent end")
+        UPSTREAM.release.set()
+        self.assertTrue(wait_until(lambda: not cli_children()), cli_children())
+        answer = client.messages.create(model="sonnet", max_tokens=10,
+                                        messages=[{"role": "user", "content": "again"}])
+        self.assertEqual(answer.content[0].text, UPSTREAM_TEXT, "the one slot is free again")
+
+    def test_an_upstream_that_drops_the_connection_is_a_clean_error(self):
+        server = ProxyThread()
+        self.addCleanup(server.stop)
+        client = server.client()
+        UPSTREAM.clear()
+        with self.assertRaises(anthropic.APIStatusError) as caught:
+            client.messages.create(model="sonnet", max_tokens=10,
+                                   messages=[{"role": "user", "content": "[[drop]]"}])
+        self.assertGreaterEqual(caught.exception.status_code, 500)
+        self.assertEqual(caught.exception.body["type"], "error")
+        # One call, as with the API: the CLI would ask again without streaming.
+        self.assertEqual([r["body"].get("stream") for r in UPSTREAM.messages_requests()],
+                         [True])
+        self.assertEqual(client.messages.create(model="sonnet", max_tokens=10, messages=[
+            {"role": "user", "content": "fine"}]).content[0].text, UPSTREAM_TEXT)
+        self.assertTrue(wait_until(lambda: len(cli_children()) <= 1), cli_children())
+
+    def test_orphaned_clis_of_a_crashed_run_are_reaped(self):
+        import subprocess
+        gone = subprocess.Popen([sys.executable, "-c", "pass"])
+        gone.wait()
+        orphan = subprocess.Popen(["sleep", "300"], env={proxy.OWNER_ENV: str(gone.pid)})
+        ours = subprocess.Popen(["sleep", "300"], env={proxy.OWNER_ENV: str(os.getpid())})
+        for process in (ours, orphan):
+            self.addCleanup(process.wait)
+            self.addCleanup(process.kill)
+        self.assertGreaterEqual(proxy.reap_orphans(), 1)
+        self.assertEqual(orphan.wait(10), -9)
+        self.assertIsNone(ours.poll(), "a CLI whose proxy lives is left alone")
+
+    def test_a_killed_proxy_leaves_no_cli_behind_not_even_a_stopped_one(self):
+        server = BenchProxy(max_spares=1)
+        self.addCleanup(server.process.kill)
+        bench_chat(server.client(), [{"role": "user", "content": "hi"}], "app")
+        self.assertTrue(wait_until(lambda: len(server.clis()) == 2 and all(
+            process_state(pid) == "T" for pid in server.clis()), timeout=30),
+            [process_state(pid) for pid in server.clis()])
+        clis = server.clis()
+
+        def kill_clis():
+            for pid in clis:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+        self.addCleanup(kill_clis)
+        server.process.kill()
+        server.process.wait()
+        self.assertTrue(wait_until(lambda: all(process_state(pid) in ("", "Z") for pid in clis),
+                                   timeout=30), [process_state(pid) for pid in clis])
+
+    def test_a_proxy_whose_start_script_exits_goes_on_serving_and_stops_clean(self):
+        # A script (or a shell) that ran it with `&` exits: the kernel sends SIGHUP to
+        # a process group it orphans with a stopped process in it, as an idle CLI is.
+        import subprocess
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("CLAUDE_PROXY_")},
+               "CLAUDE_PROXY_MAX_SPARES": "0"}
+        script = subprocess.Popen(
+            ["bash", "-c", '"$0" "$1" --port 0 </dev/null >/dev/null & echo "$!"; read -r _',
+             sys.executable, proxy.__file__], env=env, text=True, stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            preexec_fn=os.setpgrp)  # a job of its own, as a shell runs a script
+        self.addCleanup(script.wait)
+        self.addCleanup(script.kill)
+        pid = int(script.stdout.readline())
+
+        def clis():         # once the script is gone, no longer this process's
+            found = []
+            for child in proxy.descendants(pid):
+                with contextlib.suppress(OSError), open(f"/proc/{child}/comm") as comm:
+                    if comm.read().strip() == "claude" and process_state(child) != "Z":
+                        found.append(child)
+            return found
+
+        def kill_what_is_left():
+            if process_state(pid) not in ("", "Z"):
+                for each in [*clis(), pid]:
+                    with contextlib.suppress(OSError):
+                        os.kill(each, signal.SIGKILL)
+        self.addCleanup(kill_what_is_left)
+        self.addCleanup(script.stdout.close)
+        url = next(found.group(1) for line in script.stderr
+                   if (found := re.search(r"listening on (http://\S+)", line)))
+        threading.Thread(target=lambda: (script.stderr.read(), script.stderr.close()),
+                         daemon=True).start()
+        client = anthropic.Anthropic(base_url=url, api_key="k", max_retries=0,
+                                     timeout=CLIENT_TIMEOUT)
+
+        def ask(text):
+            return client.messages.create(model="claude-sonnet-5-5", max_tokens=10, messages=[
+                {"role": "user", "content": text}]).content[0].text
+        self.assertEqual(ask("before"), UPSTREAM_TEXT)
+        self.assertTrue(wait_until(lambda: clis() and all(process_state(cli) == "T"
+                                                          for cli in clis())), clis())
+        script.stdin.close()                    # the script's work is done: it exits
+        script.wait(30)
+        self.assertEqual(ask("after"), UPSTREAM_TEXT)
+        left = clis()
+        os.kill(pid, signal.SIGTERM)
+        self.assertTrue(wait_until(lambda: process_state(pid) in ("", "Z"), timeout=40))
+        self.assertTrue(wait_until(lambda: all(process_state(cli) in ("", "Z")
+                                               for cli in left)),
+                        [process_state(cli) for cli in left])
+
+    def test_a_hang_up_does_not_stop_the_proxy(self):
+        server = BenchProxy(max_spares=0)
+        self.addCleanup(server.process.kill)
+        os.kill(server.process.pid, signal.SIGHUP)      # the terminal went away
+        bench_chat(server.client(), [{"role": "user", "content": "hi"}], "app")
+        self.assertIsNone(server.process.poll())
+        server.stop()
+        self.assertEqual(server.process.returncode, 0)
+
+    def test_what_a_killed_proxy_left_on_disk_goes_at_the_next_start(self):
+        # A resumed CLI's config directory holds the conversation and a login copy.
+        tmp = tempfile.mkdtemp(prefix="proxy-test-tmp-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        secret = "kept-on-disk-" + uuid.uuid4().hex
+        crashing = BenchProxy(tmpdir=tmp, max_spares=0)
+        self.addCleanup(crashing.process.kill)
+        crashing.client().messages.create(model="sonnet", max_tokens=10, messages=[
+            {"role": "user", "content": secret}, {"role": "assistant", "content": "a"},
+            {"role": "user", "content": "b"}])
+
+        def files_with_secret():
+            paths = [os.path.join(root, name) for root, _, names in os.walk(tmp)
+                     for name in names]
+            return [path for path in paths if os.path.isfile(path) and
+                    secret.encode() in read_bytes(path)]
+        self.assertTrue(files_with_secret(), "the resumed CLI's transcript, while it lives")
+        beside = BenchProxy(tmpdir=tmp, max_spares=0)       # a live one's are left alone
+        self.addCleanup(beside.stop)
+        self.assertTrue(files_with_secret())
+        clis = crashing.clis()
+        crashing.process.kill()
+        crashing.process.wait()
+        self.addCleanup(lambda: [os.kill(pid, signal.SIGKILL) for pid in clis
+                                 if process_state(pid) not in ("", "Z")])
+        restarted = BenchProxy(tmpdir=tmp, max_spares=0)
+        self.addCleanup(restarted.stop)
+        self.assertEqual(files_with_secret(), [])
+        self.assertEqual(len(os.listdir(tmp)), 2, "the two live proxies' own")
+
+    def test_left_temps_go_only_when_nobody_holds_them(self):
+        import fcntl
+        system = tempfile.mkdtemp(prefix="proxy-test-system-tmp-")
+        self.addCleanup(shutil.rmtree, system, True)
+        outside = tempfile.mkdtemp(prefix="proxy-test-outside-")
+        self.addCleanup(shutil.rmtree, outside, True)
+        for name in ("dead", "live", "no-lock"):
+            os.mkdir(os.path.join(system, proxy.TEMP_PREFIX + name))
+        for where in ("dead", "live"):
+            open(os.path.join(system, proxy.TEMP_PREFIX + where, proxy.TEMP_LOCK), "w").close()
+        open(os.path.join(outside, proxy.TEMP_LOCK), "w").close()
+        os.symlink(outside, os.path.join(system, proxy.TEMP_PREFIX + "link"))
+        held = os.open(os.path.join(system, proxy.TEMP_PREFIX + "live", proxy.TEMP_LOCK),
+                       os.O_RDONLY)
+        self.addCleanup(os.close, held)
+        fcntl.flock(held, fcntl.LOCK_EX)            # as a running proxy holds its own
+        proxy.remove_left_temps(system)
+        self.assertEqual(sorted(os.listdir(system)), [
+            proxy.TEMP_PREFIX + name for name in ("link", "live", "no-lock")])
+        self.assertEqual(os.listdir(outside), [proxy.TEMP_LOCK])
+        proxy.remove_left_temps(os.path.join(system, "missing"))     # nothing to list
+
+    def test_sigterm_lets_in_flight_streams_finish_and_exits_zero(self):
+        server = ProxyThread()
+        client = server.client()
+        result = {}
+
+        def stream():
+            with client.messages.stream(model="claude-sonnet-5-5", max_tokens=10,
+                                        messages=[{"role": "user", "content": "[[hang]]"}]) as s:
+                result["message"] = s.get_final_message()
+        streamer = threading.Thread(target=stream)
+        streamer.start()
+        self.assertTrue(UPSTREAM.hanging.wait(15))
+        stopper = threading.Thread(target=lambda: result.update(code=server.stop()))
+        stopper.start()
+        self.assertTrue(wait_until(lambda: not server.thread.is_alive() or
+                                   refused(server.port)), "new connections are refused")
+        UPSTREAM.release.set()
+        streamer.join(15)
+        stopper.join(30)
+        self.assertEqual(result["message"].content[0].text, UPSTREAM_TEXT)
+        self.assertEqual(result["code"], 0)
+        self.assertEqual(cli_children(), [])
+
+    def test_a_stream_still_running_when_the_drain_ends_gets_the_apis_error_and_a_clean_end(self):
+        server = ProxyThread(shutdown_grace_s=0.5)
+        UPSTREAM.clear()
+        statuses = {}
+
+        def stream(path, body):
+            statuses[path] = post_raw(server.port, path, body)
+        streams = [threading.Thread(target=stream, args=args) for args in (
+            ("/v1/messages", {"model": "sonnet", "max_tokens": 10, "stream": True,
+                              "messages": [{"role": "user", "content": "[[hang]]"}]}),
+            ("/v1/responses", {"model": "sonnet", "stream": True, "input": "[[hang]]"}))]
+        for thread in streams:
+            thread.start()
+        self.assertTrue(wait_until(lambda: UPSTREAM.in_flight == 2))
+        self.assertEqual(server.stop(), 0)
+        for thread in streams:
+            thread.join(30)
+        # read_response read each chunked body to its final chunk.
+        status, _, data = statuses["/v1/messages"]
+        frames = parse_sse(data)
+        self.assertEqual((status, frames[-1][0]), (200, "error"))
+        self.assertIn("shutting down", json.loads(frames[-1][1])["error"]["message"])
+        status, _, data = statuses["/v1/responses"]
+        self.assertEqual([event for event, text in parse_sse(data) if text][-2:],
+                         ["error", "response.failed"])
+        self.assertEqual(cli_children(), [])
+
+    def test_killed_clis_leave_nothing_in_the_real_home_or_the_temp_directory(self):
+        # A SIGKILLed CLI (evicted at the cap, stopped at shutdown) cannot remove its
+        # session record and key under ~/.claude nor its socket; the proxy does.
+        tmp = tempfile.mkdtemp(prefix="proxy-test-left-")
+        self.addCleanup(shutil.rmtree, tmp, ignore_errors=True)
+        server = BenchProxy(tmpdir=tmp, max_spares=0, max_sessions=1, max_concurrent=1)
+        self.addCleanup(server.process.kill)
+        sessions = os.path.join(os.environ["HOME"], ".claude", "sessions")
+        started = set()
+        for shape in range(3):                  # each new shape evicts the last CLI
+            server.client().messages.create(model="sonnet", max_tokens=5, system=str(shape),
+                                            messages=[{"role": "user", "content": "hi"}])
+            started.update(server.clis())
+
+        def left_by(pids):
+            files = [name for root, _, names in os.walk(tmp) for name in names] + \
+                os.listdir(sessions)
+            return [name for name in files if name.split(".")[0] in {str(p) for p in pids}]
+        live = set(server.clis())
+        self.assertEqual(len(started), 3)
+        self.assertTrue(wait_until(lambda: not left_by(started - live)), left_by(started))
+        self.assertTrue(left_by(live), "a live CLI's own files are left alone")
+        server.stop()
+        self.assertEqual(server.process.returncode, 0)
+        self.assertEqual(left_by(started), [])
+
+    def test_a_second_signal_ends_the_drain_at_once(self):
+        server = BenchProxy(max_spares=0)
+        self.addCleanup(server.process.kill)
+        UPSTREAM.clear()
+        port = int(server.url.rsplit(":", 1)[1])
+        answer = {}
+        streamer = threading.Thread(target=lambda: answer.update(sse=post_raw(
+            port, "/v1/messages", {"model": "sonnet", "max_tokens": 10, "stream": True,
+                                   "messages": [{"role": "user", "content": "[[hang]]"}]})))
+        streamer.start()
+        self.assertTrue(wait_until(lambda: UPSTREAM.in_flight == 1))
+        server.process.send_signal(signal.SIGTERM)      # drain: up to 30 s
+        self.assertTrue(wait_until(lambda: refused(port)), "draining")
+        server.process.send_signal(signal.SIGTERM)      # no: now
+        self.assertEqual(server.process.wait(10), 0)
+        streamer.join(10)
+        self.assertEqual(parse_sse(answer["sse"][2])[-1][0], "error")
+
+    def test_missing_cli_is_503(self):
+        server = ProxyThread(cli_path="/nonexistent/claude")
+        self.addCleanup(server.stop)
+        with self.assertRaises(anthropic.APIStatusError) as caught:
+            server.client().messages.create(model="claude-sonnet-5-5", max_tokens=10,
+                                            messages=[{"role": "user", "content": "hi"}])
+        self.assertApiError(caught.exception, 503, "api_error")
+
+
+# =============================================================================
+# 12. Conversation engine
+# =============================================================================
+
+class SparePolicyTest(unittest.TestCase):
+    """Where spares start: where new chats arrive, never for follow-ups, and a spare
+    makes way only for a shape in more demand."""
+
+    def test_spare_choice(self):
+        table = [   # (new chats by shape, most recent last; spares, oldest first; cap;
+                    #  (the shape that gets a spare, the index of the spare making way))
+            ({}, [], 2, (None, None)),
+            ({"a": 1}, [], 2, ("a", None)),
+            ({"a": 1, "b": 1}, [], 2, ("b", None)),             # of equals, the latest
+            ({"a": 3, "b": 1}, [], 2, ("a", None)),             # the most new chats first
+            ({"a": 1, "b": 1}, ["b"], 2, ("a", None)),
+            ({"a": 1}, ["a"], 2, (None, None)),                 # it has one
+            ({"a": 0, "b": 0}, [], 2, (None, None)),            # its new chats are old
+            ({"a": 1, "b": 1}, ["b"], 1, (None, None)),         # no place for an equal
+            ({"a": 2, "b": 1}, ["b"], 1, ("a", 0)),             # but for more demand
+            ({"a": 3, "b": 1, "c": 1}, ["c", "b"], 2, ("a", 0)),  # the oldest weakest
+            ({"a": 2, "b": 2, "c": 1}, ["b", "c"], 2, ("a", 1)),
+        ]
+        for demand, spares, cap, expected in table:
+            with self.subTest(demand=demand, spares=spares, cap=cap):
+                self.assertEqual(proxy.spare_choice(demand, spares, cap), expected)
+
+    def test_only_new_chats_are_demand_for_a_spare(self):
+        async def scenario():
+            engine = proxy.Engine(proxy.Config(
+                workdir=tempfile.mkdtemp(prefix="proxy-test-cwd-"), max_spares=1))
+
+            def turn(*texts):
+                return proxy.messages_request_to_turn(valid_body(system="an app", messages=[
+                    {"role": ("user", "assistant")[i % 2], "content": text}
+                    for i, text in enumerate(texts)]), "sonnet")
+            try:
+                async for _ in engine.run(turn("earlier", "answer", "follow-up")):
+                    pass
+                self.assertEqual((engine._demand, engine._spare_keeper), ({}, None),
+                                 "a follow-up is no new chat")
+                new_chat = turn("a new chat")
+                async for _ in engine.run(new_chat):
+                    pass
+                self.assertEqual(list(engine._demand), [new_chat.shape])
+                await engine._spare_keeper          # starts the spare, then ends
+                self.assertEqual([s.turn.shape for s in engine.sessions.values()
+                                  if s.state == proxy.SPARE], [new_chat.shape])
+                self.assertEqual(sorted(s.state for s in engine.sessions.values()),
+                                 [proxy.IDLE, proxy.IDLE, proxy.SPARE])
+            finally:
+                await engine.close()
+        asyncio.run(scenario())
+        self.assertTrue(wait_until(lambda: not cli_children()), cli_children())
+
+
+def refused(port: int) -> bool:
+    """True when nothing accepts connections on the port."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return False
+    except OSError:
+        return True
+
+
+class WarmSessionTest(ApiAssertions, unittest.TestCase):
+    """Live sessions, spares and their bounds."""
+
+    def setUp(self):
+        UPSTREAM.clear()
+
+    def chat(self, client, messages, **kwargs):
+        message = client.messages.create(model="claude-sonnet-5-5", max_tokens=50,
+                                         messages=messages, **kwargs)
+        return messages + [{"role": "assistant", "content": [
+            block.model_dump(exclude_none=True) for block in message.content]}]
+
+    def upstream_sessions(self) -> list[str]:
+        return [r["headers"].get("X-Claude-Code-Session-Id")
+                for r in UPSTREAM.messages_requests()]
+
+    def sessions(self, server) -> list[dict]:
+        return server.client().get("/sessions", cast_to=object)["data"]
+
+    def test_follow_ups_reuse_one_live_cli(self):
+        server = ProxyThread()
+        self.addCleanup(server.stop)
+        client = server.client()
+        history = self.chat(client, [{"role": "user", "content": "first"}])
+        history = self.chat(client, history + [{"role": "user", "content": "second"}])
+        with client.messages.stream(model="claude-sonnet-5-5", max_tokens=50, messages=history
+                                    + [{"role": "user", "content": "third"}]) as stream:
+            self.assertEqual(stream.get_final_message().content[0].text, UPSTREAM_TEXT)
+        ids = self.upstream_sessions()
+        self.assertEqual(len(ids), 3)
+        self.assertEqual(len(set(ids)), 1, "one CLI session answered all three turns")
+        third = conversation(UPSTREAM.messages_requests()[-1]["body"])
+        self.assertEqual([m["role"] for m in third], ["user", "assistant"] * 2 + ["user"])
+        [session] = self.sessions(server)
+        self.assertEqual((session["state"], session["turns"]), ("idle", 3))
+        self.assertEqual(len(cli_children()), 1)
+        health = client.get("/", cast_to=object)
+        self.assertEqual((health["sessions"]["idle"], health["cli_processes"]), (1, 1))
+        self.assertTrue(wait_until(lambda: client.get("/", cast_to=object)["tokens"]["output"]
+                                   == 3 * 42), "tokens out of the three answers")
+
+    def test_edited_history_falls_back_to_the_transcript_not_the_live_session(self):
+        server = ProxyThread()
+        self.addCleanup(server.stop)
+        client = server.client()
+        history = self.chat(client, [{"role": "user", "content": "original question"}])
+        edited = [{"role": "user", "content": "edited question"}] + history[1:]
+        self.chat(client, edited + [{"role": "user", "content": "follow-up"}])
+        first, second = UPSTREAM.messages_requests()
+        self.assertNotEqual(first["headers"]["X-Claude-Code-Session-Id"],
+                            second["headers"]["X-Claude-Code-Session-Id"])
+        sent = conversation(second["body"])
+        self.assertEqual(sent[0]["content"], "edited question")
+        self.assertNotIn("original question", json.dumps(second["body"]))
+        self.assertEqual(len(self.sessions(server)), 2)
+
+    def test_callers_never_share_a_session(self):
+        server = ProxyThread()
+        self.addCleanup(server.stop)
+        alice, bob = server.client(api_key="alice-key"), server.client(api_key="bob-key")
+        history = self.chat(alice, [{"role": "user", "content": "same words"}])
+        self.chat(bob, [{"role": "user", "content": "same words"}])
+        follow = history + [{"role": "user", "content": "more"}]
+        self.chat(bob, follow)
+        self.chat(alice, follow, metadata={"user_id": "someone-else"})
+        self.chat(alice, follow)
+        ids = self.upstream_sessions()
+        self.assertEqual(ids[4], ids[0], "alice's own follow-up reuses her session")
+        self.assertNotIn(ids[0], ids[1:4], "no other caller got alice's session")
+        self.assertNotIn(ids[3], ids[:3], "another user id is another caller")
+
+    def test_least_recently_used_is_evicted_at_the_cap(self):
+        server = ProxyThread(max_sessions=2, max_concurrent=1)
+        self.addCleanup(server.stop)
+        client = server.client()
+        chats = [self.chat(client, [{"role": "user", "content": f"chat {i}"}]) for i in range(3)]
+        self.assertLessEqual(len(cli_children()), 2)
+        self.assertEqual(len(self.sessions(server)), 2)
+        UPSTREAM.clear()
+        self.chat(client, chats[2] + [{"role": "user", "content": "again"}])
+        self.chat(client, chats[0] + [{"role": "user", "content": "again"}])
+        self.assertEqual(len(conversation(UPSTREAM.messages_requests()[1]["body"])), 3,
+                         "the evicted conversation was resumed from its transcript")
+        self.assertTrue(wait_until(lambda: len(cli_children()) <= 2), cli_children())
+
+    def test_at_the_cap_a_new_chat_gets_a_recycled_cli_that_forgot_its_conversation(self):
+        server = ProxyThread(max_sessions=2, max_concurrent=1, max_spares=0)
+        self.addCleanup(server.stop)
+        client = server.client()
+        old = self.chat(client, [{"role": "user", "content": "OLD private words"}])
+        self.chat(client, old + [{"role": "user", "content": "OLD follow-up"}])
+        recycled = UPSTREAM.messages_requests()[-1]["headers"]["X-Claude-Code-Session-Id"]
+        other = self.chat(client, [{"role": "user", "content": "other app"}], system="Other.")
+        other_session = UPSTREAM.messages_requests()[-1]["headers"]["X-Claude-Code-Session-Id"]
+        clis = cli_children()
+        UPSTREAM.clear()
+        self.chat(client, [{"role": "user", "content": "a new chat"}])
+        self.chat(client, other + [{"role": "user", "content": "other follow-up"}],
+                  system="Other.")
+        new_chat, follow_up = UPSTREAM.messages_requests()
+        self.assertEqual([m["role"] for m in conversation(new_chat["body"])], ["user"])
+        self.assertEqual(ScriptedUpstream.last_text(new_chat["body"]), "a new chat")
+        self.assertNotIn("OLD", json.dumps(new_chat["body"]))
+        self.assertEqual(new_chat["headers"]["X-Claude-Code-Session-Id"], recycled,
+                         "the least recently used CLI, of the same shape, answered, rewound")
+        self.assertEqual(follow_up["headers"]["X-Claude-Code-Session-Id"], other_session,
+                         "the session of another shape stayed live")
+        self.assertEqual(sorted(cli_children()), sorted(clis), "no CLI was started or killed")
+        self.assertEqual(sorted((s["turns"], s["state"]) for s in self.sessions(server)),
+                         [(1, "idle"), (2, "idle")])
+
+    def test_at_the_cap_the_least_recently_used_session_of_another_shape_is_evicted(self):
+        server = ProxyThread(max_sessions=2, max_concurrent=1, max_spares=0)
+        self.addCleanup(server.stop)
+        client = server.client()
+        self.chat(client, [{"role": "user", "content": "other app"}], system="Other.")
+        history = self.chat(client, [{"role": "user", "content": "this app"}])
+        [_, kept] = self.upstream_sessions()
+        self.chat(client, [{"role": "user", "content": "a new chat"}])
+        self.chat(client, history + [{"role": "user", "content": "follow-up"}])
+        _, _, new_chat, follow_up = self.upstream_sessions()
+        self.assertNotEqual(new_chat, kept)
+        self.assertEqual(follow_up, kept, "the more recent session of the shape stayed live")
+
+    def test_a_request_cancelled_while_a_cli_rewinds_leaves_no_busy_session(self):
+        async def scenario():
+            engine = proxy.Engine(proxy.Config(
+                workdir=tempfile.mkdtemp(prefix="proxy-test-cwd-"), max_sessions=1,
+                max_concurrent=1, max_spares=0))
+
+            def turn(text):
+                return proxy.messages_request_to_turn(
+                    valid_body(messages=[{"role": "user", "content": text}]), "sonnet")
+            try:
+                async for _ in engine.run(turn("first chat")):
+                    pass
+                [session] = engine.sessions.values()
+                recycling = asyncio.ensure_future(engine._recycle(turn("next").shape))
+                while session.state != proxy.BUSY:
+                    await asyncio.sleep(0)
+                recycling.cancel()
+                with self.assertRaises(asyncio.CancelledError):
+                    await recycling
+                self.assertNotIn(session.id, engine.sessions)
+                events = [event async for event in engine.run(turn("second chat"))]
+                self.assertEqual([type(e) for e in events if isinstance(e, proxy.Answer)],
+                                 [proxy.Answer], "one whole answer")
+                self.assertEqual([s.state for s in engine.sessions.values()], [proxy.IDLE])
+            finally:
+                await engine.close()
+        asyncio.run(scenario())
+        self.assertTrue(wait_until(lambda: not cli_children()), cli_children())
+
+    def test_a_recycled_cli_forgets_a_tool_round_too(self):
+        server = ProxyThread(max_sessions=1, max_concurrent=1, max_spares=0)
+        self.addCleanup(server.stop)
+        client = server.client()
+
+        def create(messages):
+            return client.messages.create(model="claude-sonnet-5-5", max_tokens=50,
+                                          tools=[WEATHER], messages=messages)
+        ask = [{"role": "user", "content": '[[tool get_weather {"city": "Ulm"}]]'}]
+        message = create(ask)
+        [call] = [block for block in message.content if block.type == "tool_use"]
+        create(ask + [{"role": "assistant", "content": message.content},
+                      {"role": "user", "content": [{"type": "tool_result",
+                                                    "tool_use_id": call.id,
+                                                    "content": "OLD sunny"}]}])
+        [recycled] = set(self.upstream_sessions())
+        UPSTREAM.clear()
+        create([{"role": "user", "content": "a new chat"}])
+        [new_chat] = UPSTREAM.messages_requests()
+        self.assertEqual(new_chat["headers"]["X-Claude-Code-Session-Id"], recycled)
+        self.assertEqual([m["role"] for m in conversation(new_chat["body"])], ["user"])
+        self.assertNotIn("OLD", json.dumps(new_chat["body"]))
+        self.assertNotIn("Ulm", json.dumps(new_chat["body"]))
+
+    def test_a_cli_that_began_from_a_transcript_is_evicted_not_recycled(self):
+        server = ProxyThread(max_sessions=1, max_concurrent=1, max_spares=0)
+        self.addCleanup(server.stop)
+        client = server.client()
+        self.chat(client, [{"role": "user", "content": "OLD question"},
+                           {"role": "assistant", "content": "OLD answer"},
+                           {"role": "user", "content": "OLD again"}])
+        [resumed] = self.upstream_sessions()
+        UPSTREAM.clear()
+        self.chat(client, [{"role": "user", "content": "a new chat"}])
+        [new_chat] = UPSTREAM.messages_requests()
+        self.assertNotEqual(new_chat["headers"]["X-Claude-Code-Session-Id"], resumed)
+        self.assertNotIn("OLD", json.dumps(new_chat["body"]))
+        self.assertTrue(wait_until(lambda: len(cli_children()) == 1), cli_children())
+
+    def test_no_conversation_is_written_to_disk(self):
+        server = ProxyThread()
+        self.addCleanup(server.stop)
+        client = server.client()
+        secret = "DISK-MARKER-" + uuid.uuid4().hex
+        history = self.chat(client, [{"role": "user", "content": secret}])
+        self.chat(client, history + [{"role": "user", "content": "warm " + secret}])
+        self.chat(client, history + [{"role": "assistant", "content": "x"},
+                                     {"role": "user", "content": "cold " + secret}])
+        self.assertEqual(len(set(self.upstream_sessions())), 2)
+        written = [os.path.join(root, name)
+                   for top in (os.environ["HOME"], server.config.workdir)
+                   for root, _, names in os.walk(top) for name in names]
+        self.assertTrue(written, "the CLI keeps its own files there")
+        for path in written:
+            with open(path, "rb") as f:
+                self.assertNotIn(secret.encode(), f.read(), path)
+
+    def test_an_idle_cli_is_stopped_until_its_next_turn(self):
+        server = ProxyThread(max_spares=0)
+        self.addCleanup(server.stop)
+        client = server.client()
+        history = self.chat(client, [{"role": "user", "content": "before"}])
+        [pid] = cli_children()
+        for turn in ("after", "and again"):
+            self.assertTrue(wait_until(lambda: process_state(pid) == "T"), process_state(pid))
+            [session] = self.sessions(server)
+            self.assertTrue(session["frozen"])
+            history = self.chat(client, history + [{"role": "user", "content": turn}])
+        self.assertEqual(len(set(self.upstream_sessions())), 1, "the same CLI answered")
+        self.assertEqual(cli_children(), [pid])
+        self.assertTrue(wait_until(lambda: process_state(pid) == "T"), process_state(pid))
+        client.delete(f"/sessions/{session['id']}", cast_to=object)
+        self.assertTrue(wait_until(lambda: not cli_children()), "a stopped CLI still exits")
+
+    def stream_closed_at_message_stop(self, server, ask):
+        """Stream an answer, read it up to its message_stop, and hang up there."""
+        body = json.dumps({"model": "claude-sonnet-5-5", "max_tokens": 50, "stream": True,
+                           "messages": ask}).encode()
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(b"POST /v1/messages HTTP/1.1\r\nhost: localhost\r\n"
+                         b"x-api-key: test-key\r\n"           # the same caller as client()
+                         b"content-length: %d\r\n\r\n%s" % (len(body), body))
+            received = b""
+            while b"event: message_stop" not in received:
+                chunk = sock.recv(65536)
+                self.assertTrue(chunk, received)
+                received += chunk
+
+    def hold_answers(self):
+        """[[hold]] answers hold until the test sets UPSTREAM.release, and a CLI that
+        finishes one is waited for as long (not CLI_CLOSE_TIMEOUT_S: the test decides)."""
+        UPSTREAM.release.clear()
+        self.addCleanup(UPSTREAM.release.set)
+        self.addCleanup(setattr, proxy, "CLI_CLOSE_TIMEOUT_S", proxy.CLI_CLOSE_TIMEOUT_S)
+        proxy.CLI_CLOSE_TIMEOUT_S = CLIENT_TIMEOUT
+
+    def test_a_stream_read_up_to_its_message_stop_keeps_its_session_warm(self):
+        # Clients may stop reading there and close: the answer is whole, and the CLI
+        # is still on its way to its result when the request is cancelled (the
+        # upstream holds the end of the answer's response until it is released).
+        server = ProxyThread(max_spares=0)
+        self.addCleanup(server.stop)
+        self.hold_answers()
+        ask = [{"role": "user", "content": "[[hold]] short"}]
+        self.stream_closed_at_message_stop(server, ask)
+        self.assertTrue(wait_until(lambda: [s["state"] for s in self.sessions(server)] ==
+                                   ["finishing"]), self.sessions(server))
+        self.assertTrue(UPSTREAM.holding.is_set() and not UPSTREAM.cut.is_set(),
+                        "the client left while the CLI could not have its result yet")
+        [pid] = cli_children()
+        UPSTREAM.release.set()          # the answer's response ends: the CLI reaches its result
+        self.assertTrue(wait_until(lambda: [s["state"] for s in self.sessions(server)] ==
+                                   ["idle"]), self.sessions(server))
+        self.assertFalse(UPSTREAM.cut.is_set(), "the CLI read its response to the end")
+        history = ask + [{"role": "assistant", "content": UPSTREAM_TEXT}]
+        self.chat(server.client(), history + [{"role": "user", "content": "and then?"}])
+        self.assertEqual(len(set(self.upstream_sessions())), 1, "the same CLI answered")
+        self.assertEqual(cli_children(), [pid])
+
+    def test_a_cli_finishing_an_answer_is_evicted_at_the_cap_never_recycled(self):
+        # Rewinding it would race the turn it is still reading on.
+        server = ProxyThread(max_spares=0, max_sessions=1, max_concurrent=1)
+        self.addCleanup(server.stop)
+        self.hold_answers()
+        history = self.chat(server.client(), [{"role": "user", "content": "first chat"}])
+        [finishing] = cli_children()
+        self.stream_closed_at_message_stop(server, history + [
+            {"role": "user", "content": "[[hold]] its follow-up"}])
+        self.assertTrue(wait_until(lambda: [s["state"] for s in self.sessions(server)] ==
+                                   ["finishing"]), self.sessions(server))
+        self.assertTrue(UPSTREAM.holding.is_set() and not UPSTREAM.cut.is_set(),
+                        "the CLI is still on its way to its result")
+        answered = {}
+        asker = threading.Thread(target=lambda: answered.update(history=self.chat(
+            server.client(), [{"role": "user", "content": "a new chat"}])), daemon=True)
+        asker.start()
+        # Never released: only an eviction for the new chat cuts its response.
+        self.assertTrue(UPSTREAM.cut.wait(30), "the finishing CLI was killed for the new chat")
+        asker.join(CLIENT_TIMEOUT)
+        self.assertIn("history", answered, "the new chat was answered")
+        first, follow_up, second = self.upstream_sessions()
+        self.assertEqual(first, follow_up)
+        self.assertNotEqual(first, second, "a new CLI, not the rewound one")
+        self.assertEqual([as_blocks(m["content"]) for m in conversation(
+            UPSTREAM.messages_requests()[-1]["body"])], [as_blocks("a new chat")])
+        self.assertEqual([(s["state"], s["turns"]) for s in self.sessions(server)], [("idle", 1)])
+        self.assertTrue(wait_until(lambda: len(cli_children()) == 1 and
+                                   finishing not in cli_children()), cli_children())
+
+    def test_a_follow_up_to_a_cli_that_died_while_idle_goes_to_a_new_one(self):
+        # The OOM killer, say, between turns.
+        server = ProxyThread(max_spares=0)
+        self.addCleanup(server.stop)
+        client = server.client()
+        history = self.chat(client, [{"role": "user", "content": "first"}])
+        [pid] = cli_children()
+        self.assertTrue(wait_until(lambda: process_state(pid) == "T"), process_state(pid))
+        os.kill(pid, signal.SIGKILL)        # dead at once for the kernel, not for asyncio
+        self.assertTrue(wait_until(lambda: process_state(pid) in ("Z", "")))
+        history = self.chat(client, history + [{"role": "user", "content": "second"}])
+        self.assertEqual(len(set(self.upstream_sessions())), 2)
+        self.assertEqual([m["content"] for m in conversation(
+            UPSTREAM.messages_requests()[-1]["body"])][-1][-1]["text"], "second")
+        self.assertEqual(len(conversation(UPSTREAM.messages_requests()[-1]["body"])), 3)
+
+    def test_the_watchdog_forgets_a_stopped_cli_that_is_killed(self):
+        # Else, when the proxy exits, it would continue whatever process got the pid.
+        server = ProxyThread(max_spares=0, max_sessions=1, max_concurrent=1)
+        self.addCleanup(server.stop)
+        client = server.client()
+        self.chat(client, [{"role": "user", "content": "first"}])
+        [pid] = cli_children()
+        self.assertTrue(wait_until(lambda: process_state(pid) == "T"), process_state(pid))
+        told = []
+
+        def tell(line):
+            told.append(line.strip())
+            return real_tell(line)
+        real_tell, proxy.tell_watchdog = proxy.tell_watchdog, tell
+        self.addCleanup(setattr, proxy, "tell_watchdog", real_tell)
+        self.chat(client, [{"role": "user", "content": "another"}], system="another app")
+        self.assertTrue(wait_until(lambda: pid not in cli_children()), "evicted at the cap")
+        self.assertEqual(told[0], f"-{pid}")
+
+    def test_many_conversations_at_once_never_exceed_the_cap(self):
+        server = ProxyThread(max_sessions=2, max_concurrent=2, max_spares=1)
+        self.addCleanup(server.stop)
+        peak, done = [0], threading.Event()
+
+        def watch():
+            while not done.is_set():
+                peak[0] = max(peak[0], len(cli_children()))
+                done.wait(0.01)
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        answers = []
+
+        def converse(n):
+            client = server.client()
+            history = self.chat(client, [{"role": "user", "content": f"busy chat {n}"}])
+            answers.append(self.chat(client, history + [{"role": "user", "content": "more"}]))
+        threads = [threading.Thread(target=converse, args=(n,)) for n in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        done.set()
+        watcher.join()
+        self.assertEqual(len(answers), 6)
+        self.assertLessEqual(peak[0], 2)
+
+    def test_a_starting_cli_is_not_reaped_under_its_request(self):
+        server = ProxyThread(session_idle_s=0.01)   # far shorter than a CLI start
+        self.addCleanup(server.stop)
+        history = self.chat(server.client(), [{"role": "user", "content": "slow start"}])
+        self.assertEqual(history[-1]["content"][0]["text"], UPSTREAM_TEXT)
+
+    def test_idle_sessions_expire_and_leave_no_process(self):
+        server = ProxyThread(session_idle_s=0.3)
+        self.addCleanup(server.stop)
+        self.chat(server.client(), [{"role": "user", "content": "short lived"}])
+        self.assertTrue(wait_until(lambda: not self.sessions(server)))
+        self.assertTrue(wait_until(lambda: not cli_children()), cli_children())
+
+    def test_delete_session_ends_it(self):
+        server = ProxyThread()
+        self.addCleanup(server.stop)
+        client = server.client()
+        self.chat(client, [{"role": "user", "content": "to be deleted"}])
+        [session] = self.sessions(server)
+        self.assertEqual(client.delete(f"/sessions/{session['id']}", cast_to=object),
+                         {"id": session["id"], "type": "session_deleted"})
+        self.assertEqual(self.sessions(server), [])
+        with self.assertRaises(anthropic.NotFoundError) as caught:
+            client.delete(f"/sessions/{session['id']}", cast_to=object)
+        self.assertApiError(caught.exception, 404, "not_found_error")
+        self.assertTrue(wait_until(lambda: not cli_children()), cli_children())
+
+    def test_stopping_the_proxy_ends_live_sessions_and_spares(self):
+        server = ProxyThread(max_spares=1)
+        client = server.client()
+        self.chat(client, [{"role": "user", "content": "one"}])
+        self.chat(client, [{"role": "user", "content": "two"}], system="other")
+        self.assertTrue(wait_until(lambda: len(cli_children()) == 3), cli_children())
+        self.assertEqual(server.stop(), 0)
+        self.assertEqual(cli_children(), [])
+
+    def test_new_chat_of_a_familiar_shape_starts_on_a_spare(self):
+        server = ProxyThread(max_spares=1)
+        self.addCleanup(server.stop)
+        client = server.client()
+        self.chat(client, [{"role": "user", "content": "first chat"}], system="Be an app.")
+        self.assertTrue(wait_until(lambda: any(
+            s["state"] == "spare" for s in self.sessions(server))), self.sessions(server))
+        spare = next(s for s in self.sessions(server) if s["state"] == "spare")
+        self.chat(client, [{"role": "user", "content": "second chat"}], system="Be an app.")
+        states = {s["id"]: (s["state"], s["turns"]) for s in self.sessions(server)}
+        self.assertEqual(states[spare["id"]], ("idle", 1), "the spare answered the new chat")
+        self.assertLessEqual(len(cli_children()), 3)
+
+
+# =============================================================================
+# 13. Routes and handlers
+# =============================================================================
+
+class MatchRouteTest(unittest.TestCase):
+    """match_route: every route, with and without /v1, under /v1/chat, with a trailing
+    slash and by HEAD; else 405 with `allow`, or 404."""
+
+    def test_each_route_is_found_in_each_of_its_forms(self):
+        # Routes are named by their path pattern: several share one handler.
+        models, model = r"/v1(?:/chat)?/models", r"/v1(?:/chat)?/models/(?P<model_id>[^/]+)"
+        chat, responses = r"/v1(?:/chat)?/chat/completions", r"/v1(?:/chat)?/responses"
+        sessions, session = r"/sessions", r"/sessions/(?P<session_id>[^/]+)"
+        cases = [   # (method, path, the route's pattern, path parameters)
+            ("GET", "/", "/", {}),
+            ("GET", "/v1/models", models, {}),
+            ("GET", "/models", models, {}),
+            ("GET", "/v1/chat/models", models, {}),
+            ("GET", "/v1/models/", models, {}),
+            ("GET", "/v1/models/claude-opus-4-1", model, {"model_id": "claude-opus-4-1"}),
+            ("GET", "/models/sonnet", model, {"model_id": "sonnet"}),
+            ("GET", "/v1/chat/models/gpt-5", model, {"model_id": "gpt-5"}),
+            ("POST", "/v1/messages", "/v1/messages", {}),
+            ("POST", "/messages", "/v1/messages", {}),
+            ("POST", "/v1/messages/", "/v1/messages", {}),
+            ("POST", "/v1/messages/count_tokens", "/v1/messages/count_tokens", {}),
+            ("POST", "/messages/count_tokens", "/v1/messages/count_tokens", {}),
+            ("POST", "/v1/chat/completions", chat, {}),
+            ("POST", "/chat/completions", chat, {}),
+            ("POST", "/v1/chat/chat/completions", chat, {}),
+            ("POST", "/v1/responses", responses, {}),
+            ("POST", "/responses", responses, {}),
+            ("POST", "/v1/chat/responses", responses, {}),
+            ("POST", "/v1/responses/", responses, {}),
+            ("GET", "/usage", "/usage", {}),
+            ("GET", "/sessions", sessions, {}),
+            ("GET", "/sessions/", sessions, {}),
+            ("DELETE", "/sessions/abc-123", session, {"session_id": "abc-123"}),
+            # HEAD is answered for every GET route.
+            ("HEAD", "/", "/", {}),
+            ("HEAD", "/models", models, {}),
+            ("HEAD", "/v1/models/haiku", model, {"model_id": "haiku"}),
+            ("HEAD", "/usage", "/usage", {}),
+        ]
+        found = set()
+        for method, path, pattern, params in cases:
+            with self.subTest(f"{method} {path}"):
+                route, got = proxy.match_route(method, path)
+                self.assertEqual((route.pattern.pattern, got), (f"^{pattern}$", params))
+                self.assertIn(route.method, (method, "GET"))
+                found.add(route)
+        self.assertEqual(found, set(proxy.ROUTES))      # a new route needs its rows here
+
+    def test_a_wrong_method_is_405_naming_the_allowed_ones(self):
+        cases = [   # (method, path, allow)
+            ("GET", "/v1/messages", "POST"),
+            ("HEAD", "/v1/messages", "POST"),
+            ("GET", "/messages/count_tokens", "POST"),
+            ("PUT", "/responses", "POST"),
+            ("OPTIONS", "/v1/chat/chat/completions", "POST"),
+            ("POST", "/v1/models", "GET, HEAD"),
+            ("DELETE", "/models/sonnet", "GET, HEAD"),
+            ("DELETE", "/", "GET, HEAD"),
+            ("POST", "/usage/", "GET, HEAD"),
+            ("GET", "/sessions/abc", "DELETE"),
+            ("DELETE", "/sessions", "GET, HEAD"),
+        ]
+        for method, path, allow in cases:
+            with self.subTest(f"{method} {path}"):
+                with self.assertRaises(proxy.ProxyError) as caught:
+                    proxy.match_route(method, path)
+                err = caught.exception
+                self.assertEqual((type(err), err.status, err.headers, err.message),
+                                 (proxy.MethodNotAllowed, 405, {"allow": allow},
+                                  f"Method {method} is not allowed here; use {allow}."))
+
+    def test_an_unknown_path_is_404(self):
+        cases = [   # (method, path, the path the message names)
+            ("GET", "/nope", "/nope"),
+            ("POST", "/v1/nope", "/v1/nope"),
+            ("GET", "/v1", "/v1"),
+            ("GET", "/v1/", "/v1"),
+            ("POST", "/v1/v1/messages", "/v1/v1/messages"),
+            # Only routes under /v1 have a second form; /usage and /sessions have one.
+            ("GET", "/v1/usage", "/v1/usage"),
+            ("GET", "/v1/sessions", "/v1/sessions"),
+            # The /v1/chat base holds OpenAI's routes only.
+            ("POST", "/v1/chat/messages", "/v1/chat/messages"),
+            ("GET", "/v1/models/a/b", "/v1/models/a/b"),
+            ("DELETE", "/sessions/a/b", "/sessions/a/b"),
+        ]
+        for method, path, named in cases:
+            with self.subTest(f"{method} {path}"):
+                with self.assertRaises(proxy.ProxyError) as caught:
+                    proxy.match_route(method, path)
+                err = caught.exception
+                self.assertEqual((type(err), err.status, err.message),
+                                 (proxy.NotFound, 404, f"Not found: {method} {named}"))
+
+
+class StreamPacingTest(unittest.TestCase):
+    """A short head hold and ping interval, so pacing shows in a second."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.proxy = ProxyThread(head_hold_s=0.2, ping_interval_s=0.2)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.proxy.stop()
+
+    def stream_events(self, text: str) -> tuple[int, list[str]]:
+        """The status and the SSE event names of a Messages stream, read raw."""
+        with contextlib.closing(socket.create_connection(("127.0.0.1", self.proxy.port))) as sock:
+            body = json.dumps({"model": "claude-sonnet-5-5", "max_tokens": 10, "stream": True,
+                               "messages": [{"role": "user", "content": text}]})
+            sock.sendall(f"POST /v1/messages HTTP/1.1\r\nhost: localhost\r\ncontent-type: "
+                         f"application/json\r\ncontent-length: {len(body)}\r\n\r\n{body}".encode())
+            reader = sock.makefile("rb")
+            status, _, data = read_response(reader)
+            while status < 200:         # 102 Processing while the upstream is silent
+                status, _, data = read_response(reader)
+        return status, [event for event, _ in parse_sse(data)]
+
+    def test_a_slow_upstream_gets_interim_answers_and_its_real_status(self):
+        # Under load the first event can take seconds: the status waits for it (an
+        # SDK retries a 429 only as a status), 102s keep the line alive meanwhile.
+        for text, status, first in (("[[delay 1]] slow", 200, "message_start"),
+                                    ("[[delay 1]] [[error 429]]", 429, None),
+                                    ("[[delay 1]] [[error 529]]", 529, None)):
+            with self.subTest(text=text):
+                with contextlib.closing(socket.create_connection(
+                        ("127.0.0.1", self.proxy.port))) as sock:
+                    body = json.dumps({"model": "claude-sonnet-5-5", "max_tokens": 10,
+                                       "stream": True, "messages": [
+                                           {"role": "user", "content": text}]})
+                    sock.sendall(f"POST /v1/messages HTTP/1.1\r\nhost: localhost\r\n"
+                                 f"content-type: application/json\r\ncontent-length: "
+                                 f"{len(body)}\r\n\r\n{body}".encode())
+                    reader = sock.makefile("rb")
+                    statuses = []
+                    while not statuses or statuses[-1][0] < 200:
+                        statuses.append(read_response(reader))
+                self.assertEqual(statuses[0][0], 102)
+                self.assertEqual(statuses[-1][0], status)
+                if first:
+                    events = [event for event, _ in parse_sse(statuses[-1][2])]
+                    self.assertEqual((events[0], events[-1]), (first, "message_stop"))
+                else:
+                    self.assertIn("retry-after", statuses[-1][1])
+        with self.assertRaises(anthropic.RateLimitError):       # an SDK sees the status
+            with self.proxy.client().messages.stream(
+                    model="sonnet", max_tokens=10,
+                    messages=[{"role": "user", "content": "[[delay 1]] [[error 429]]"}]) as s:
+                s.get_final_message()
+        with self.assertRaises(openai.RateLimitError):
+            list(self.proxy.openai_client().chat.completions.create(
+                model="sonnet", stream=True,
+                messages=[{"role": "user", "content": "[[delay 1]] [[error 429]]"}]))
+
+    def test_a_stream_cut_after_its_start_never_ends_as_if_complete(self):
+        # The CLI ends a stream the upstream cut with a message_stop of its own. Cut
+        # right after message_start, the client gets a 502 (when the CLI had not
+        # passed the start on yet) or the stream and an error event.
+        status, events = self.stream_events("[[delay 1]] [[drop]]")
+        self.assertIn((status, events[-1:]), ((502, [None]), (200, ["error"])))
+        self.assertNotIn("message_stop", events)
+        status, _, data = post_raw(self.proxy.port, "/v1/responses", {
+            "model": "sonnet", "input": "[[delay 1]] [[drop]]", "stream": True})
+        kinds = [event for event, text in parse_sse(data) if text] if status == 200 else \
+            [json.loads(data)["error"]["type"]]
+        self.assertIn((status, kinds[-2:]), ((502, ["api_error"]),
+                                             (200, ["error", "response.failed"])))
+
+    def test_an_http_1_0_stream_begun_on_silence_fails_as_its_api_ends_a_stream(self):
+        # HTTP/1.0 gets no 102: its head goes out on silence, before the response began.
+        body = json.dumps({"model": "sonnet", "input": "[[delay 1]] [[drop]]", "stream": True})
+        raw = raw_exchange(self.proxy.port, (
+            f"POST /v1/responses HTTP/1.0\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\n\r\n{body}").encode(), timeout=60)
+        head, _, data = raw.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 "), head)
+        events = [json.loads(text) for _, text in parse_sse(data) if text]   # no pings
+        self.assertEqual([(e["type"], e["sequence_number"]) for e in events],
+                         [("response.created", 0), ("response.in_progress", 1), ("error", 2),
+                          ("response.failed", 3)])
+        error, failed = events[-2], events[-1]
+        self.assertEqual((error["code"], error["error"]["code"], failed["response"]["status"],
+                          failed["response"]["error"]["code"]),
+                         ("server_error", "server_error", "failed", "server_error"))
+        self.assertEqual(error["message"], failed["response"]["error"]["message"])
+
+
+# =============================================================================
+# 14. Server
+# =============================================================================
+
+class HttpProtocolTest(unittest.TestCase):
+    """Protocol edge cases on raw sockets."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.proxy = ProxyThread(max_body_bytes=1000)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.proxy.stop()
+
+    def exchange(self, data: bytes) -> list[tuple[int, dict, bytes]]:
+        """Send raw bytes; read every response until the server closes."""
+        with socket.create_connection(("127.0.0.1", self.proxy.port), timeout=10) as sock:
+            sock.sendall(data)
+            reader = sock.makefile("rb")
+            responses = []
+            while True:
+                try:
+                    responses.append(read_response(reader))
+                except (IndexError, ValueError):
+                    return responses
+
+    def test_keep_alive_and_pipelined_requests_are_answered_in_order(self):
+        responses = self.exchange(b"GET /v1/models HTTP/1.1\r\nhost: localhost\r\n\r\n"
+                                  b"GET /v1/models/opus-nope HTTP/1.1\r\nhost: localhost\r\n\r\n"
+                                  b"GET / HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+        self.assertEqual([status for status, _, _ in responses], [200, 404, 200])
+        self.assertEqual(responses[0][1]["connection"], "keep-alive")
+
+    def test_chunked_request_body_fed_in_pieces(self):
+        body = json.dumps({"model": "claude-sonnet-5-5",
+                           "messages": [{"role": "user", "content": "count me"}]}).encode()
+        chunked = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 7]), body[i:i + 7])
+                           for i in range(0, len(body), 7)) + b"0\r\n\r\n"
+        with socket.create_connection(("127.0.0.1", self.proxy.port), timeout=10) as sock:
+            sock.sendall(b"POST /v1/messages/count_tokens HTTP/1.1\r\nhost: localhost\r\n"
+                         b"transfer-encoding: chunked\r\nconnection: close\r\n\r\n")
+            for i in range(len(chunked)):
+                sock.sendall(chunked[i:i + 1])
+            status, _, data = read_response(sock.makefile("rb"))
+        self.assertEqual(status, 200, data)
+        self.assertGreater(json.loads(data)["input_tokens"], 0)
+
+    def test_expect_100_continue_gets_continue_then_the_answer(self):
+        body = json.dumps({"model": "claude-sonnet-5-5", "messages": []}).encode()
+        with socket.create_connection(("127.0.0.1", self.proxy.port), timeout=10) as sock:
+            sock.sendall(b"POST /v1/messages/count_tokens HTTP/1.1\r\nhost: localhost\r\n"
+                         b"expect: 100-continue\r\ncontent-length: %d\r\n\r\n" % len(body))
+            reader = sock.makefile("rb")
+            self.assertEqual(read_response(reader)[0], 100)
+            sock.sendall(body)
+            self.assertEqual(read_response(reader)[0], 200)
+
+    def test_an_http10_client_gets_a_stream_ended_by_close_never_chunks(self):
+        body = json.dumps({"model": "claude-sonnet-5-5", "max_tokens": 20, "stream": True,
+                           "messages": [{"role": "user", "content": "old client"}]}).encode()
+        raw = raw_exchange(self.proxy.port, b"POST /v1/messages HTTP/1.0\r\n"
+                           b"expect: 100-continue\r\ncontent-length: %d\r\n\r\n%s"
+                           % (len(body), body), timeout=60)
+        head, _, stream = raw.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 "), head)   # and no 100 before it
+        self.assertNotIn(b"transfer-encoding", head.lower())
+        self.assertIn(b"connection: close", head)
+        frames = [frame.split(b"\n") for frame in stream.strip().split(b"\n\n")]
+        self.assertEqual([frames[0][0], frames[-1][0]],
+                         [b"event: message_start", b"event: message_stop"])
+        self.assertEqual("".join(json.loads(f[1][6:])["delta"]["text"] for f in frames
+                                 if f[0] == b"event: content_block_delta"), UPSTREAM_TEXT)
+
+    def test_oversized_body_is_413_before_it_is_read(self):
+        with socket.create_connection(("127.0.0.1", self.proxy.port), timeout=10) as sock:
+            sock.sendall(b"POST /v1/messages HTTP/1.1\r\nhost: localhost\r\n"
+                         b"expect: 100-continue\r\n"
+                         b"content-length: 5000\r\n\r\n")
+            status, headers, data = read_response(sock.makefile("rb"))
+        self.assertEqual(status, 413)
+        self.assertEqual(json.loads(data)["error"]["type"], "request_too_large")
+        self.assertEqual(headers["connection"], "close")
+
+    def test_malformed_requests_get_api_errors(self):
+        cases = [
+            (b"GARBAGE\r\n\r\n", 400),
+            (b"GET / HTTP/2.0\r\n\r\n", 400),
+            (b"GET / HTTP/1.1\r\nbad header\r\n\r\n", 400),
+            (b"POST /v1/messages HTTP/1.1\r\ncontent-length: 1\r\n"
+             b"transfer-encoding: chunked\r\n\r\n", 400),
+            (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", 431),
+            (b"GET / HTTP/1.1\r\nx-big: " + b"a" * 70000 + b"\r\n\r\n", 431),
+            (b"POST /v1/messages HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n"
+             b"content-length: 8\r\n\r\nnot json", 400),
+            (b"GET /v1/models HTTP/1.1\r\n\r\n", 400),                     # no Host
+            (b"GET /v1/models HTTP/1.1\r\nhost: localhost\r\nhost: localhost\r\n\r\n", 400),
+            (b"GET /v1/models\n HTTP/1.1\r\nhost: localhost\r\n\r\n", 400),   # a bare LF
+            # Never a whole head: answered at once, not after the 30 s head timeout.
+            (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", 400),    # a TLS ClientHello
+            (b"GET / HTTP/1.1\nHost: localhost\n\n", 400),                # bare LFs only
+        ]
+        for request, status in cases:
+            with self.subTest(request=request[:40]):
+                responses = self.exchange(request)
+                self.assertEqual(responses[0][0], status)
+                error = json.loads(responses[0][2])
+                self.assertEqual(error["type"], "error")
+
+    def test_slow_heads_slow_bodies_and_idle_sockets_are_cut(self):
+        server = ProxyThread(header_timeout_s=0.5, body_timeout_s=0.3, keepalive_idle_s=0.3)
+        self.addCleanup(server.stop)
+        def trickled(start: bytes) -> bytes:
+            """Send `start`, then a byte every 0.1 s (each read is quick): the answer."""
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+                started = time.monotonic()
+                sock.sendall(start)
+                with contextlib.suppress(OSError):
+                    for _ in range(50):
+                        sock.sendall(b"X")
+                        time.sleep(0.1)     # the slowness under test, not a wait
+                self.assertLess(time.monotonic() - started, 4.5, "a deadline cut it")
+                with sock.makefile("rb") as answer:
+                    status, _, body = read_response(answer)
+            self.assertEqual(status, 400)
+            return body
+        self.assertIn(b"Timed out reading the request head.", trickled(b"GET / HTTP/1.1\r\n"))
+        raw = raw_exchange(server.port, b"POST /v1/messages HTTP/1.1\r\nHost: localhost\r\n"
+                                        b"Content-Length: 10\r\n\r\n{}")
+        self.assertIn(b"Timed out reading the request body.", raw)
+        self.assertIn(b"Timed out reading the request body.", trickled(
+            b"POST /v1/messages HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1000\r\n\r\n"))
+        idle = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        self.addCleanup(idle.close)
+        self.assertTrue(closed_by_server(idle), "an idle socket is closed")
+
+    def test_a_flood_of_idle_and_slow_sockets_does_not_lock_clients_out(self):
+        server = ProxyThread(max_connections=4)
+        self.addCleanup(server.stop)
+        flood = []
+        for n in range(12):
+            sock = socket.create_connection(("127.0.0.1", server.port))
+            if n >= 8:                      # the last four trickle a body: none is idle
+                sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: localhost\r\n"
+                             b"Content-Length: 100\r\n"
+                             b"Expect: 100-continue\r\n\r\n")
+                self.assertEqual(sock.recv(100), b"HTTP/1.1 100 Continue\r\n\r\n")
+                sock.sendall(b"{")          # the 100 said: the proxy reads this body
+            elif n % 2:
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n")   # a slowloris head
+            flood.append(sock)
+        self.addCleanup(lambda: [sock.close() for sock in flood])
+        raw = raw_exchange(server.port, b"GET / HTTP/1.1\r\nHost: localhost\r\n"
+                                        b"Connection: close\r\n\r\n")
+        self.assertTrue(raw.startswith(b"HTTP/1.1 200 "), raw[:60])
+        for sock in flood[:12 - 4 + 1]:
+            self.assertTrue(closed_by_server(sock), "the oldest sockets made room")
+
+    def test_head_gets_headers_without_body(self):
+        raw = raw_exchange(self.proxy.port, b"HEAD / HTTP/1.1\r\nhost: localhost\r\n"
+                                            b"connection: close\r\n\r\n")
+        head, _, rest = raw.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 "))
+        self.assertIn(b"content-length: ", head)
+        self.assertEqual(rest, b"")
+
+
+# =============================================================================
+# 15. Command line
+# =============================================================================
+
+class CommandLineTest(unittest.TestCase):
+    def test_refuses_an_open_address_without_a_key(self):
+        import subprocess
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CLAUDE_PROXY_")}
+        done = subprocess.run([sys.executable, proxy.__file__, "-H", "0.0.0.0", "-p", "0"],
+                              capture_output=True, text=True, timeout=60, env=env)
+        self.assertEqual(done.returncode, 2)
+        self.assertIn("Set CLAUDE_PROXY_API_KEY", done.stderr)
+
+    def run_command(self, *argv, **env):
+        import subprocess
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("CLAUDE_PROXY_")},
+               **env}
+        return subprocess.run([sys.executable, proxy.__file__, *argv], capture_output=True,
+                              text=True, timeout=120, env=env)
+
+    def test_doctor_checks_everything_with_one_real_call(self):
+        UPSTREAM.clear()
+        done = self.run_command("doctor", "-p", "0")
+        self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
+        lines = done.stdout.splitlines()
+        for name in ("python", "claude-agent-sdk", "Claude Code CLI", "login", "port",
+                     "upstream call"):
+            self.assertTrue(any(line.startswith(f"ok   {name}: ") for line in lines),
+                            (name, lines))
+        [call] = UPSTREAM.messages_requests()
+        self.assertEqual(call["body"]["max_tokens"], 1)
+
+    def test_doctor_says_what_to_fix(self):
+        done = self.run_command("doctor", "-p", "0", "--agent-dir", "/nonexistent")
+        self.assertEqual(done.returncode, 1)
+        self.assertIn("FAIL configuration: The agent directory /nonexistent does not exist.",
+                      done.stdout)
+        logged_out = self.run_command("doctor", "-p", "0", CLAUDE_CODE_OAUTH_TOKEN="",
+                                      HOME=tempfile.mkdtemp(prefix="proxy-test-nologin-"))
+        self.assertEqual(logged_out.returncode, 1)
+        self.assertIn("FAIL login: not logged in", logged_out.stdout)
+        self.assertIn(f"{sys.executable} {os.path.abspath(proxy.__file__)} setup-token",
+                      logged_out.stdout)
+
+    def test_doctor_beside_a_running_proxy_names_it(self):
+        server = ProxyThread()
+        self.addCleanup(server.stop)
+        done = self.run_command("doctor", "-p", str(server.port), "--agent-dir", "/nonexistent")
+        self.assertIn(f"ok   port: 127.0.0.1:{server.port}: taken by a running claude-sdk-proxy "
+                      f"{proxy.__version__}", done.stdout)
+
+    def test_a_start_without_a_login_says_what_to_do(self):
+        import subprocess
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("CLAUDE_PROXY_")},
+               "CLAUDE_CODE_OAUTH_TOKEN": "", "HOME": tempfile.mkdtemp(prefix="proxy-nologin-")}
+        started = subprocess.Popen([sys.executable, proxy.__file__, "-p", "0"], env=env,
+                                   stderr=subprocess.PIPE, text=True)
+        self.addCleanup(started.wait, 30)
+        self.addCleanup(started.terminate)
+        self.addCleanup(started.stderr.close)
+        lines = []
+        for line in started.stderr:
+            lines.append(line)
+            if "listening on" in line:
+                break
+        said = "".join(lines)
+        self.assertIn("has no login, so every request will be a 401", said)
+        self.assertIn(f"`{proxy.self_command()} login`", said)
+
+    def test_login_runs_the_clis_own_sign_in(self):
+        done = self.run_command("login", "--", "--help")    # the CLI's own login options
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertIn(f"{proxy.self_command()} setup-token", done.stdout)
+        self.assertIn("Sign in to your Anthropic account", done.stdout)
+        done = self.run_command("setup-token", "--", "--help")
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertIn("long-lived authentication token", done.stdout)
+
+    def test_the_base_url_it_announces_is_one_clients_parse(self):
+        for host, url in (("127.0.0.1", "http://127.0.0.1:3456"),
+                          ("::1", "http://[::1]:3456"), ("localhost", "http://localhost:3456")):
+            self.assertEqual(proxy.base_url(host, 3456), url)
+            self.assertEqual(urllib.parse.urlsplit(url).port, 3456)
+
+    def test_version_names_proxy_sdk_and_cli(self):
+        import subprocess
+        done = subprocess.run([sys.executable, proxy.__file__, "-v"], capture_output=True,
+                              text=True, timeout=60)
+        self.assertEqual(done.returncode, 0)
+        self.assertIn(proxy.__version__, done.stdout)
+        self.assertIn(proxy.sdk.__version__, done.stdout)
+        self.assertIn("Claude Code CLI 2.", done.stdout)
+
+    def test_request_log_line_has_status_model_and_tokens_but_no_secrets(self):
+        server = ProxyThread()
+        self.addCleanup(server.stop)
+        with self.assertLogs("claude_sdk_proxy", "INFO") as logs:
+            server.client(api_key="sk-secret-never-logged").messages.create(
+                model="claude-sonnet-5-5", max_tokens=10,
+                messages=[{"role": "user", "content": "private words"}])
+            # the line is written once the response has gone out
+            self.assertTrue(wait_until(lambda: any("POST /v1/messages 200" in r
+                                                   for r in logs.output)))
+        line = [r for r in logs.output if "POST /v1/messages 200" in r][0]
+        self.assertIn("model=claude-sonnet-5-5 in=22 out=42", line)
+        joined = "\n".join(logs.output)
+        self.assertNotIn("private words", joined)
+        self.assertNotIn("sk-secret", joined)
+
+
+class ReadmeRecipesTest(unittest.TestCase):
+    """The README's curl and Python recipes run as written, against a test proxy."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.server = ProxyThread()
+        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")) as f:
+            cls.blocks = re.findall(r"```(bash|python)\n(.*?)```", f.read(), re.S)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.stop()
+
+    def recipes(self, language, start):
+        found = [code.replace("http://127.0.0.1:3456", self.server.url)
+                 for lang, code in self.blocks if lang == language and code.startswith(start)]
+        self.assertTrue(found, (language, start))
+        return found
+
+    def test_curl_recipes(self):
+        import subprocess
+        for command in self.recipes("bash", "curl "):
+            with self.subTest(command=command[:60]):
+                done = subprocess.run(["bash", "-c", command], capture_output=True, text=True,
+                                      timeout=60)
+                self.assertEqual(done.returncode, 0, done.stderr)
+                self.assertIn(UPSTREAM_TEXT[:9], done.stdout)
+
+    def test_python_recipes(self):
+        for code in self.recipes("python", "import "):
+            with self.subTest(code=code[:40]):
+                printed = io.StringIO()
+                with contextlib.redirect_stdout(printed):
+                    exec(compile(code, "README.md", "exec"), {})
+                self.assertIn(UPSTREAM_TEXT, printed.getvalue())
+
+
+# =============================================================================
+# Clients as they ship: Claude Code, async SDKs, LangChain, Codex, the AI SDK, LiteLLM
+# =============================================================================
+
+
+class ClaudeCodeClientTest(unittest.TestCase):
+    """Claude Code itself (the bundled CLI) as a client of the proxy."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.server = ProxyThread()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.stop()
+
+    def setUp(self):
+        UPSTREAM.clear()
+
+    def claude(self, prompt, *flags):
+        import subprocess
+        env = {k: v for k, v in os.environ.items() if k != "CLAUDE_CODE_OAUTH_TOKEN"}
+        env.update({"ANTHROPIC_BASE_URL": self.server.url, "ANTHROPIC_API_KEY": "client-key",
+                    "HOME": tempfile.mkdtemp(prefix="proxy-test-cc-home-"),
+                    "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"})
+        return subprocess.run([proxy.cli_binary(self.server.config), "-p", prompt, *flags],
+                              capture_output=True, text=True, timeout=120, env=env,
+                              cwd=tempfile.mkdtemp(prefix="proxy-test-cc-cwd-"))
+
+    def test_print_mode_text_and_stream_json(self):
+        done = self.claude("hello", "--output-format", "text")
+        self.assertEqual((done.returncode, done.stdout.strip()), (0, UPSTREAM_TEXT), done.stderr)
+        done = self.claude("hello", "--output-format", "stream-json", "--verbose")
+        self.assertEqual(done.returncode, 0, done.stdout[-500:])
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        self.assertEqual((result["type"], result["result"]), ("result", UPSTREAM_TEXT))
+        body = UPSTREAM.messages_requests()[-1]["body"]
+        offered = {t["name"] for t in body["tools"]}
+        self.assertLessEqual({"mcp__c__Bash", "mcp__c__Read", "mcp__c__Edit"}, offered,
+                             "Claude Code's own tools reach the upstream")
+
+    def test_its_own_tool_runs_on_its_side_and_the_turn_goes_on(self):
+        done = self.claude('[[tool Bash {"command": "echo ran-in-claude-code"}]]',
+                           "--output-format", "text", "--allowedTools", "Bash")
+        self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
+        self.assertRegex(done.stdout.strip(), r"^Results: toolu_\w+=ran-in-claude-code$")
+        first, second = UPSTREAM.messages_requests()
+        self.assertEqual(first["headers"]["X-Claude-Code-Session-Id"],
+                         second["headers"]["X-Claude-Code-Session-Id"],
+                         "the parked CLI took Claude Code's tool result")
+
+
+class AsyncClientsTest(unittest.TestCase):
+    """The official SDKs' async clients, plain and streaming."""
+
+    def test_async_anthropic_and_openai(self):
+        server = ProxyThread()
+        self.addCleanup(server.stop)
+
+        async def talk():
+            async with anthropic.AsyncAnthropic(
+                    base_url=server.url, api_key="k", max_retries=0,
+                    timeout=CLIENT_TIMEOUT) as anthropic_client, \
+                    server.openai_client(kind=openai.AsyncOpenAI) as openai_client:
+                return await talk_through(anthropic_client, openai_client)
+
+        async def talk_through(anthropic_client, openai_client):
+            message = await anthropic_client.messages.create(
+                model="sonnet", max_tokens=10, messages=[{"role": "user", "content": "a"}])
+            async with anthropic_client.messages.stream(
+                    model="sonnet", max_tokens=10,
+                    messages=[{"role": "user", "content": "b"}]) as stream:
+                streamed = "".join([text async for text in stream.text_stream])
+            chat = await openai_client.chat.completions.create(
+                model="sonnet", messages=[{"role": "user", "content": "c"}])
+            async with openai_client.chat.completions.stream(
+                    model="sonnet", messages=[{"role": "user", "content": "d"}]) as stream:
+                final = await stream.get_final_completion()
+            response = await openai_client.responses.create(model="sonnet", input="e")
+            return [message.content[0].text, streamed, chat.choices[0].message.content,
+                    final.choices[0].message.content, response.output_text]
+        self.assertEqual(asyncio.run(talk()), [UPSTREAM_TEXT] * 5)
+
+
+class LangChainTest(unittest.TestCase):
+    """LangChain's ChatAnthropic and ChatOpenAI with bind_tools, a whole tool round."""
+
+    def test_bind_tools_round_trip_with_both_chat_models(self):
+        from langchain_anthropic import ChatAnthropic
+        from langchain_core.messages import HumanMessage, ToolMessage
+        from langchain_core.tools import tool
+        from langchain_openai import ChatOpenAI
+
+        @tool
+        def get_weather(city: str) -> str:
+            """Weather for a city."""
+            return f"sunny in {city}"
+        server = ProxyThread()
+        self.addCleanup(server.stop)
+        models = [ChatAnthropic(model="claude-sonnet-5-5", base_url=server.url, api_key="k",
+                                max_retries=0, timeout=CLIENT_TIMEOUT),
+                  ChatOpenAI(model="claude-sonnet-5-5", base_url=server.url + "/v1",
+                             api_key="k", max_retries=0, timeout=CLIENT_TIMEOUT)]
+        for model in models:
+            with self.subTest(model=type(model).__name__):
+                UPSTREAM.clear()
+                chat = model.bind_tools([get_weather])
+                asked = [HumanMessage('Weather? [[tool get_weather {"city": "Oslo"}]]')]
+                called = chat.invoke(asked)
+                [call] = called.tool_calls
+                self.assertEqual((call["name"], call["args"]), ("get_weather", {"city": "Oslo"}))
+                answer = chat.invoke(asked + [called, ToolMessage(
+                    get_weather.invoke(call["args"]), tool_call_id=call["id"])])
+                self.assertEqual(answer.content if isinstance(answer.content, str) else
+                                 answer.content[0]["text"], f"Results: {call['id']}=sunny in Oslo")
+                sessions = {r["headers"]["X-Claude-Code-Session-Id"]
+                            for r in UPSTREAM.messages_requests()}
+                self.assertEqual(len(sessions), 1, "the parked CLI took the tool result")
 
 
 def post_raw(port: int, path: str, body: dict, *headers: str) -> tuple[int, dict, bytes]:
@@ -5405,6 +6124,103 @@ class ClientsAsShippedTest(OpenAICase):
         self.assertEqual(first["headers"]["X-Claude-Code-Session-Id"],
                          second["headers"]["X-Claude-Code-Session-Id"], "answered warm")
         self.assertEqual(len(conversation(second["body"])), 3)
+
+
+# =============================================================================
+# Fuzzing: arbitrary bytes and JSON give API errors, never anything else
+# =============================================================================
+
+def json_containers(inner):
+    return st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=5)
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) |
+                    st.text(max_size=20), json_containers, max_leaves=25)
+
+
+ROLES = st.sampled_from(["user", "assistant", "system", "developer", "tool", "x"])
+
+
+BLOCK_TYPES = st.sampled_from(["text", "image", "tool_use", "tool_result", "thinking",
+                               "image_url", "input_text", "input_image", "function_call",
+                               "function_call_output", "message", "document"])
+
+
+BLOCK = st.fixed_dictionaries({"type": BLOCK_TYPES}, optional={
+    "text": JSON, "id": JSON, "name": JSON, "input": JSON, "tool_use_id": JSON,
+    "content": JSON, "source": JSON, "image_url": JSON, "call_id": JSON, "arguments": JSON,
+    "output": JSON, "role": ROLES, "tool_calls": JSON, "tool_call_id": JSON})
+
+
+MESSAGE = st.fixed_dictionaries({"role": ROLES}, optional={
+    "content": st.one_of(st.text(max_size=10), st.lists(BLOCK, max_size=3), JSON),
+    "tool_calls": JSON, "tool_call_id": JSON, "type": BLOCK_TYPES, "call_id": JSON,
+    "output": JSON, "name": JSON, "arguments": JSON})
+
+
+REQUEST = st.fixed_dictionaries({}, optional={
+    "model": st.one_of(st.sampled_from(["sonnet", "gpt-4o", "claude-opus-5-5"]), JSON),
+    "max_tokens": JSON, "messages": st.lists(MESSAGE, max_size=4), "input": st.one_of(
+        st.text(max_size=10), st.lists(MESSAGE, max_size=4)),
+    "system": JSON, "tools": JSON, "tool_choice": JSON, "temperature": JSON,
+    "stop_sequences": JSON, "thinking": JSON, "stream": JSON, "metadata": JSON,
+    "response_format": JSON, "text": JSON, "output_config": JSON, "n": JSON,
+    "max_completion_tokens": JSON, "stop": JSON, "reasoning_effort": JSON,
+    "reasoning": JSON, "instructions": JSON, "user": JSON})
+
+
+FUZZ = settings(max_examples=300, deadline=None,
+                suppress_health_check=[HealthCheck.too_slow])
+
+
+class FuzzTest(unittest.TestCase):
+    def only_api_errors(self, translate, body):
+        try:
+            turn = translate(body)
+        except proxy.ProxyError as err:
+            self.assertEqual(err.status, 400, err.message)
+            return
+        self.assertIsInstance(turn, proxy.Turn)
+        self.assertIsInstance(turn.shape, str)
+
+    @FUZZ
+    @given(REQUEST)
+    def test_messages_requests(self, body):
+        self.only_api_errors(lambda b: proxy.messages_request_to_turn(b, "sonnet"), body)
+
+    @FUZZ
+    @given(REQUEST)
+    def test_chat_completions_requests(self, body):
+        self.only_api_errors(lambda b: proxy.chat_request_to_turn(b, "sonnet"), body)
+
+    @FUZZ
+    @given(REQUEST, st.one_of(st.none(), st.lists(MESSAGE, max_size=2)))
+    def test_responses_requests(self, body, previous):
+        previous = [m for m in previous or [] if isinstance(m.get("content"), list)]
+        self.only_api_errors(lambda b: proxy.responses_request_to_turn(
+            b, "sonnet", previous=previous), body)
+
+    @FUZZ
+    @given(st.binary(max_size=300) | st.builds(
+        lambda line, fields: line + b"\r\n" + b"\r\n".join(fields) + b"\r\n\r\n",
+        st.sampled_from([b"POST /v1/messages HTTP/1.1", b"GET / HTTP/1.0", b"GET  HTTP/1.1"]),
+        st.lists(st.binary(max_size=40), max_size=5)))
+    def test_request_heads(self, data):
+        try:
+            head = proxy.parse_request_head(data)
+            proxy.body_length(head)
+        except proxy.ProxyError as err:
+            self.assertIn(err.status, (400, 413, 431), err.message)
+
+    @FUZZ
+    @given(st.lists(st.binary(max_size=30), max_size=8))
+    def test_chunked_bodies(self, pieces):
+        decoder = proxy.ChunkedDecoder(1000)
+        try:
+            for piece in pieces:
+                decoder.feed(piece)
+        except proxy.ProxyError as err:
+            self.assertIn(err.status, (400, 413), err.message)
 
 
 def as_blocks(content) -> list:
