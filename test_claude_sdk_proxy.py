@@ -4693,6 +4693,8 @@ class WarmSessionTest(ApiAssertions, unittest.TestCase):
         [session] = self.sessions(server)
         self.assertEqual((session["state"], session["turns"]), ("idle", 3))
         self.assertEqual(len(cli_children()), 1)
+        # What it costs: its proportional share of memory, never above its resident size.
+        self.assertTrue(0 < session["pss_mb"] <= session["rss_mb"], session)
         health = client.get("/", cast_to=object)
         self.assertEqual((health["sessions"]["idle"], health["cli_processes"]), (1, 1))
         self.assertTrue(wait_until(lambda: client.get("/", cast_to=object)["tokens"]["output"]
