@@ -3089,6 +3089,8 @@ class CliProcess:
     async def start(self) -> None:
         """Spawn and connect the CLI; raise a ProxyError when it cannot start."""
         ready = asyncio.get_running_loop().create_future()
+        # Read even when nobody awaits it any more (the start was cancelled).
+        ready.add_done_callback(lambda done: done.cancelled() or done.exception())
         self._owner = asyncio.create_task(self._own(ready))
         try:
             await asyncio.shield(ready)
