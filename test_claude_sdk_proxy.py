@@ -6505,6 +6505,261 @@ def bench_recycled(rounds: int) -> list[float]:
         server.stop()
 
 
+# -- shared proxy: several apps' shapes on one proxy, spares on and off --------
+
+def bench_procs() -> dict[int, tuple[int, str, list[int]]]:
+    """Every process: pid -> (ppid, comm, [utime, stime, cutime, cstime] in clock
+    ticks), from /proc (zombies included: their times stay until they are reaped)."""
+    procs = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                with open(f"/proc/{entry}/stat") as f:
+                    text = f.read()
+                fields = text[text.rindex(")") + 2:].split()
+                procs[int(entry)] = (int(fields[1]), text[text.index("(") + 1:text.rindex(")")],
+                                     [int(v) for v in fields[11:15]])
+    return procs
+
+
+def bench_clis_of(server) -> list[int]:
+    """The CLI processes of one BenchProxy (server.clis() has every proxy's), those
+    exiting and not yet reaped included."""
+    return [pid for pid, (ppid, comm, _) in bench_procs().items()
+            if ppid == server.process.pid and comm == "claude"]
+
+
+def bench_cpu(server) -> tuple[float, float]:
+    """CPU seconds (user + system) used so far by a BenchProxy: (its own process,
+    everything it started). The proxy is a process of its own, so none of the
+    bench's client work is in either. What it started: its CLIs (and anything they
+    start) and its watchdog; a live one counts its own utime+stime plus the
+    cutime+cstime of what it reaped, and one that is gone counts in full in the
+    proxy's cutime+cstime (the proxy's event loop waits for its CLIs, so it is
+    their reaper; a zombie not reaped yet still counts its own times). A difference
+    of two readings is then everything spent in between, by CLIs that started,
+    ran or exited in between alike. Read twice, until no process came, went or was
+    reaped between the two readings."""
+    root = server.process.pid
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def read():
+        procs = bench_procs()
+        tree, grown = {root}, True
+        while grown:
+            grown = False
+            for pid, (ppid, _, _) in procs.items():
+                if ppid in tree and pid not in tree:
+                    tree.add(pid)
+                    grown = True
+        own = procs[root][2]
+        started = own[2] + own[3] + sum(sum(procs[pid][2]) for pid in tree - {root})
+        return (own[0] + own[1]) / tick, started / tick, tree, own[2:]
+    first = read()
+    for _ in range(20):
+        second = read()
+        if second[2:] == first[2:]:
+            break
+        first = second
+    return second[0], second[1]
+
+
+class BenchSpawns:
+    """Counts the processes some BenchProxies start while it runs: their children
+    first seen in /proc, which it lists every 20 ms (a CLI lives far longer). Once
+    running, a proxy starts no other process than CLIs (its watchdog comes first)."""
+
+    def __init__(self, servers):
+        self.started = {server.process.pid: 0 for server in servers}
+        self._known = set(bench_procs())
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._done.wait(0.02):
+            for entry in os.listdir("/proc"):
+                if entry.isdigit() and int(entry) not in self._known:
+                    self._known.add(int(entry))
+                    with contextlib.suppress(OSError, ValueError, IndexError):
+                        with open(f"/proc/{entry}/stat") as f:
+                            ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                        if ppid in self.started:
+                            self.started[ppid] += 1
+
+    def stop(self) -> dict[int, int]:
+        """Processes started, by proxy pid."""
+        self._done.set()
+        self._thread.join()
+        return self.started
+
+
+BENCH_POLLS: dict[BenchProxy, tuple] = {}  # proxy -> (its client, GET /sessions sent)
+
+
+def bench_sessions(server) -> list[dict]:
+    """GET /sessions, counted: each costs the proxy process ~3 ms of CPU, which the
+    CPU figures take out again (bench_poll_cost)."""
+    client, polls = BENCH_POLLS.get(server) or (server.client(), 0)
+    BENCH_POLLS[server] = client, polls + 1
+    return client.get("/sessions", cast_to=object)["data"]
+
+
+def bench_usage(server) -> tuple[float, float, int]:
+    """bench_cpu's two readings and the GET /sessions sent so far."""
+    return *bench_cpu(server), BENCH_POLLS.get(server, (None, 0))[1]
+
+
+def bench_spent(server, before) -> tuple[float, float]:
+    """CPU seconds since `before` (a bench_usage): the proxy process's, less what
+    the bench's own GET /sessions cost it, and what it started."""
+    own, started, polls = bench_usage(server)
+    cost = bench_poll_cost(server)
+    return own - before[0] - (polls - before[2]) * cost, started - before[1]
+
+
+def bench_poll_cost(server, polls: int = 20) -> float:
+    """CPU seconds a GET /sessions costs the proxy process, measured now, at rest."""
+    before = bench_cpu(server)[0]
+    for _ in range(polls):
+        bench_sessions(server)
+    return (bench_cpu(server)[0] - before) / polls
+
+
+def bench_quiet(server, frozen: bool = False) -> None:
+    """Wait until a proxy is at rest, twice 0.25 s apart (a spare for a request's
+    shape is started just after its answer): no CLI starting (as bench_settle, which
+    polls 5 times as often), busy or finishing, none still exiting (its CLI
+    processes are its sessions'), and with `frozen` every CLI stopped (idle 2 s; idle
+    CLIs' timers cost CPU). Then no work of one measure runs into the next, on this
+    proxy or on another. Called just after a request: a proxy that starts a spare
+    only after SPARE_QUIET_S without requests gets that long first."""
+    time.sleep(proxy.SPARE_QUIET_S)
+
+    def at_rest() -> bool:
+        sessions = bench_sessions(server)
+        return (all(s["state"] in ("idle", "spare", "awaiting_tools") and
+                    (not frozen or s.get("frozen", True) or s["idle_s"] > 4)
+                    for s in sessions) and len(bench_clis_of(server)) == len(sessions))
+    wait_until(lambda: at_rest() and (time.sleep(0.25) or at_rest()), timeout=60,
+               interval=0.25)
+
+
+def bench_end_sessions(server, keep) -> None:
+    """End every conversation but those with session ids in `keep` (DELETE
+    /sessions/{id}): a measure's leftovers neither fill the proxy nor get evicted
+    in a later one. Spares stay: keeping or letting them go is the policy's."""
+    client = server.client()
+    for session in bench_sessions(server):
+        if session["id"] not in keep and session["state"] not in ("spare", "starting"):
+            with contextlib.suppress(anthropic.NotFoundError):
+                client.delete(f"/sessions/{session['id']}", cast_to=object)
+    bench_quiet(server, frozen=True)
+
+
+def bench_new_shape(client, system: str) -> float:
+    """A new chat, in seconds."""
+    return bench_chat(client, [{"role": "user", "content": "hi"}], system)[0]
+
+
+def bench_rotation(servers: dict, rounds: int, shapes: int = 10) -> dict:
+    """Follow-ups rotating over `shapes` live conversations of as many shapes (apps
+    with system prompts app-0, app-1, ...) on each proxy: `rounds` rounds of one
+    follow-up on each, the proxies taking turns round by round, each at rest before
+    the other's round. Per proxy label: (every follow-up's seconds, and over the
+    whole rotation the CPU seconds of the proxy process and of what it started
+    (bench_spent), and the processes it started)."""
+    histories = {label: [] for label in servers}
+    for k in range(shapes):
+        for label, server in servers.items():
+            histories[label] += bench_conversations(server, 1, f"app-{k}")
+    for server in servers.values():
+        bench_quiet(server, frozen=True)
+    spawns = BenchSpawns(servers.values())
+    before = {label: bench_usage(server) for label, server in servers.items()}
+    times = {label: [] for label in servers}
+    for i in range(rounds):
+        for label, server in servers.items():
+            client = server.client()
+            for k in range(shapes):
+                took, histories[label][k] = bench_chat(client, histories[label][k] + [
+                    {"role": "user", "content": f"follow-up {i}"}], f"app-{k}")
+                times[label].append(took)
+            bench_quiet(server, frozen=True)   # its idle CLIs' timers stopped too
+    started = spawns.stop()
+    spent = {label: bench_spent(server, before[label]) for label, server in servers.items()}
+    return {label: (times[label], *spent[label], started[server.process.pid])
+            for label, server in servers.items()}
+
+
+def bench_familiar(servers: dict, rounds: int, system: str) -> dict:
+    """New chats of a shape that started chats before, each after the proxy came to
+    rest (a spare, where there are spares, ready); seconds by proxy label."""
+    times = {label: [] for label in servers}
+    keep = {label: {s["id"] for s in bench_sessions(server)}
+            for label, server in servers.items()}
+    for server in servers.values():
+        bench_new_shape(server.client(), system)
+        bench_quiet(server)             # the spare for `system` started, if any
+    for i in range(rounds):
+        for label, server in servers.items():
+            times[label].append(bench_chat(server.client(), [
+                {"role": "user", "content": f"new chat {i}"}], system)[0])
+            bench_quiet(server)
+    for label, server in servers.items():
+        bench_end_sessions(server, keep[label])
+    return times
+
+
+def bench_new_shapes(servers: dict, runs: int, count: int = 5) -> dict:
+    """`runs` times on each proxy in turn, from rest: new chats of `count` new
+    shapes, one after another. By proxy label: (each run's seconds per chat, CPU
+    seconds of the proxy and what it started per chat, up to rest after the last)."""
+    out = {label: ([], 0.0) for label in servers}
+    for run in range(runs):
+        for label, server in servers.items():
+            keep = {s["id"] for s in bench_sessions(server)}
+            before = bench_usage(server)
+            client = server.client()
+            times = [bench_new_shape(client, f"new app {label} {run} {n}")
+                     for n in range(count)]
+            bench_quiet(server)
+            runs_so_far, cpu = out[label]
+            out[label] = (runs_so_far + [times], cpu + sum(bench_spent(server, before)))
+            bench_end_sessions(server, keep)
+    return {label: (times, cpu / (runs * count)) for label, (times, cpu) in out.items()}
+
+
+def bench_burst(server, systems: list[str]) -> float:
+    """New chats of these shapes all at once, one thread each: seconds until the
+    last is answered."""
+    clients = [server.client() for _ in systems]
+    go, errors = threading.Event(), []
+
+    def send(n):
+        go.wait()
+        try:
+            bench_new_shape(clients[n], systems[n])
+        except Exception as exc:        # noqa: BLE001 - reported after the join
+            errors.append(exc)
+    threads = [threading.Thread(target=send, args=(n,)) for n in range(len(systems))]
+    for t in threads:
+        t.start()
+    started = time.perf_counter()
+    go.set()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return time.perf_counter() - started
+
+
+def bench_percentile(values, fraction):
+    """The value below which `fraction` of `values` lie."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
 def bench(rounds: int = 7) -> None:
     """Print the warm-session benchmark table: medians, ratios to a cold start."""
     import statistics
@@ -6515,6 +6770,8 @@ def bench(rounds: int = 7) -> None:
     try:
         client = server.client()
         [history] = bench_conversations(server, 1, "app")
+        # Its spare starts after a quiet second: let it, before the follow-ups.
+        wait_until(lambda: bench_spares(server) >= 1, timeout=60)
         bench_settle(server)
         follow = []
         for i in range(3 * rounds):
@@ -6548,10 +6805,6 @@ def bench(rounds: int = 7) -> None:
 
     c = median(cold)
 
-    def percentile(values, fraction):
-        ordered = sorted(values)
-        return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
-
     def row(name, seconds):
         return name, f"{seconds * 1000:.0f} ms", f"{seconds / c:.2f}"
     rows = [
@@ -6564,7 +6817,7 @@ def bench(rounds: int = 7) -> None:
         row("8 concurrent follow-ups, last answer", median(bursts)),
         row("8 concurrent direct SDK turns, no proxy (rounds alternate)", median(direct_eight)),
         *[(f"follow-ups/s at concurrency {w}", f"{r:.1f}/s", "") for w, (r, _) in loads.items()],
-        row("follow-up at concurrency 8, 99th percentile", percentile(loads[8][1], 0.99)),
+        row("follow-up at concurrency 8, 99th percentile", bench_percentile(loads[8][1], 0.99)),
         ("CLI processes / RSS after the runs", f"{clis} / {rss:.0f} MB", ""),
         ("50 conversations at once, cap 8: peak CLIs", f"{peak}", ""),
         ("CLIs left after they idled out", f"{left}", ""),
@@ -6576,7 +6829,98 @@ def bench(rounds: int = 7) -> None:
     print("| measure | value | × cold |\n|---|---:|---:|")
     for name, value, ratio in rows:
         print(f"| {name} | {value} | {ratio} |")
+    bench_shared(rounds)
     UPSTREAM.close()
+
+
+def bench_shared(rounds: int = 7) -> None:
+    """Print the shared-proxy table: several apps' shapes on one proxy, with spares
+    (max_spares=2, the default policy) and without (max_spares=0), side by side in
+    one run: the two proxies take turns measure by measure, each at rest before the
+    other's turn. Medians, ratios on / off and to a cold start."""
+    import statistics
+    median = statistics.median
+    runs = max(2, rounds // 2)
+    default_mc = proxy.Config().max_concurrent
+    cold = bench_cold(rounds, "shared first")
+    servers: list[BenchProxy] = []
+
+    def pair(**env) -> dict[str, BenchProxy]:
+        made = {"on": BenchProxy(max_spares=2, max_sessions=32, **env),
+                "off": BenchProxy(max_spares=0, max_sessions=32, **env)}
+        servers.extend(made.values())
+        return made
+    try:
+        shared = pair(max_concurrent=default_mc)
+        rotation = bench_rotation(shared, rounds)
+        familiar = bench_familiar(shared, rounds, "app-0")
+        new_shapes = bench_new_shapes(shared, runs)
+        groups = {default_mc: shared}
+        if 8 not in groups:
+            groups[8] = pair(max_concurrent=8)
+        bursts = {(mc, label): [] for mc in groups for label in shared}
+        for run in range(runs):
+            for mc, group in groups.items():
+                for label, server in group.items():
+                    keep = {s["id"] for s in bench_sessions(server)}
+                    bursts[mc, label].append(bench_burst(
+                        server, [f"burst {mc} {label} {run} {n}" for n in range(8)]))
+                    bench_end_sessions(server, keep)
+    finally:
+        for server in servers:
+            server.stop()
+    cold += bench_cold(rounds, "shared last")      # half at each end: the machine drifts
+
+    c = median(cold)
+
+    def ms(seconds):
+        return f"{seconds * 1000:.0f} ms"
+
+    def ms_cold(seconds):
+        return f"{ms(seconds)} ({seconds / c:.2f}× cold)"
+
+    def row(name, on, off, show=ms):
+        return name, show(on), show(off), f"{on / off:.2f}" if off else ""
+
+    follow_ups = len(rotation["on"][0])
+    cpu = {label: (own + started) / follow_ups
+           for label, (_, own, started, _) in rotation.items()}
+    later = {label: median([t for run in times for t in run[1:]])
+             for label, (times, _) in new_shapes.items()}
+    first = {label: median([run[0] for run in times]) for label, (times, _) in new_shapes.items()}
+    rows = [
+        (f"cold first turn, a new shape (bench_cold: no spares, {2 * rounds} runs)", ms(c),
+         "", ""),
+        row(f"follow-up, 10 live conversations of 10 shapes in rotation ({follow_ups})",
+            median(rotation["on"][0]), median(rotation["off"][0])),
+        row("… its 90th percentile", bench_percentile(rotation["on"][0], 0.9),
+            bench_percentile(rotation["off"][0], 0.9)),
+        row("CPU per follow-up in that rotation: proxy + all it started", cpu["on"], cpu["off"]),
+        row("… of which the proxy process itself", rotation["on"][1] / follow_ups,
+            rotation["off"][1] / follow_ups),
+        row("processes (CLIs) started per follow-up", rotation["on"][3] / follow_ups,
+            rotation["off"][3] / follow_ups, show=lambda v: f"{v:.2f}"),
+        row(f"new chat, familiar shape (app-0), after settling ({rounds})",
+            median(familiar["on"]), median(familiar["off"]), ms_cold),
+        row(f"new shape right after other new shapes (2nd-5th of 5, {4 * runs})",
+            later["on"], later["off"], ms_cold),
+        row(f"… the 1st of those 5, from rest ({runs})", first["on"], first["off"], ms_cold),
+        row("CPU per new-shape chat, 5 in a row (up to rest)", new_shapes["on"][1],
+            new_shapes["off"][1]),
+        *[row(f"8 new shapes at once, last answer, max_concurrent={mc}"
+              f"{' (default)' if mc == default_mc else ''} ({runs})",
+              median(bursts[mc, "on"]), median(bursts[mc, "off"])) for mc in groups],
+    ]
+    print(f"\nshared proxy, medians: spares on = max_spares=2 (the default policy), off = "
+          f"max_spares=0, both max_sessions=32 and max_concurrent={default_mc} unless "
+          f"said; the proxies take turns, each at rest before the other's turn. CPU: "
+          f"utime+stime from /proc of the proxy process and of all it started (the CLIs "
+          f"it reaped counted from its cutime+cstime), up to rest after the last "
+          f"request; the bench's own clients not included, nor what its GET /sessions "
+          f"polls cost the proxy\n")
+    print("| measure | spares on | spares off | on ÷ off |\n|---|---:|---:|---:|")
+    for name, on, off, ratio in rows:
+        print(f"| {name} | {on} | {off} | {ratio} |")
 
 
 if __name__ == "__main__":
