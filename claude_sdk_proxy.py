@@ -3549,6 +3549,8 @@ def _in_own_session(open_process: Callable) -> Callable:
 if sdk is not None:
     import anyio
     anyio.open_process = _in_own_session(anyio.open_process)
+
+
 def available_memory() -> int:
     """The memory new processes can have without swapping (Linux's MemAvailable),
     else the machine's."""
@@ -3856,6 +3858,11 @@ class Engine:
         self._exits: set[asyncio.Task] = set()    # CLIs retired but not yet gone
         self._reaper: asyncio.Task | None = None
         self.closing = False
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued for a concurrency slot."""
+        return self._waiting
 
     # -- the request path ----------------------------------------------------
 
@@ -4253,7 +4260,7 @@ async def handle_health(app: App, request: Request, out: Responder) -> None:
         "status": "ok", "service": "claude-sdk-proxy", "versions": sdk_versions(),
         "uptime_s": round(time.monotonic() - app.started, 1),
         "requests": app.requests, "auth": app.config.api_key is not None,
-        "tokens": {"input": app.tokens_in, "output": app.tokens_out},
+        "tokens": dict(app.metrics.tokens),
         "cli_processes": len(app.engine.sessions),
         "sessions": {state: sum(1 for s in app.engine.describe() if s["state"] == state)
                      for state in SESSION_STATES},
@@ -4299,6 +4306,102 @@ async def handle_usage(app: App, request: Request, out: Responder) -> None:
         await out.send_json(200, {"status": None, "windows": {}, "observed_at": None})
     else:
         await out.send_json(200, usage_windows(*app.rate_limit))
+
+
+# Latency buckets of GET /metrics, in seconds: warm turns take tens of ms, cold
+# starts half a second, long answers minutes.
+LATENCY_BUCKETS_S = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+
+
+class RequestMetrics:
+    """What GET /metrics counts of the requests answered: by route and status, their
+    time to the last byte (a histogram by route), and tokens by direction."""
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, int], int] = {}
+        self.latency: dict[str, list[int]] = {}     # route -> count per bucket, +Inf last
+        self.latency_sum: dict[str, float] = {}
+        self.tokens = {"input": 0, "output": 0}
+
+    def observe(self, route: str, status: int, seconds: float, tokens_in: int,
+                tokens_out: int) -> None:
+        self.requests[route, status] = self.requests.get((route, status), 0) + 1
+        counts = self.latency.setdefault(route, [0] * (len(LATENCY_BUCKETS_S) + 1))
+        counts[next((i for i, bound in enumerate(LATENCY_BUCKETS_S) if seconds <= bound),
+                    len(LATENCY_BUCKETS_S))] += 1
+        self.latency_sum[route] = self.latency_sum.get(route, 0.0) + seconds
+        self.tokens["input"] += tokens_in
+        self.tokens["output"] += tokens_out
+
+
+def prometheus_family(name: str, kind: str, help_text: str,
+                      samples: Iterable[tuple[str, dict[str, Any], float]]) -> list[str]:
+    """One metric family in the Prometheus text format (version 0.0.4): samples are
+    (name suffix, labels, value)."""
+    def label(value: Any) -> str:
+        text = str(value).replace("\\", "\\\\").replace("\n", "\\n")
+        return '"' + text.replace('"', '\\"') + '"'
+    lines = [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+    for suffix, labels, value in samples:
+        inner = ",".join(f"{key}={label(value)}" for key, value in labels.items())
+        number = str(value) if isinstance(value, int) else repr(float(value))
+        lines.append(f"{name}{suffix}{{{inner}}} {number}" if inner else
+                     f"{name}{suffix} {number}")
+    return lines
+
+
+def metrics_text(metrics: RequestMetrics, sessions: list[dict], waiting: int,
+                 rate_limit: dict | None) -> str:
+    """GET /metrics: the requests, the live CLIs and the subscription's windows."""
+    histogram = []
+    for route, counts in sorted(metrics.latency.items()):
+        total = 0
+        for bound, count in zip([*LATENCY_BUCKETS_S, "+Inf"], counts):
+            total += count
+            histogram.append(("_bucket", {"route": route, "le": bound}, total))
+        histogram += [("_sum", {"route": route}, metrics.latency_sum[route]),
+                      ("_count", {"route": route}, total)]
+    windows = {name: state for name, state in ((rate_limit or {}).get("unifiedWindows")
+                                               or {}).items() if isinstance(state, dict)}
+    lines = [
+        *prometheus_family("claude_proxy_requests_total", "counter",
+                           "Requests answered, by route and status.",
+                           [("", {"route": route, "status": status}, count)
+                            for (route, status), count in sorted(metrics.requests.items())]),
+        *prometheus_family("claude_proxy_request_seconds", "histogram",
+                           "Time from a request's head to its answer's last byte.", histogram),
+        *prometheus_family("claude_proxy_tokens_total", "counter",
+                           "Tokens, by direction (input counts cache reads and writes).",
+                           [("", {"direction": d}, n) for d, n in metrics.tokens.items()]),
+        *prometheus_family("claude_proxy_sessions", "gauge", "CLI sessions, by state.",
+                           [("", {"state": state}, sum(s["state"] == state for s in sessions))
+                            for state in SESSION_STATES]),
+        *prometheus_family("claude_proxy_cli_memory_bytes", "gauge",
+                           "Memory of all live CLIs: resident (rss) and proportional (pss).",
+                           [("", {"kind": kind}, sum((s[f"{kind}_mb"] or 0) * 1048576
+                                                     for s in sessions))
+                            for kind in ("rss", "pss")]),
+        *prometheus_family("claude_proxy_queue_depth", "gauge",
+                           "Requests waiting for a concurrency slot.", [("", {}, waiting)]),
+        *prometheus_family("claude_proxy_window_utilization", "gauge",
+                           "Each subscription window's use (1 is spent), as last seen.",
+                           [("", {"window": name}, state["utilization"])
+                            for name, state in sorted(windows.items())
+                            if _is_number(state.get("utilization"))]),
+        *prometheus_family("claude_proxy_window_resets_at_seconds", "gauge",
+                           "When each subscription window resets (Unix time), as last seen.",
+                           [("", {"window": name}, state["resetsAt"])
+                            for name, state in sorted(windows.items())
+                            if _is_number(state.get("resetsAt"))]),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+async def handle_metrics(app: App, request: Request, out: Responder) -> None:
+    """GET /metrics: Prometheus text format."""
+    text = metrics_text(app.metrics, app.engine.describe(), app.engine.waiting,
+                        app.rate_limit[0] if app.rate_limit else None)
+    await out.send(200, text.encode("utf-8"), "text/plain; version=0.0.4; charset=utf-8")
 
 
 # -- stores: message threads and responses, per caller -------------------------
@@ -4698,11 +4801,13 @@ class Route:
     pattern: re.Pattern
     handler: Callable
     dialect: Dialect | None     # the API it speaks; None: the caller's (`dialect_for`)
+    name: str                   # its label in GET /metrics
 
 
-def _route(method: str, path: str, handler: Callable, dialect: Dialect | None = None
-           ) -> Route:
-    return Route(method, re.compile("^" + path + "$"), handler, dialect)
+def _route(method: str, path: str, handler: Callable, dialect: Dialect | None = None,
+           name: str = "") -> Route:
+    return Route(method, re.compile("^" + path + "$"), handler, dialect,
+                 name or handler.__name__.removeprefix("handle_"))
 
 
 ROUTES = (
@@ -4711,11 +4816,13 @@ ROUTES = (
     # their own paths to it: hence the optional /chat.
     _route("GET", r"/v1(?:/chat)?/models", handle_models),
     _route("GET", r"/v1(?:/chat)?/models/(?P<model_id>[^/]+)", handle_model),
-    _route("POST", r"/v1/messages", handle_turn, MESSAGES_API),
+    _route("POST", r"/v1/messages", handle_turn, MESSAGES_API, "messages"),
     _route("POST", r"/v1/messages/count_tokens", handle_count_tokens, MESSAGES_API),
-    _route("POST", r"/v1(?:/chat)?/chat/completions", handle_turn, CHAT_API),
-    _route("POST", r"/v1(?:/chat)?/responses", handle_turn, RESPONSES_API),
+    _route("POST", r"/v1(?:/chat)?/chat/completions", handle_turn, CHAT_API,
+           "chat_completions"),
+    _route("POST", r"/v1(?:/chat)?/responses", handle_turn, RESPONSES_API, "responses"),
     _route("GET", r"/usage", handle_usage),
+    _route("GET", r"/metrics", handle_metrics),
     _route("GET", r"/sessions", handle_sessions),
     _route("DELETE", r"/sessions/(?P<session_id>[^/]+)", handle_delete_session),
 )
@@ -4990,7 +5097,8 @@ class App:
         self.threads = ThreadStore()
         self.rate_limit: tuple[dict, float] | None = None    # latest info, when seen
         self.started = time.monotonic()
-        self.requests = self.tokens_in = self.tokens_out = 0
+        self.requests = 0
+        self.metrics = RequestMetrics()
         self.idle: dict[Connection, None] = {}  # waiting for a request, oldest first
         self.reading: dict[Connection, None] = {}   # reading a request body, oldest first
         self.busy: set[asyncio.Task] = set()    # connection tasks serving a request
@@ -5037,6 +5145,7 @@ async def serve_request(app: App, conn: Connection, raw_head: bytes, out: Respon
     started = time.monotonic()
     app.requests += 1
     method = path = "-"
+    route_name = "none"
     body_read = False
     try:
         head = parse_request_head(raw_head)
@@ -5060,6 +5169,7 @@ async def serve_request(app: App, conn: Connection, raw_head: bytes, out: Respon
                     raise
                 authorized = False
         route, params = match_route(head.method, head.path)
+        route_name = route.name
         length = body_length(head)
         if length is not None and length > app.config.max_body_bytes:
             raise RequestTooLarge(f"Request body of {length} bytes exceeds the "
@@ -5086,7 +5196,7 @@ async def serve_request(app: App, conn: Connection, raw_head: bytes, out: Respon
         await out.fail(ProxyError("Internal proxy error."))
     finally:
         app.reading.pop(conn, None)
-        log_request(app, out, method, path, started)
+        log_request(app, out, method, path, route_name, started)
 
 
 async def run_handler(app: App, conn: Connection, handler: Callable, request: Request,
@@ -5120,16 +5230,17 @@ async def run_handler(app: App, conn: Connection, handler: Callable, request: Re
                 await task
 
 
-def log_request(app: App, out: Responder, method: str, path: str, started: float) -> None:
-    """One line per request: method, path, status, ms, model, tokens."""
+def log_request(app: App, out: Responder, method: str, path: str, route: str,
+                started: float) -> None:
+    """One line per request (method, path, status, ms, model, tokens), and its count
+    in GET /metrics under its route's name."""
+    seconds = time.monotonic() - started
     tokens_in = sum(out.usage.get(k) or 0 for k in (
         "input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens"))
     tokens_out = out.usage.get("output_tokens") or 0
-    app.tokens_in += tokens_in
-    app.tokens_out += tokens_out
+    app.metrics.observe(route, out.status, seconds, tokens_in, tokens_out)
     log.info("%s %s %d %dms model=%s in=%d out=%d %s", method, path, out.status,
-             (time.monotonic() - started) * 1000, out.model or "-", tokens_in, tokens_out,
-             out.request_id)
+             seconds * 1000, out.model or "-", tokens_in, tokens_out, out.request_id)
 
 
 def not_a_killed_cli(record: logging.LogRecord) -> bool:

@@ -57,6 +57,7 @@ import zlib
 import anthropic
 import openai
 from hypothesis import HealthCheck, given, settings, strategies as st
+from prometheus_client.parser import text_string_to_metric_families
 
 import claude_sdk_proxy as proxy
 
@@ -5108,6 +5109,8 @@ class MatchRouteTest(unittest.TestCase):
             ("POST", "/v1/chat/responses", responses, {}),
             ("POST", "/v1/responses/", responses, {}),
             ("GET", "/usage", "/usage", {}),
+            ("GET", "/metrics", "/metrics", {}),
+            ("GET", "/metrics/", "/metrics", {}),
             ("GET", "/sessions", sessions, {}),
             ("GET", "/sessions/", sessions, {}),
             ("DELETE", "/sessions/abc-123", session, {"session_id": "abc-123"}),
@@ -5264,6 +5267,64 @@ class StreamPacingTest(unittest.TestCase):
                           failed["response"]["error"]["code"]),
                          ("server_error", "server_error", "failed", "server_error"))
         self.assertEqual(error["message"], failed["response"]["error"]["message"])
+
+
+class MetricsTest(unittest.TestCase):
+    """GET /metrics, read by Prometheus's own text parser."""
+
+    def setUp(self):
+        UPSTREAM.clear()
+
+    @staticmethod
+    def scrape(server) -> dict:
+        """(metric sample name, its labels as a sorted tuple) -> value."""
+        raw = raw_exchange(server.port, b"GET /metrics HTTP/1.1\r\nhost: localhost\r\n"
+                                        b"x-api-key: test-key\r\nconnection: close\r\n\r\n")
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 "), head
+        assert b"content-type: text/plain; version=0.0.4" in head.lower(), head
+        return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+                for family in text_string_to_metric_families(body.decode("utf-8"))
+                for sample in family.samples}
+
+    def test_requests_latency_tokens_sessions_and_windows(self):
+        server = ProxyThread()
+        self.addCleanup(server.stop)
+        client = server.client()
+        with client.messages.stream(model="sonnet", max_tokens=5, messages=[
+                {"role": "user", "content": "streamed"}]) as stream:
+            stream.get_final_message()
+        server.openai_client().chat.completions.create(
+            model="sonnet", messages=[{"role": "user", "content": "hi"}])
+        with self.assertRaises(anthropic.NotFoundError):
+            client.get("/nowhere", cast_to=object)
+        client.messages.create(model="sonnet", max_tokens=5, messages=[   # windows last
+            {"role": "user", "content": "[[limits warning]] hello"}])
+        self.assertTrue(wait_until(lambda: self.scrape(server).get(
+            ("claude_proxy_requests_total", (("route", "messages"), ("status", "200"))))
+            == 2), self.scrape(server))
+        seen = self.scrape(server)
+
+        def value(name, **labels):
+            return seen[name, tuple(sorted(labels.items()))]
+        self.assertEqual(value("claude_proxy_requests_total", route="messages", status="200"), 2)
+        self.assertEqual(value("claude_proxy_requests_total", route="none", status="404"), 1)
+        self.assertEqual(value("claude_proxy_request_seconds_count", route="messages"), 2)
+        self.assertEqual(value("claude_proxy_request_seconds_bucket", route="messages",
+                               le="+Inf"), 2)
+        self.assertGreater(value("claude_proxy_request_seconds_sum", route="messages"), 0)
+        self.assertEqual(value("claude_proxy_tokens_total", direction="output"), 3 * 42)
+        self.assertEqual(value("claude_proxy_tokens_total", direction="input"), 3 * (17 + 3 + 2))
+        sessions = client.get("/sessions", cast_to=object)["data"]
+        self.assertEqual(value("claude_proxy_sessions", state="idle"),
+                         sum(s["state"] == "idle" for s in sessions))
+        self.assertEqual(value("claude_proxy_sessions", state="idle"), 3)
+        self.assertGreater(value("claude_proxy_cli_memory_bytes", kind="pss"), 0)
+        self.assertEqual(value("claude_proxy_queue_depth"), 0)
+        self.assertEqual(value("claude_proxy_window_utilization", window="five_hour"), 0.91)
+        self.assertEqual(value("claude_proxy_window_resets_at_seconds", window="five_hour"),
+                         ScriptedUpstream.LIMIT_RESET)
+        self.assertEqual(value("claude_proxy_window_utilization", window="seven_day"), 0.25)
 
 
 # =============================================================================
