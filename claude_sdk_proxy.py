@@ -4850,15 +4850,11 @@ def match_route(method: str, path: str) -> tuple[Route, dict[str, str]]:
     raise NotFound(f"Not found: {method} {path}")
 
 
-def dialect_for(head: RequestHead) -> Dialect:
+def dialect_for(head: RequestHead, route: Route | None) -> Dialect:
     """Which API's errors a caller reads: its route's API; where that does not say
     (the models list, an unknown path), the caller's own: OpenAI's SDKs send their
     key as a Bearer token and never `anthropic-version` or `x-api-key`, which
     Anthropic's send."""
-    try:
-        route = match_route(head.method, head.path)[0]
-    except ProxyError:
-        route = None
     if route is not None and route.dialect is not None:
         return route.dialect
     bearer = (head.header("authorization") or "").lower().startswith("bearer ")
@@ -5152,7 +5148,12 @@ async def serve_request(app: App, conn: Connection, raw_head: bytes, out: Respon
         method, path, out.method = head.method, head.path, head.method
         out.chunked = head.version == "HTTP/1.1"
         out.keep_alive = head.keep_alive and not app.shutting_down
-        out.dialect = dialect_for(head)
+        try:                            # its errors wait until the key is checked
+            found: tuple[Route, dict[str, str]] | ProxyError = match_route(head.method,
+                                                                           head.path)
+        except ProxyError as err:
+            found = err
+        out.dialect = dialect_for(head, None if isinstance(found, ProxyError) else found[0])
         authorized = True
         if app.config.api_key is None:
             check_local_caller(head)
@@ -5168,7 +5169,9 @@ async def serve_request(app: App, conn: Connection, raw_head: bytes, out: Respon
                 if not is_liveness_probe(head):
                     raise
                 authorized = False
-        route, params = match_route(head.method, head.path)
+        if isinstance(found, ProxyError):
+            raise found
+        route, params = found
         route_name = route.name
         length = body_length(head)
         if length is not None and length > app.config.max_body_bytes:
