@@ -3149,11 +3149,6 @@ class CliProcess:
             raise
 
     @property
-    def connected(self) -> bool:
-        """True once the CLI has answered the SDK's initialize request."""
-        return self._process is not None
-
-    @property
     def alive(self) -> bool:
         """True while the CLI can take a turn. A CLI that died while idle (the OOM
         killer, a kill) is a zombie before asyncio reaps it: one taken then would
