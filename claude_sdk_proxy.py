@@ -30,16 +30,18 @@ Map (numbered sections, in the order data flows):
  10. SDK adapter              -- options, environment, one CLI per task, TurnReader
  11. Host processes           -- CLI sessions, /proc, orphans, leftovers, watchdog
  12. Conversation engine      -- session states, live sessions, spares, the caps
- 13. Routes and handlers      -- one Dialect per API on its route, stores, handlers
- 14. Server                   -- connections, keep-alive, streaming, errors out
- 15. Command line             -- login, doctor, main(argv) -> int
+ 13. Usage                    -- named keys, the SQLite ledger, metrics, status page
+ 14. Routes and handlers      -- one Dialect per API on its route, stores, handlers
+ 15. Server                   -- connections, keep-alive, streaming, errors out
+ 16. Command line             -- login, doctor, main(argv) -> int
 
 Rules:
   - Sections 1-9 are pure: no await, no sockets, no environment reads, no SDK.
     They take dicts and return dicts (or raise ProxyError).
   - Only section 10 uses claude_agent_sdk; SDK exceptions become ProxyErrors there,
     and its TurnReader's events are all the engine (12) sees of a CLI's output.
-  - Only section 14 touches asyncio streams; handlers (13) write through a Responder.
+  - Only section 15 touches asyncio streams; handlers (14) write through a Responder.
+  - Only section 13 touches the disk's state: the key file and the SQLite ledger.
   - Errors become responses in one place (`Responder.fail`), in the caller's dialect.
   - The CLI's identity and attribution lines and its user agent stay as it sends
     them: no prompt camouflage, no body override of `system` or `messages`.
@@ -76,6 +78,7 @@ import fcntl
 import functools
 import hashlib
 import hmac
+import html
 import ipaddress
 import json
 import logging
@@ -86,6 +89,7 @@ import shutil
 import shlex
 import signal
 import socket
+import sqlite3
 import stat
 import struct
 import sys
@@ -153,6 +157,9 @@ RESPONSES_KEPT = 1000                   # responses kept for previous_response_i
 RESPONSES_KEEP_S = 3600.0               # ... and for how long
 THREADS_KEPT = 1000                     # message threads kept ...
 THREAD_IDLE_S = 300.0                   # ... until idle this long (the API's: 5 minutes)
+DEFAULT_LEDGER_DAYS = 90.0              # usage ledger rows are kept this long
+DEFAULT_WARN_AT_PERCENT = 90.0          # a window this full is worth a warning
+STATUS_REFRESH_S = 10                   # the status page reloads itself this often
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +170,10 @@ class Config:
     port: int = DEFAULT_PORT
     debug: bool = False
     api_key: str | None = None
+    keys_file: str | None = None        # named keys, one `name key` a line
+    ledger_path: str | None = None      # the SQLite usage ledger; None: in memory only
+    ledger_days: float = DEFAULT_LEDGER_DAYS
+    warn_at: float = DEFAULT_WARN_AT_PERCENT / 100
     max_concurrent: int = DEFAULT_MAX_CONCURRENT
     timeout_s: float = DEFAULT_TIMEOUT_MS / 1000
     max_body_bytes: int = DEFAULT_MAX_BODY_MB * 1024 * 1024
@@ -206,7 +217,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
         description="The Anthropic Messages API and the OpenAI Chat Completions and "
         "Responses APIs, served from a Claude subscription through the Claude Agent SDK.",
         epilog="Environment: CLAUDE_PROXY_PORT, CLAUDE_PROXY_HOST, CLAUDE_PROXY_DEBUG, "
-        "CLAUDE_PROXY_API_KEY, CLAUDE_PROXY_MAX_CONCURRENT, CLAUDE_PROXY_TIMEOUT_MS, "
+        "CLAUDE_PROXY_API_KEY, CLAUDE_PROXY_KEYS_FILE, CLAUDE_PROXY_LEDGER, "
+        "CLAUDE_PROXY_LEDGER_DAYS, CLAUDE_PROXY_WARN_AT, CLAUDE_PROXY_MAX_CONCURRENT, "
+        "CLAUDE_PROXY_TIMEOUT_MS, "
         "CLAUDE_PROXY_MAX_BODY_MB, CLAUDE_PROXY_QUEUE_TIMEOUT_S, CLAUDE_PROXY_DEFAULT_MODEL, "
         "CLAUDE_PROXY_MAX_SESSIONS, CLAUDE_PROXY_SESSION_IDLE_S, CLAUDE_PROXY_MAX_SPARES, "
         "CLAUDE_PROXY_MAX_CONNECTIONS, CLAUDE_PROXY_CLI_PATH, CLAUDE_PROXY_AGENT_DIR. "
@@ -222,6 +235,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--agent-dir", metavar="DIR",
                         help="agent mode: let Claude use the CLI's built-in tools (Read, Write, "
                         "Edit, Bash, Glob, Grep, WebFetch, WebSearch) in DIR; off by default")
+    parser.add_argument("--keys-file", metavar="FILE",
+                        help="named API keys, one `name key` a line (mode 600; re-read when "
+                        "it changes)")
+    parser.add_argument("--ledger", metavar="PATH",
+                        help="the SQLite usage ledger (default "
+                        "$XDG_STATE_HOME/claude-sdk-proxy/usage.sqlite3); `off`: in memory")
     parser.add_argument("-v", "--version", action="store_true",
                         help="print proxy, SDK and CLI versions")
     return parser
@@ -231,6 +250,13 @@ def default_max_sessions(memory_bytes: int, max_concurrent: int) -> int:
     """CLI processes that fit in half the memory available at start, at least the
     concurrency."""
     return max(max_concurrent, min(64, memory_bytes // 2 // CLI_PSS_BYTES))
+
+
+def default_ledger_path(environ: dict) -> str:
+    """$XDG_STATE_HOME/claude-sdk-proxy/usage.sqlite3 (XDG's default: ~/.local/state)."""
+    state = environ.get("XDG_STATE_HOME") or os.path.join(
+        environ.get("HOME") or os.path.expanduser("~"), ".local", "state")
+    return os.path.join(state, "claude-sdk-proxy", "usage.sqlite3")
 
 
 def config_from(args: argparse.Namespace, environ: dict, memory_bytes: int = 8 << 30) -> Config:
@@ -243,12 +269,21 @@ def config_from(args: argparse.Namespace, environ: dict, memory_bytes: int = 8 <
     default_model = environ.get("CLAUDE_PROXY_DEFAULT_MODEL", "sonnet").strip() or "sonnet"
     max_concurrent = _env_number(environ, "CLAUDE_PROXY_MAX_CONCURRENT",
                                  DEFAULT_MAX_CONCURRENT, int, 1)
+    ledger = args.ledger or environ.get("CLAUDE_PROXY_LEDGER", "").strip() or \
+        default_ledger_path(environ)
+    keys_file = args.keys_file or environ.get("CLAUDE_PROXY_KEYS_FILE", "").strip()
     return Config(
         host=args.host or environ.get("CLAUDE_PROXY_HOST") or DEFAULT_HOST,
         port=port,
         debug=debug,
         # Stripped as clients' keys are (a key from an env file keeps its newline).
         api_key=(environ.get("CLAUDE_PROXY_API_KEY") or "").strip() or None,
+        keys_file=os.path.abspath(keys_file) if keys_file else None,
+        ledger_path=None if ledger.lower() == "off" else os.path.abspath(ledger),
+        ledger_days=_env_number(environ, "CLAUDE_PROXY_LEDGER_DAYS", DEFAULT_LEDGER_DAYS,
+                                float, 0.01),
+        warn_at=min(100.0, _env_number(environ, "CLAUDE_PROXY_WARN_AT",
+                                       DEFAULT_WARN_AT_PERCENT, float, 1)) / 100,
         max_concurrent=max_concurrent,
         max_sessions=max(max_concurrent, _env_number(
             environ, "CLAUDE_PROXY_MAX_SESSIONS",
@@ -287,12 +322,12 @@ def startup_problems(config: Config, environ: dict, sandbox_problem: str | None 
     """What stops the proxy from starting, and what it warns about; `sandbox_problem`
     is why agent mode's Bash sandbox cannot run here (`agent_sandbox_problem`)."""
     errors, warnings = [], []
-    if not is_loopback(config.host) and not config.api_key:
+    if not is_loopback(config.host) and not (config.api_key or config.keys_file):
         errors.append(
             f"Refusing to listen on {config.host} without an API key: anyone who can reach "
             "it would use your Claude subscription. Set CLAUDE_PROXY_API_KEY to a long random "
-            "secret (clients send it as x-api-key or Authorization: Bearer), or listen on "
-            "127.0.0.1.")
+            "secret (clients send it as x-api-key or Authorization: Bearer) or name keys in "
+            "CLAUDE_PROXY_KEYS_FILE, or listen on 127.0.0.1.")
     if not resolve_model(config.default_model, ""):
         errors.append(f"CLAUDE_PROXY_DEFAULT_MODEL={config.default_model} names no Claude "
                       "model: use a Claude model id or opus, sonnet or haiku.")
@@ -325,7 +360,7 @@ def startup_problems(config: Config, environ: dict, sandbox_problem: str | None 
 # =============================================================================
 # 2. Errors -- ProxyError and its subclasses, and each API's error body
 # =============================================================================
-# Pure code raises these; `Responder.fail` (section 14) is the one place that turns
+# Pure code raises these; `Responder.fail` (section 15) is the one place that turns
 # them into a response in the caller's dialect. `headers` carries retry-after and
 # the like. Unknown exceptions never reach a client: they become a generic 500.
 
@@ -475,7 +510,7 @@ def error_to_openai(err: ProxyError, request_id: str | None = None) -> dict:
 # Pure parsing of bytes already read (RFC 9112). `parse_request_head` takes the
 # bytes up to and including the blank line; `body_length` decides the framing;
 # `ChunkedDecoder` is fed bytes and returns body bytes. Reading sockets is
-# section 14's job.
+# section 15's job.
 
 HTTP_REASONS = {
     100: "Continue", 200: "OK", 204: "No Content", 400: "Bad Request",
@@ -512,6 +547,11 @@ class RequestHead:
     def path(self) -> str:
         """The target without its query string."""
         return self.target.split("?", 1)[0]
+
+    @property
+    def query(self) -> dict[str, str]:
+        """The query string's fields (the last of a repeated one)."""
+        return dict(urllib.parse.parse_qsl(self.target.partition("?")[2]))
 
     @property
     def keep_alive(self) -> bool:
@@ -708,25 +748,76 @@ _CLAUDE_ID_RE = re.compile(r"^claude-[a-z0-9][a-z0-9.\-]*(\[1m\])?$")
 
 
 def request_api_key(head: RequestHead) -> str | None:
-    """The key a client sent as `x-api-key` or `Authorization: Bearer`."""
+    """The key a client sent as `x-api-key` or `Authorization: Bearer`, or (for a
+    GET, which is how a browser reads the status page) as the password of
+    `Authorization: Basic`. Basic is never taken for a POST or a DELETE: a browser
+    would attach remembered credentials to another site's cross-site POST."""
     key = head.header("x-api-key")
     if key:
         return key.strip(" \t")        # only HTTP's whitespace: latin-1 has more
     scheme, _, token = (head.header("authorization") or "").partition(" ")
-    token = token.strip(" \t")
-    return token if scheme.lower() == "bearer" and token else None
+    token, scheme = token.strip(" \t"), scheme.lower()
+    if scheme == "basic" and head.method in ("GET", "HEAD"):
+        with contextlib.suppress(binascii.Error, ValueError):
+            return base64.b64decode(token, validate=True).partition(b":")[2].decode(
+                "latin-1") or None
+        return None
+    return token if scheme == "bearer" and token else None
 
 
-def check_api_key(head: RequestHead, expected: str) -> None:
-    """Raise 401 unless the request carries the key."""
+def key_digest(key: bytes) -> bytes:
+    """What a key is known by in memory: looked up by digest, so the lookup's time
+    tells nothing about the keys, and no key sits in a dump."""
+    return hashlib.sha256(b"claude-sdk-proxy key\0" + key).digest()
+
+
+def check_api_key(head: RequestHead, names: Mapping[bytes, str]) -> str:
+    """The name of the key the request carries (`names`: key digest -> name);
+    raise 401 without one of them."""
     given = request_api_key(head)
+    challenge = {"www-authenticate": 'Basic realm="claude-sdk-proxy", charset="UTF-8"'} \
+        if head.method in ("GET", "HEAD") else {}
     if given is None:
         raise AuthenticationFailed("Missing API key: send it as x-api-key or "
-                                   "Authorization: Bearer.")
-    # Header values are read as latin-1, so this compares the bytes the client sent
-    # with the UTF-8 bytes of the configured key (which may be any text).
-    if not hmac.compare_digest(given.encode("latin-1"), expected.encode("utf-8")):
-        raise AuthenticationFailed("Invalid API key.")
+                                   "Authorization: Bearer.", challenge)
+    # Header values are read as latin-1, so this digests the bytes the client sent,
+    # as the configured keys (which may be any text) were digested as UTF-8.
+    name = names.get(key_digest(given.encode("latin-1")))
+    if name is None:
+        raise AuthenticationFailed("Invalid API key.", challenge)
+    return name
+
+
+ENV_KEY_NAME = "default"        # CLAUDE_PROXY_API_KEY's name beside the key file's
+KEYLESS_NAME = "local"          # who calls a keyless proxy: this machine's programs
+KEY_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@+-]{0,63}")
+MIN_FILE_KEY_CHARS = 16         # shorter is guessable, or a name in the key's place
+
+
+def parse_keys(text: str) -> dict[str, str]:
+    """A key file's `name key` lines (blank lines and `#` comments skipped) as
+    name -> key; raise ValueError naming the line by number only (a line in the
+    wrong order would show a key in the name's place)."""
+    keys: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, key = (line.split(None, 1) + [""])[:2]
+        if not KEY_NAME_RE.fullmatch(name):
+            raise ValueError(f"line {number}: a name is letters, digits and _.@+- "
+                             "(at most 64), then spaces and the key")
+        if len(key) < MIN_FILE_KEY_CHARS or any(c.isspace() for c in key):
+            raise ValueError(f"line {number}: the key after the name is missing, shorter "
+                             f"than {MIN_FILE_KEY_CHARS} characters or has a space")
+        if name in keys:
+            raise ValueError(f"line {number}: its name is used twice")
+        if key in keys.values():
+            raise ValueError(f"line {number}: the same key as another name")
+        keys[name] = key
+    if not keys:
+        raise ValueError("no keys in it (an emptied file is taken for an edit under way)")
+    return keys
 
 
 LOCAL_NAMES = re.compile(r"(.+\.)?(localhost|internal)\.?")   # no one can register these
@@ -792,9 +883,17 @@ def preflight_headers(head: RequestHead) -> dict[str, str] | None:
             "access-control-max-age": str(CORS_MAX_AGE_S)}
 
 
+def wants_html(head: RequestHead) -> bool:
+    """A browser's page load: a GET that asks for HTML (clients of the APIs ask for
+    JSON; a HEAD is a monitor's, whatever it accepts)."""
+    return head.method == "GET" and "text/html" in (head.header("accept") or "").lower()
+
+
 def is_liveness_probe(head: RequestHead) -> bool:
-    """GET / (or HEAD /): answered without the key, with nothing but "ok"."""
-    return head.method in ("GET", "HEAD") and (head.path.rstrip("/") or "/") == "/"
+    """GET / (or HEAD /) from a program (a browser gets the status page): answered
+    without the key, with nothing but "ok"."""
+    return head.method in ("GET", "HEAD") and (head.path.rstrip("/") or "/") == "/" \
+        and not wants_html(head)
 
 
 def _is_ip(name: str) -> bool:
@@ -2947,14 +3046,21 @@ RATE_LIMIT_WINDOWS = {
 }
 
 
+def utc_text(stamp: Any, layout: str) -> str | None:
+    """A Unix time in UTC, laid out; None for what is no time (upstream data)."""
+    with contextlib.suppress(TypeError, ValueError, OverflowError, OSError):
+        return dt.datetime.fromtimestamp(stamp, dt.timezone.utc).strftime(layout)
+    return None
+
+
 def rate_limit_message(info: dict, now: float) -> tuple[str, float | None]:
     """Words and retry-after seconds for a rejected subscription window."""
     window = info.get("rateLimitType") or ""
     name = RATE_LIMIT_WINDOWS.get(window, window.replace("_", " ") or "usage")
     resets_at = info.get("resetsAt")
-    if not isinstance(resets_at, (int, float)):
+    when = utc_text(resets_at, "%Y-%m-%dT%H:%M:%SZ") if _is_number(resets_at) else None
+    if when is None:
         return (f"Claude subscription {name} limit reached.", None)
-    when = dt.datetime.fromtimestamp(resets_at, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     return (f"Claude subscription {name} limit reached; it resets at {when}. This is a "
             f"usage limit of the subscription, not a transient throttle.",
             max(1.0, resets_at - now))
@@ -2990,8 +3096,7 @@ def rate_limit_headers(info: dict) -> dict[str, str]:
 def usage_windows(info: dict, observed: float) -> dict:
     """GET /usage: the latest windows, readable."""
     def when(stamp: Any) -> str | None:
-        return dt.datetime.fromtimestamp(stamp, dt.timezone.utc).strftime(
-            "%Y-%m-%dT%H:%M:%SZ") if isinstance(stamp, (int, float)) else None
+        return utc_text(stamp, "%Y-%m-%dT%H:%M:%SZ")
     return {"status": info.get("status"), "representative_window": info.get("rateLimitType"),
             "resets_at": when(info.get("resetsAt")), "observed_at": when(observed),
             "using_overage": info.get("isUsingOverage"),
@@ -3790,7 +3895,20 @@ IDLE = "idle"                       # holds a conversation, waits for its follow
 AWAITING_TOOLS = "awaiting_tools"   # holds a conversation parked at client tool calls
 RETIRED = "retired"                 # forgotten; its CLI is exiting or gone
 HOLDING = (IDLE, AWAITING_TOOLS)
+# How a turn found its CLI: the live one that holds its conversation, a spare, an
+# idle session rewound for a new chat, or one started now, with its history or not.
+WARM, FROM_SPARE, RECYCLED, COLD, RESUMED = "warm", "spare", "recycled", "cold", "resumed"
 SESSION_STATES = (BUSY, FINISHING, IDLE, AWAITING_TOOLS, SPARE, STARTING)
+
+
+@dataclasses.dataclass
+class SessionUsed:
+    """The engine's first event of a turn: how it found its CLI."""
+
+    how: str
+
+
+EngineEvent = SessionUsed | TurnEvent
 
 
 def spare_choice(demand: dict[str, int], spares: list[str], max_spares: int
@@ -3861,9 +3979,9 @@ class Engine:
 
     # -- the request path ----------------------------------------------------
 
-    async def run(self, turn: Turn) -> AsyncIterator[TurnEvent]:
-        """Yield the Delta, RateLimitReport and Answer events of one Turn: it ends
-        with one Answer, or raises."""
+    async def run(self, turn: Turn) -> AsyncIterator[EngineEvent]:
+        """Yield the SessionUsed, Delta, RateLimitReport and Answer events of one
+        Turn: it ends with one Answer, or raises."""
         self._last_arrival = time.monotonic()
         await self._acquire_slot()
         try:
@@ -3881,7 +3999,7 @@ class Engine:
             if not turn.history:
                 self._note_new_chat(turn)
 
-    async def _answer(self, turn: Turn) -> AsyncIterator[TurnEvent]:
+    async def _answer(self, turn: Turn) -> AsyncIterator[EngineEvent]:
         """One try at a Turn, on the session `_session_for` finds."""
         session = None
         held = conversation_hash(turn.history)      # what a live session must hold
@@ -3889,8 +4007,9 @@ class Engine:
                             set(AGENT_TOOLS) if self.config.agent_dir else set())
         holds = None                # the conversation it holds once the answer is whole
         try:
-            session, results, spawned = await self._session_for(turn, held.hexdigest())
-            self._begin_turn(session, turn, results, spawned)
+            session, results, how = await self._session_for(turn, held.hexdigest())
+            self._begin_turn(session, turn, results, how in (COLD, RESUMED))
+            yield SessionUsed(how)
             async for message in session.process.receive():
                 for event in reader.feed(message):
                     if isinstance(event, (Finished, WentOn)):
@@ -3969,12 +4088,12 @@ class Engine:
             self._waiting -= 1
 
     async def _session_for(self, turn: Turn, digest: str
-                           ) -> tuple[LiveSession, dict | None, bool]:
+                           ) -> tuple[LiveSession, dict | None, str]:
         """The live session, spare or new CLI that will answer this Turn (whose
         history has this `digest`), the tool results it gets when it is parked at
-        the client's tool calls, and whether it was started for this Turn."""
+        the client's tool calls, and how it was found (WARM ... RESUMED)."""
         session = self._idle.get((turn.shape, digest))
-        results = None
+        results, how = None, WARM
         if session is not None and session.state == AWAITING_TOOLS:
             results = None if session.broker.broken else \
                 tool_results(turn.prompt, session.broker.pending)
@@ -3982,16 +4101,17 @@ class Engine:
                 self._kill(session)
                 session = None
         if session is None and not turn.history:
-            session = self._take_spare(turn.shape) or await self._recycle(turn.shape)
-        spawned = session is None or not session.process.alive
-        if spawned:
+            session, how = self._take_spare(turn.shape), FROM_SPARE
+            if session is None:
+                session, how = await self._recycle(turn.shape), RECYCLED
+        if session is None or not session.process.alive:
             if session is not None:
                 self._kill(session)
-            session = await self._spawn(turn)
+            session, how = await self._spawn(turn), RESUMED if turn.history else COLD
             results = None
         self._move(session, BUSY)
         session.turns += 1
-        return session, results, spawned
+        return session, results, how
 
     def _move(self, session: LiveSession, state: str, holds: str | None = None) -> None:
         """The one place a session changes state: it keeps the index of the
@@ -4219,10 +4339,577 @@ class Engine:
 
 
 # =============================================================================
-# 13. Routes and handlers -- the three APIs' turns, the stores, the route table
+# 13. Usage -- named keys, the ledger, metrics, the status page
+# =============================================================================
+# Who spends the subscription, and how much of it is left. Keys are known by
+# digest and shown by name only. The ledger keeps one row a turn request (counts,
+# never content) in SQLite; a ledger that cannot be written never fails a request.
+# The page is rendered here from one dict (`status_data`), the same dict GET
+# /status answers with, and needs no script and nothing from the network.
+
+class KeyRing:
+    """The keys callers may use, digest -> name: CLAUDE_PROXY_API_KEY (named
+    "default") and the key file's. The file is re-read when it changes (a stat at
+    every key check, so a key works or fails from the next request on) and on
+    SIGHUP; a file that no longer reads leaves the keys it gave before."""
+
+    def __init__(self, api_key: str | None, path: str | None):
+        self.api_key, self.path = api_key, path
+        self.keyed = bool(api_key or path)  # fixed at start: an emptied file locks all out
+        self._seen: tuple | None = None     # the file's `_stamp` when read
+        self.names = self.read()            # raises ValueError: the proxy does not start
+
+    def read(self) -> dict[bytes, str]:
+        """The keys by digest, the key file read now; raise OSError or ValueError."""
+        keys = {ENV_KEY_NAME: self.api_key} if self.api_key else {}
+        if self.path is not None:
+            with open(self.path, encoding="utf-8") as file:
+                info = os.fstat(file.fileno())
+                if info.st_mode & 0o077:
+                    raise ValueError(f"{self.path} is open to other users: chmod 600 it")
+                text = file.read()
+            self._seen = self._stamp(info)
+            try:
+                named = parse_keys(text)
+            except ValueError as err:
+                raise ValueError(f"{self.path}, {err}") from None
+            if self.api_key and (ENV_KEY_NAME in named or self.api_key in named.values()):
+                raise ValueError(f"{self.path}: the name {ENV_KEY_NAME!r} and its key are "
+                                 "CLAUDE_PROXY_API_KEY's")
+            keys.update(named)
+        return {key_digest(key.encode("utf-8")): name for name, key in keys.items()}
+
+    def refresh(self, forced: bool = False) -> None:
+        """Re-read the key file if it changed since it was read (or `forced`)."""
+        if self.path is None:
+            return
+        try:
+            stamp: tuple | None = self._stamp(os.stat(self.path))
+        except OSError:
+            stamp = None
+        if stamp == self._seen and not forced:
+            return
+        try:
+            names = self.read()
+        except (OSError, ValueError) as err:
+            self._seen = stamp              # said once, until the file changes again
+            log.error("Key file not re-read, the keys it gave before still hold: %s", err)
+            return
+        before, after = set(self.names.values()), set(names.values())
+        self.names = names
+        log.info("Key file re-read: %d keys (added: %s; removed: %s)", len(after),
+                 ", ".join(sorted(after - before)) or "none",
+                 ", ".join(sorted(before - after)) or "none")
+
+    @staticmethod
+    def _stamp(info: os.stat_result) -> tuple:
+        """What tells a file's versions apart: an edit, a replacement, a chmod."""
+        return (info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+
+    def check(self, head: RequestHead) -> str:
+        """The name of the key the request carries; raise 401 without one."""
+        self.refresh()
+        return check_api_key(head, self.names)
+
+
+@dataclasses.dataclass
+class RequestRecord:
+    """What one request leaves: its log line, its metrics and its ledger row."""
+
+    started: float                      # time.monotonic() when its head came in
+    at: float                           # time.time() then
+    key: str = ""                       # its key's name ("" until the key is checked)
+    route: str = "none"                 # its route's name
+    model: str = ""
+    stream: bool = False
+    usage: dict = dataclasses.field(default_factory=dict)
+    stop_reason: str | None = None
+    first_token: float | None = None    # time.monotonic() at the answer's first delta
+    session: str | None = None          # how it found its CLI (`SessionUsed`)
+    error: str | None = None            # the error type it ended with
+
+    def tokens(self) -> dict[str, int]:
+        """Its tokens: uncached input, cache reads and writes, output."""
+        return {"input": self.usage.get("input_tokens") or 0,
+                "cache_read": self.usage.get("cache_read_input_tokens") or 0,
+                "cache_write": self.usage.get("cache_creation_input_tokens") or 0,
+                "output": self.usage.get("output_tokens") or 0}
+
+
+# -- the ledger ----------------------------------------------------------------
+
+TURN_ROUTES = ("messages", "chat_completions", "responses")    # the ledger's rows
+LEDGER_SCHEMA = """
+CREATE TABLE IF NOT EXISTS requests (
+    id INTEGER PRIMARY KEY,
+    at REAL NOT NULL,                   -- Unix time the request came in
+    key TEXT NOT NULL,                  -- the name of the key it came with
+    api TEXT NOT NULL,                  -- messages, chat_completions or responses
+    model TEXT NOT NULL,
+    stream INTEGER NOT NULL,
+    status INTEGER NOT NULL,
+    stop_reason TEXT,
+    error TEXT,                         -- the error type, never its message
+    input_tokens INTEGER NOT NULL,      -- uncached
+    cache_read_tokens INTEGER NOT NULL,
+    cache_write_tokens INTEGER NOT NULL,
+    output_tokens INTEGER NOT NULL,
+    latency_ms INTEGER NOT NULL,        -- head in to last byte out
+    first_token_ms INTEGER,             -- head in to the answer's first delta
+    session TEXT                        -- warm, spare, recycled, cold or resumed
+);
+CREATE INDEX IF NOT EXISTS requests_at ON requests (at);
+"""
+LEDGER_COLUMNS = ("at", "key", "api", "model", "stream", "status", "stop_reason", "error",
+                  "input_tokens", "cache_read_tokens", "cache_write_tokens", "output_tokens",
+                  "latency_ms", "first_token_ms", "session")
+LEDGER_PRUNE_EVERY_S = 3600.0
+LEDGER_MEMORY_KEEP_S = 8 * 86400.0      # a ledger in memory: the weekly window and a day
+SUMMARY_GROUPS = ("key", "model", "api")
+# One summary row: requests, errors and tokens (COALESCE: SUM of no rows is NULL).
+SUMMARY_SQL = ("COUNT(*) AS requests, COALESCE(SUM(status >= 400), 0) AS errors, "
+               + ", ".join(f"COALESCE(SUM({c}), 0) AS {c}" for c in LEDGER_COLUMNS[8:12]))
+
+
+def usage_query(query: dict[str, str], now: float) -> tuple[float, float, list[str]]:
+    """GET /usage's summary: `since` and `until` (Unix seconds or ISO 8601; the last
+    7 days by default) and `by` (comma-separated SUMMARY_GROUPS; by key by default)."""
+    def moment(name: str, default: float) -> float:
+        raw = query.get(name)
+        if raw is None:
+            return default
+        raw = re.sub(r" (\d\d(?::?\d\d)?)$", r"+\1", raw)    # a URL's unescaped "+"
+        with contextlib.suppress(ValueError):
+            value = float(raw)
+            if math.isfinite(value):
+                return value
+        try:
+            stamp = dt.datetime.fromisoformat(raw.replace("Z", "+00:00"))
+        except ValueError:
+            raise InvalidRequest(f"{name}: a Unix time or an ISO 8601 date-time, "
+                                 f"got {raw!r}.") from None
+        return (stamp if stamp.tzinfo else stamp.replace(tzinfo=dt.timezone.utc)).timestamp()
+    by = [column for column in query.get("by", "key").split(",") if column]
+    unknown = [column for column in by if column not in SUMMARY_GROUPS]
+    if unknown:
+        raise InvalidRequest(f"by: comma-separated {', '.join(SUMMARY_GROUPS)}; "
+                             f"got {', '.join(unknown)!r}.")
+    return moment("since", now - 7 * 86400), moment("until", now), list(dict.fromkeys(by))
+
+
+def ledger_row(record: RequestRecord, status: int, now: float) -> dict:
+    """A request's ledger row."""
+    tokens = record.tokens()
+    return {"at": record.at, "key": record.key, "api": record.route,
+            "model": record.model, "stream": int(record.stream), "status": status,
+            "stop_reason": record.stop_reason, "error": record.error,
+            **{f"{kind}_tokens": tokens[kind]
+               for kind in ("input", "cache_read", "cache_write", "output")},
+            "latency_ms": round((now - record.started) * 1000),
+            "first_token_ms": None if record.first_token is None
+            else round((record.first_token - record.started) * 1000),
+            "session": record.session}
+
+
+class Ledger:
+    """Every turn request, one row each, in SQLite (WAL) at `path`, kept `keep_days`.
+    A path that cannot be opened leaves the rows in memory until the proxy stops,
+    and a row that cannot be written is lost, said once in the log: either way the
+    request itself is answered as if nothing happened."""
+
+    def __init__(self, path: str | None, keep_days: float):
+        self.keep_s = keep_days * 86400
+        self.path = path
+        self.failing = False                # rows fail to be written (said once)
+        self._pruned = 0.0
+        self.db = self._open()
+
+    def _open(self) -> sqlite3.Connection:
+        if self.path is not None:
+            try:
+                os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+                # The busy timeout bounds how long a write may hold the event loop
+                # while another program holds the database.
+                db = sqlite3.connect(self.path, timeout=0.05, isolation_level=None)
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=NORMAL")     # WAL stays whole on a crash
+                db.executescript(LEDGER_SCHEMA)
+                os.chmod(self.path, 0o600)
+                return self._ready(db)
+            except (OSError, sqlite3.Error) as err:
+                log.error("The usage ledger %s cannot be used (%s): usage is kept in "
+                          "memory until the proxy stops.", self.path, err)
+                self.path = None
+        self.keep_s = min(self.keep_s, LEDGER_MEMORY_KEEP_S)
+        db = sqlite3.connect(":memory:", isolation_level=None)
+        db.executescript(LEDGER_SCHEMA)
+        return self._ready(db)
+
+    def _ready(self, db: sqlite3.Connection) -> sqlite3.Connection:
+        db.row_factory = sqlite3.Row
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("DELETE FROM requests WHERE at < ?", (time.time() - self.keep_s,))
+        return db
+
+    def add(self, row: dict) -> None:
+        """Write one row (and drop those past their time, hourly); never raises."""
+        try:
+            self.db.execute(f"INSERT INTO requests ({', '.join(LEDGER_COLUMNS)}) VALUES "
+                            f"({', '.join(':' + c for c in LEDGER_COLUMNS)})", row)
+            if row["at"] - self._pruned > LEDGER_PRUNE_EVERY_S:
+                self.db.execute("DELETE FROM requests WHERE at < ?", (row["at"] - self.keep_s,))
+                self._pruned = row["at"]
+        except sqlite3.Error as err:
+            if not self.failing:
+                log.error("The usage ledger cannot write a row (%s): requests go on, "
+                          "their rows are lost until it can.", err)
+            self.failing = True
+            return
+        if self.failing:
+            log.info("The usage ledger writes rows again.")
+            self.failing = False
+
+    def summary(self, since: float, until: float, by: Iterable[str] = ()) -> list[dict]:
+        """Requests, errors and tokens from `since` to `until` (Unix times), one row
+        per value of the `by` columns (SUMMARY_GROUPS), most tokens first."""
+        groups = [column for column in by if column in SUMMARY_GROUPS]
+        select = "".join(f"{column}, " for column in groups)
+        grouped = f" GROUP BY {', '.join(groups)}" if groups else ""
+        return self._rows(
+            f"SELECT {select}{SUMMARY_SQL} FROM requests WHERE at >= ? AND at < ?{grouped} "
+            "ORDER BY SUM(input_tokens + cache_read_tokens + cache_write_tokens + "
+            f"output_tokens) DESC{''.join(f', {column}' for column in groups)}", (since, until))
+
+    def series(self, since: float, until: float, step: float) -> list[dict]:
+        """Tokens and requests per key in each `step` seconds from `since`."""
+        return self._rows(
+            "SELECT CAST((at - ?) / ? AS INTEGER) AS slot, key, COUNT(*) AS requests, "
+            "SUM(input_tokens + cache_read_tokens + cache_write_tokens + output_tokens) "
+            "AS tokens FROM requests WHERE at >= ? AND at < ? GROUP BY slot, key "
+            "ORDER BY slot, key", (since, step, since, until))
+
+    def recent(self, limit: int, errors_since: float | None = None) -> list[dict]:
+        """The latest rows, newest first (with `errors_since`: the failed ones since
+        then, which bounds the search for them)."""
+        where = "WHERE at >= ? AND status >= 400 " if errors_since is not None else ""
+        return self._rows(f"SELECT {', '.join(LEDGER_COLUMNS)} FROM requests {where}"
+                          "ORDER BY id DESC LIMIT ?",
+                          (limit,) if errors_since is None else (errors_since, limit))
+
+    def _rows(self, sql: str, args: tuple) -> list[dict]:
+        try:
+            return [dict(row) for row in self.db.execute(sql, args)]
+        except sqlite3.Error as err:
+            log.error("The usage ledger cannot be read: %s", err)
+            return []
+
+    def close(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self.db.close()
+
+
+# -- metrics -------------------------------------------------------------------
+
+# Latency buckets of GET /metrics, in seconds: warm turns take tens of ms, cold
+# starts half a second, long answers minutes.
+LATENCY_BUCKETS_S = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+
+
+class RequestMetrics:
+    """What GET /metrics counts of the requests answered: by route, status and key
+    name, their time to the last byte (a histogram by route), and tokens by
+    direction and key name."""
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, int, str], int] = {}
+        self.latency: dict[str, list[int]] = {}     # route -> count per bucket, +Inf last
+        self.latency_sum: dict[str, float] = {}
+        self.tokens: dict[tuple[str, str], int] = {}    # (direction, key) -> tokens
+
+    def observe(self, record: RequestRecord, status: int, seconds: float) -> None:
+        route = record.route
+        self.requests[route, status, record.key] = \
+            self.requests.get((route, status, record.key), 0) + 1
+        counts = self.latency.setdefault(route, [0] * (len(LATENCY_BUCKETS_S) + 1))
+        counts[next((i for i, bound in enumerate(LATENCY_BUCKETS_S) if seconds <= bound),
+                    len(LATENCY_BUCKETS_S))] += 1
+        self.latency_sum[route] = self.latency_sum.get(route, 0.0) + seconds
+        tokens = record.tokens()
+        for direction, count in (("input", tokens["input"] + tokens["cache_read"]
+                                  + tokens["cache_write"]), ("output", tokens["output"])):
+            if count or (direction, record.key) in self.tokens:
+                self.tokens[direction, record.key] = \
+                    self.tokens.get((direction, record.key), 0) + count
+
+    def token_totals(self) -> dict[str, int]:
+        """Tokens by direction, all keys together."""
+        totals = {"input": 0, "output": 0}
+        for (direction, _), count in self.tokens.items():
+            totals[direction] += count
+        return totals
+
+
+def prometheus_family(name: str, kind: str, help_text: str,
+                      samples: Iterable[tuple[str, dict[str, Any], float]]) -> list[str]:
+    """One metric family in the Prometheus text format (version 0.0.4): samples are
+    (name suffix, labels, value)."""
+    def label(value: Any) -> str:
+        text = str(value).replace("\\", "\\\\").replace("\n", "\\n")
+        return '"' + text.replace('"', '\\"') + '"'
+    lines = [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+    for suffix, labels, value in samples:
+        inner = ",".join(f"{key}={label(value)}" for key, value in labels.items())
+        number = str(value) if isinstance(value, int) else repr(float(value))
+        lines.append(f"{name}{suffix}{{{inner}}} {number}" if inner else
+                     f"{name}{suffix} {number}")
+    return lines
+
+
+def latest_windows(rate_limit: dict | None) -> dict[str, dict]:
+    """The windows of the latest rate-limit report, by name."""
+    return {name: state for name, state in ((rate_limit or {}).get("unifiedWindows")
+                                            or {}).items() if isinstance(state, dict)}
+
+
+def metrics_text(metrics: RequestMetrics, sessions: list[dict], waiting: int,
+                 rate_limit: dict | None) -> str:
+    """GET /metrics: the requests, the live CLIs and the subscription's windows."""
+    histogram = []
+    for route, counts in sorted(metrics.latency.items()):
+        total = 0
+        for bound, count in zip([*LATENCY_BUCKETS_S, "+Inf"], counts):
+            total += count
+            histogram.append(("_bucket", {"route": route, "le": bound}, total))
+        histogram += [("_sum", {"route": route}, metrics.latency_sum[route]),
+                      ("_count", {"route": route}, total)]
+    windows = latest_windows(rate_limit)
+    lines = [
+        *prometheus_family("claude_proxy_requests_total", "counter",
+                           "Requests answered, by route, status and key name.",
+                           [("", {"route": route, "status": status, "key": key}, count)
+                            for (route, status, key), count
+                            in sorted(metrics.requests.items())]),
+        *prometheus_family("claude_proxy_request_seconds", "histogram",
+                           "Time from a request's head to its answer's last byte.", histogram),
+        *prometheus_family("claude_proxy_tokens_total", "counter",
+                           "Tokens, by direction (input counts cache reads and writes) "
+                           "and key name.",
+                           [("", {"direction": direction, "key": key}, count)
+                            for (direction, key), count in sorted(metrics.tokens.items())]),
+        *prometheus_family("claude_proxy_sessions", "gauge", "CLI sessions, by state.",
+                           [("", {"state": state}, sum(s["state"] == state for s in sessions))
+                            for state in SESSION_STATES]),
+        *prometheus_family("claude_proxy_cli_memory_bytes", "gauge",
+                           "Memory of all live CLIs: resident (rss) and proportional (pss).",
+                           [("", {"kind": kind}, sum((s[f"{kind}_mb"] or 0) * 1048576
+                                                     for s in sessions))
+                            for kind in ("rss", "pss")]),
+        *prometheus_family("claude_proxy_queue_depth", "gauge",
+                           "Requests waiting for a concurrency slot.", [("", {}, waiting)]),
+        *prometheus_family("claude_proxy_window_utilization", "gauge",
+                           "Each subscription window's use (1 is spent), as last seen.",
+                           [("", {"window": name}, state["utilization"])
+                            for name, state in sorted(windows.items())
+                            if _is_number(state.get("utilization"))]),
+        *prometheus_family("claude_proxy_window_resets_at_seconds", "gauge",
+                           "When each subscription window resets (Unix time), as last seen.",
+                           [("", {"window": name}, state["resetsAt"])
+                            for name, state in sorted(windows.items())
+                            if _is_number(state.get("resetsAt"))]),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# -- the status page -----------------------------------------------------------
+
+def full_windows(rate_limit: dict | None, warn_at: float, now: float
+                 ) -> list[tuple[str, float, Any]]:
+    """The windows used up to `warn_at` or past it and not reset since: (name,
+    utilization, resetsAt)."""
+    return [(name, state["utilization"], state.get("resetsAt"))
+            for name, state in sorted(latest_windows(rate_limit).items())
+            if _is_number(state.get("utilization")) and state["utilization"] >= warn_at
+            and not (_is_number(state.get("resetsAt")) and state["resetsAt"] <= now)]
+
+
+def window_label(name: str) -> str:
+    return RATE_LIMIT_WINDOWS.get(name, name.replace("_", " "))
+
+
+def window_warning(name: str, utilization: float, resets_at: Any) -> str:
+    """The words of a window's warning, in the log and on the page."""
+    when = utc_text(resets_at, " (it resets at %Y-%m-%d %H:%M UTC)") or ""
+    return (f"The subscription's {window_label(name)} window is {utilization:.0%} used"
+            f"{when}: every app behind the proxy shares it.")
+
+
+CHART_HOURS = 24
+
+
+def status_data(ledger: Ledger, sessions: list[dict], rate_limit: tuple[dict, float] | None,
+                warn_at: float, now: float) -> dict:
+    """Everything the status page shows: GET /status's answer."""
+    info, observed = rate_limit if rate_limit else (None, None)
+    hour = 3600
+    since = (math.floor(now / hour) - CHART_HOURS + 1) * hour
+    return {
+        "generated_at": now, "observed_at": observed, "warn_at": warn_at,
+        "windows": [{"name": name, "label": window_label(name),
+                     "utilization": state.get("utilization"), "status": state.get("status"),
+                     "resets_at": state.get("resetsAt")}
+                    for name, state in sorted(latest_windows(info).items())],
+        "warnings": [window_warning(*full) for full in full_windows(info, warn_at, now)],
+        "keys": {span: ledger.summary(now - hours * hour, now + 1, ["key"])
+                 for span, hours in (("5h", 5), ("7d", 7 * 24))},
+        "models_7d": ledger.summary(now - 7 * 24 * hour, now + 1, ["model"]),
+        "chart": {"since": since, "step": hour,
+                  "slots": ledger.series(since, since + CHART_HOURS * hour, hour)},
+        "sessions": sessions,
+        "recent": ledger.recent(20),
+        "errors": ledger.recent(10, errors_since=now - 7 * 24 * hour),
+        "ledger": ledger.path,
+    }
+
+
+STATUS_CSS = """
+body{font:14px/1.4 system-ui,sans-serif;margin:0 auto;max-width:70em;padding:1em;
+color:#1d1d1f;background:#fafafa}
+h1{font-size:1.3em}h2{font-size:1.05em;margin:1.6em 0 .5em}
+table{border-collapse:collapse;width:100%}td,th{padding:.2em .6em;text-align:right;
+border-bottom:1px solid #e4e4e4;white-space:nowrap}td:first-child,th:first-child{text-align:left}
+.bar{background:#e6e6e6;border-radius:4px;height:1.1em;width:100%}
+.fill{background:#3a7bd5;border-radius:4px;height:100%}.hot{background:#d9822b}
+.spent{background:#c0392b}.warn{background:#fff3cd;border:1px solid #e0b252;padding:.6em;
+border-radius:4px}.dim{color:#777}.err{color:#b00020}
+"""
+CHART_COLORS = ("#3a7bd5", "#d9822b", "#2e9d5b", "#8e44ad", "#c0392b", "#16a2b8", "#7f8c8d")
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    days, hours, minutes = seconds // 86400, seconds % 86400 // 3600, seconds % 3600 // 60
+    return f"{days} d {hours} h" if days else f"{hours} h {minutes} min" if hours else \
+        f"{minutes} min {seconds % 60} s" if minutes else f"{seconds} s"
+
+
+def _table(headers: list[str], rows: list[list[Any]], empty: str) -> str:
+    if not rows:
+        return f'<p class="dim">{html.escape(empty)}</p>'
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(cell))}</td>" for cell in row)
+                   + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _clock(stamp: Any) -> str:
+    return utc_text(stamp, "%m-%d %H:%M:%S") or "-"
+
+
+def _chart(chart: dict) -> str:
+    """Tokens an hour, stacked by key, as an inline SVG."""
+    slots: dict[int, list[tuple[str, int]]] = {}
+    keys: list[str] = []
+    for row in chart["slots"]:
+        slots.setdefault(row["slot"], []).append((row["key"], row["tokens"]))
+        if row["key"] not in keys:
+            keys.append(row["key"])
+    if not slots:
+        return '<p class="dim">No requests in the last 24 hours.</p>'
+    top = max(sum(t for _, t in stacked) for stacked in slots.values()) or 1
+    width, height, bar = 720, 120, 720 // CHART_HOURS
+    color = {key: CHART_COLORS[i % len(CHART_COLORS)] for i, key in enumerate(sorted(keys))}
+    rects = []
+    for slot, stacked in sorted(slots.items()):
+        y = height
+        for key, tokens in stacked:
+            h = max(1, round(tokens / top * (height - 10)))
+            y -= h
+            start = _clock(chart["since"] + slot * chart["step"])[6:11]
+            rects.append(f'<rect x="{slot * bar + 1}" y="{y}" width="{bar - 2}" height="{h}" '
+                         f'fill="{color[key]}"><title>{html.escape(key)}, {start} UTC: '
+                         f'{tokens} tokens</title></rect>')
+    legend = " ".join(f'<span style="color:{color[k]}">&#9632;</span> {html.escape(k)}'
+                      for k in sorted(keys))
+    return (f'<svg viewBox="0 0 {width} {height}" width="100%" height="{height}" '
+            f'role="img" aria-label="tokens an hour">{"".join(rects)}</svg>'
+            f'<p class="dim">Tokens an hour, last 24 hours (UTC), tallest: {top}. '
+            f'{legend}</p>')
+
+
+def status_page(data: dict, version: str) -> str:
+    """The status page: one HTML document, no script, nothing from the network."""
+    now = data["generated_at"]
+    bars = []
+    for window in data["windows"]:
+        used = window["utilization"] if _is_number(window["utilization"]) else 0
+        level = "spent" if used >= 1 else "hot" if used >= data["warn_at"] else ""
+        resets = window["resets_at"]
+        when = ("reset time not reported" if not _is_number(resets) else
+                f"resets in {_duration(resets - now)} ({_clock(resets)} UTC)"
+                if resets > now else f"has reset since ({_clock(resets)} UTC)")
+        bars.append(
+            f'<tr data-window="{html.escape(window["name"])}"><td>'
+            f'{html.escape(window["label"])}</td><td style="width:50%"><div class="bar">'
+            f'<div class="fill {level}" style="width:{min(used, 1) * 100:.1f}%"></div></div>'
+            f'</td><td class="used">{used:.0%}</td><td>{html.escape(str(window["status"] or "-"))}'
+            f'</td><td>{html.escape(when)}</td></tr>')
+    windows = (f"<table>{''.join(bars)}</table><p class=\"dim\">As the upstream reported "
+               f"them {_duration(now - data['observed_at'])} ago.</p>" if bars else
+               '<p class="dim">No window seen yet: the upstream reports them with each '
+               "answer.</p>")
+    warnings = "".join(f'<p class="warn">{html.escape(w)}</p>' for w in data["warnings"])
+    spans = {span: {row["key"]: row for row in rows} for span, rows in data["keys"].items()}
+    def key_cells(span: str, name: str) -> list[Any]:
+        row = spans[span].get(name)
+        if row is None:
+            return ["0 / 0", 0, 0]
+        return [f"{row['requests']} / {row['errors']}", row["input_tokens"]
+                + row["cache_read_tokens"] + row["cache_write_tokens"], row["output_tokens"]]
+    key_rows = [[name, *key_cells("5h", name), *key_cells("7d", name)]
+                for name in sorted(spans["7d"])]
+    session_rows = [[s["state"], s["shape"]["model"], s["turns"], _duration(s["idle_s"]),
+                     "-" if s["pss_mb"] is None else f"{s['pss_mb']:.0f} MB"]
+                    for s in data["sessions"]]
+    request_rows = [[_clock(r["at"]), r["key"], r["api"], r["model"], r["status"],
+                     "stream" if r["stream"] else "-", r["session"] or "-",
+                     r["input_tokens"] + r["cache_read_tokens"] + r["cache_write_tokens"],
+                     r["output_tokens"], f"{r['latency_ms']} ms",
+                     "-" if r["first_token_ms"] is None else f"{r['first_token_ms']} ms"]
+                    for r in data["recent"]]
+    error_rows = [[_clock(r["at"]), r["key"], r["api"], r["model"], r["status"],
+                   r["error"] or "-"] for r in data["errors"]]
+    ledger = (f"Ledger: {data['ledger']}" if data["ledger"] else
+              "Ledger: in memory (it is lost when the proxy stops)")
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="refresh" content="{STATUS_REFRESH_S}">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>claude-sdk-proxy status</title><style>{STATUS_CSS}</style></head><body>
+<h1>claude-sdk-proxy <span class="dim">{html.escape(version)}, {_clock(now)} UTC</span></h1>
+{warnings}
+<h2>Subscription windows</h2>{windows}
+<h2>Keys</h2>{_table(["key", "requests / errors, 5 h", "tokens in, 5 h", "tokens out, 5 h",
+                      "requests / errors, 7 d", "tokens in, 7 d", "tokens out, 7 d"],
+                     key_rows, "No requests in the last 7 days.")}
+<h2>Tokens over time</h2>{_chart(data["chart"])}
+<h2>Live sessions</h2>{_table(["state", "model", "turns", "idle", "memory (PSS)"],
+                              session_rows, "No live CLI.")}
+<h2>Last requests</h2>{_table(["time (UTC)", "key", "API", "model", "status", "stream",
+                               "session", "tokens in", "tokens out", "latency",
+                               "first token"], request_rows, "No requests yet.")}
+<h2>Last errors</h2>{_table(["time (UTC)", "key", "API", "model", "status", "error"],
+                            error_rows, "No errors.")}
+<p class="dim">{html.escape(ledger)}. Refreshes every {STATUS_REFRESH_S} s. The same data:
+<a href="/status">/status</a>; metrics: <a href="/metrics">/metrics</a>.</p>
+</body></html>
+"""
+
+
+# =============================================================================
+# 14. Routes and handlers -- the three APIs' turns, the stores, the route table
 # =============================================================================
 # A handler takes (app, request, out) and answers through `out`, a Responder
-# (section 14). Handlers are compositions: parse -> check -> translate -> engine
+# (section 15). Handlers are compositions: parse -> check -> translate -> engine
 # -> translate -> encode; they raise ProxyError and never format errors. The three
 # APIs' turns share one handler, `handle_turn`; each API is a `Dialect` on its
 # route, and each of its requests an `Exchange`.
@@ -4246,16 +4933,20 @@ class Request:
 
 
 async def handle_health(app: App, request: Request, out: Responder) -> None:
-    """GET /: service info for operators; a bare "ok" for load balancers (and
-    anyone else) without the key."""
+    """GET /: the status page for a browser; service info (JSON) for other
+    programs; a bare "ok" for load balancers (and anyone else) without the key."""
     if not request.authorized:
         await out.send_json(200, {"status": "ok"})
+        return
+    if wants_html(request.head):
+        page = status_page(app.status(), __version__)
+        await out.send(200, page.encode("utf-8"), "text/html; charset=utf-8", PAGE_HEADERS)
         return
     await out.send_json(200, {
         "status": "ok", "service": "claude-sdk-proxy", "versions": sdk_versions(),
         "uptime_s": round(time.monotonic() - app.started, 1),
-        "requests": app.requests, "auth": app.config.api_key is not None,
-        "tokens": dict(app.metrics.tokens),
+        "requests": app.requests, "auth": app.keys.keyed,
+        "tokens": app.metrics.token_totals(),
         "cli_processes": len(app.engine.sessions),
         "sessions": {state: sum(1 for s in app.engine.describe() if s["state"] == state)
                      for state in SESSION_STATES},
@@ -4295,101 +4986,26 @@ async def handle_delete_session(app: App, request: Request, out: Responder) -> N
     await out.send_json(200, {"id": session_id, "type": "session_deleted"})
 
 
+# The page draws everything itself: no script, no frame, nothing from elsewhere.
+PAGE_HEADERS = {"content-security-policy": "default-src 'none'; style-src 'unsafe-inline'",
+                "x-frame-options": "DENY", "referrer-policy": "no-referrer",
+                "cache-control": "no-store"}
+
+
+async def handle_status(app: App, request: Request, out: Responder) -> None:
+    """GET /status: what the status page shows, as JSON."""
+    await out.send_json(200, app.status(), {"cache-control": "no-store"})
+
+
 async def handle_usage(app: App, request: Request, out: Responder) -> None:
-    """GET /usage: the subscription's windows as last seen upstream."""
-    if app.rate_limit is None:
-        await out.send_json(200, {"status": None, "windows": {}, "observed_at": None})
-    else:
-        await out.send_json(200, usage_windows(*app.rate_limit))
-
-
-# Latency buckets of GET /metrics, in seconds: warm turns take tens of ms, cold
-# starts half a second, long answers minutes.
-LATENCY_BUCKETS_S = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
-
-
-class RequestMetrics:
-    """What GET /metrics counts of the requests answered: by route and status, their
-    time to the last byte (a histogram by route), and tokens by direction."""
-
-    def __init__(self) -> None:
-        self.requests: dict[tuple[str, int], int] = {}
-        self.latency: dict[str, list[int]] = {}     # route -> count per bucket, +Inf last
-        self.latency_sum: dict[str, float] = {}
-        self.tokens = {"input": 0, "output": 0}
-
-    def observe(self, route: str, status: int, seconds: float, tokens_in: int,
-                tokens_out: int) -> None:
-        self.requests[route, status] = self.requests.get((route, status), 0) + 1
-        counts = self.latency.setdefault(route, [0] * (len(LATENCY_BUCKETS_S) + 1))
-        counts[next((i for i, bound in enumerate(LATENCY_BUCKETS_S) if seconds <= bound),
-                    len(LATENCY_BUCKETS_S))] += 1
-        self.latency_sum[route] = self.latency_sum.get(route, 0.0) + seconds
-        self.tokens["input"] += tokens_in
-        self.tokens["output"] += tokens_out
-
-
-def prometheus_family(name: str, kind: str, help_text: str,
-                      samples: Iterable[tuple[str, dict[str, Any], float]]) -> list[str]:
-    """One metric family in the Prometheus text format (version 0.0.4): samples are
-    (name suffix, labels, value)."""
-    def label(value: Any) -> str:
-        text = str(value).replace("\\", "\\\\").replace("\n", "\\n")
-        return '"' + text.replace('"', '\\"') + '"'
-    lines = [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
-    for suffix, labels, value in samples:
-        inner = ",".join(f"{key}={label(value)}" for key, value in labels.items())
-        number = str(value) if isinstance(value, int) else repr(float(value))
-        lines.append(f"{name}{suffix}{{{inner}}} {number}" if inner else
-                     f"{name}{suffix} {number}")
-    return lines
-
-
-def metrics_text(metrics: RequestMetrics, sessions: list[dict], waiting: int,
-                 rate_limit: dict | None) -> str:
-    """GET /metrics: the requests, the live CLIs and the subscription's windows."""
-    histogram = []
-    for route, counts in sorted(metrics.latency.items()):
-        total = 0
-        for bound, count in zip([*LATENCY_BUCKETS_S, "+Inf"], counts):
-            total += count
-            histogram.append(("_bucket", {"route": route, "le": bound}, total))
-        histogram += [("_sum", {"route": route}, metrics.latency_sum[route]),
-                      ("_count", {"route": route}, total)]
-    windows = {name: state for name, state in ((rate_limit or {}).get("unifiedWindows")
-                                               or {}).items() if isinstance(state, dict)}
-    lines = [
-        *prometheus_family("claude_proxy_requests_total", "counter",
-                           "Requests answered, by route and status.",
-                           [("", {"route": route, "status": status}, count)
-                            for (route, status), count in sorted(metrics.requests.items())]),
-        *prometheus_family("claude_proxy_request_seconds", "histogram",
-                           "Time from a request's head to its answer's last byte.", histogram),
-        *prometheus_family("claude_proxy_tokens_total", "counter",
-                           "Tokens, by direction (input counts cache reads and writes).",
-                           [("", {"direction": d}, n) for d, n in metrics.tokens.items()]),
-        *prometheus_family("claude_proxy_sessions", "gauge", "CLI sessions, by state.",
-                           [("", {"state": state}, sum(s["state"] == state for s in sessions))
-                            for state in SESSION_STATES]),
-        *prometheus_family("claude_proxy_cli_memory_bytes", "gauge",
-                           "Memory of all live CLIs: resident (rss) and proportional (pss).",
-                           [("", {"kind": kind}, sum((s[f"{kind}_mb"] or 0) * 1048576
-                                                     for s in sessions))
-                            for kind in ("rss", "pss")]),
-        *prometheus_family("claude_proxy_queue_depth", "gauge",
-                           "Requests waiting for a concurrency slot.", [("", {}, waiting)]),
-        *prometheus_family("claude_proxy_window_utilization", "gauge",
-                           "Each subscription window's use (1 is spent), as last seen.",
-                           [("", {"window": name}, state["utilization"])
-                            for name, state in sorted(windows.items())
-                            if _is_number(state.get("utilization"))]),
-        *prometheus_family("claude_proxy_window_resets_at_seconds", "gauge",
-                           "When each subscription window resets (Unix time), as last seen.",
-                           [("", {"window": name}, state["resetsAt"])
-                            for name, state in sorted(windows.items())
-                            if _is_number(state.get("resetsAt"))]),
-    ]
-    return "\n".join(lines) + "\n"
+    """GET /usage: the subscription's windows as last seen upstream, and the
+    ledger's summary (`usage_query`: since, until, by)."""
+    since, until, by = usage_query(request.head.query, time.time())
+    windows = usage_windows(*app.rate_limit) if app.rate_limit else \
+        {"status": None, "windows": {}, "observed_at": None}
+    await out.send_json(200, {**windows, "summary": {
+        "since": since, "until": until, "by": by,
+        "rows": app.ledger.summary(since, until, by)}})
 
 
 async def handle_metrics(app: App, request: Request, out: Responder) -> None:
@@ -4644,10 +5260,10 @@ RESPONSES_API = Dialect(error_to_openai, None, OPENAI_PING, ResponsesExchange)
 
 # -- one turn, streamed or not -------------------------------------------------
 
-async def run_turn(app: App, turn: Turn, out: Responder) -> AsyncIterator[TurnEvent]:
+async def run_turn(app: App, turn: Turn, out: Responder) -> AsyncIterator[EngineEvent]:
     """The engine's events for one Turn; the rate-limit state they carry goes into the
-    response headers and GET /usage on the way, the model and tokens of what went
-    out into the request log. The CLI reports the rate-limit state after the answer,
+    response headers, GET /usage and the page on the way, how the turn went into
+    the request's record. The CLI reports the rate-limit state after the answer,
     so a stream's head carries it as the previous answer left it."""
     if app.rate_limit is not None:
         out.headers.update(rate_limit_headers(app.rate_limit[0]))
@@ -4656,25 +5272,34 @@ async def run_turn(app: App, turn: Turn, out: Responder) -> AsyncIterator[TurnEv
             if app.config.debug:
                 log.debug("%s %s %s", out.request_id, type(event).__name__,
                           event.event.get("type") if isinstance(event, Delta) else "")
+            if isinstance(event, SessionUsed):
+                out.record.session = event.how
+                continue
             if isinstance(event, RateLimitReport):
-                app.rate_limit = (event.info, time.time())
+                app.note_rate_limit(event.info)
                 out.headers.update(rate_limit_headers(event.info))
             elif isinstance(event, Delta):
-                note_usage(out, event.event)
+                note_usage(out.record, event.event)
             yield event
 
 
-def note_usage(out: Responder, event: dict) -> None:
-    """Keep the model and token counts of what went out, for the request log."""
-    if event.get("type") == "message_start":
+def note_usage(record: RequestRecord, event: dict) -> None:
+    """Keep the model, tokens, stop reason and first delta's time of what went out."""
+    kind = event.get("type")
+    if kind == "message_start":
         message = event.get("message") or {}
-        out.model = message.get("model") or out.model
-        out.usage.update(message.get("usage") or {})
-    elif event.get("type") == "message_delta":
-        out.usage.update({k: v for k, v in (event.get("usage") or {}).items() if v is not None})
+        record.model = message.get("model") or record.model
+        record.usage.update(message.get("usage") or {})
+    elif kind == "message_delta":
+        record.usage.update({k: v for k, v in (event.get("usage") or {}).items()
+                             if v is not None})
+        record.stop_reason = (event.get("delta") or {}).get("stop_reason") or \
+            record.stop_reason
+    elif kind == "content_block_delta" and record.first_token is None:
+        record.first_token = time.monotonic()
 
 
-async def final_answer(events: AsyncIterator[TurnEvent],
+async def final_answer(events: AsyncIterator[EngineEvent],
                        feed: Callable[[dict], Any] = lambda event: None) -> dict:
     """The answer of a turn that is not streamed: its message, once the engine is
     done; `feed` sees each stream event on the way."""
@@ -4722,7 +5347,7 @@ def paced_stream(items: AsyncIterator[Any], config: Config) -> Any:
     return contextlib.aclosing(paced(items, config.head_hold_s, config.ping_interval_s))
 
 
-async def forward_stream(events: AsyncIterator[TurnEvent], out: Responder,
+async def forward_stream(events: AsyncIterator[EngineEvent], out: Responder,
                          config: Config, frames: Callable[[dict], Iterable[bytes]],
                          ping: bytes) -> dict:
     """Forward the answer's stream events as the SSE frames `frames` makes of each;
@@ -4762,7 +5387,7 @@ async def handle_turn(app: App, request: Request, out: Responder) -> None:
     not, in the API of its route."""
     exchange = request.dialect.exchange(app, request, parse_json_body(request.body))
     turn, message = exchange.turn, None
-    out.model = turn.model
+    out.record.model, out.record.stream = turn.model, turn.stream
     if app.config.debug:
         log.debug("%s turn: model=%s history=%d params=%s betas=%s dropped=%s",
                   request.request_id, turn.model, len(turn.history), json.dumps(turn.params),
@@ -4817,6 +5442,7 @@ ROUTES = (
            "chat_completions"),
     _route("POST", r"/v1(?:/chat)?/responses", handle_turn, RESPONSES_API, "responses"),
     _route("GET", r"/usage", handle_usage),
+    _route("GET", r"/status", handle_status),
     _route("GET", r"/metrics", handle_metrics),
     _route("GET", r"/sessions", handle_sessions),
     _route("DELETE", r"/sessions/(?P<session_id>[^/]+)", handle_delete_session),
@@ -4858,7 +5484,7 @@ def dialect_for(head: RequestHead, route: Route | None) -> Dialect:
 
 
 # =============================================================================
-# 14. Server -- connections, keep-alive, streaming, errors into responses
+# 15. Server -- connections, keep-alive, streaming, errors into responses
 # =============================================================================
 # `serve` listens; `serve_connection` reads requests one after another on a
 # keep-alive connection and runs each handler while watching the socket: a
@@ -5005,8 +5631,7 @@ class Responder:
         self.head_sent = False
         self.streaming = False
         self.chunked = True                 # HTTP/1.0 clients get a stream ended by close
-        self.model = ""
-        self.usage: dict = {}
+        self.record = RequestRecord(time.monotonic(), time.time())
         self.headers: dict[str, str] = {}   # for every response head (rate-limit state)
         # The frames that end a stream an error breaks off, where the API has its own.
         self.stream_error: Callable[[ProxyError], list[bytes] | None] = lambda err: None
@@ -5059,6 +5684,7 @@ class Responder:
     async def fail(self, err: ProxyError) -> None:
         """The one place a ProxyError becomes bytes: JSON, or an SSE error mid-stream."""
         body = self.dialect.error_body(err, self.request_id)
+        self.record.error = err.error_type
         if not self.head_sent:
             self.status = err.status
             await self.send_json(err.status, body, err.headers)
@@ -5083,10 +5709,13 @@ class App:
 
     def __init__(self, config: Config):
         self.config = config
+        self.keys = KeyRing(config.api_key, config.keys_file)
+        self.ledger = Ledger(config.ledger_path, config.ledger_days)
         self.engine = Engine(config)
         self.responses = ResponseStore()
         self.threads = ThreadStore()
         self.rate_limit: tuple[dict, float] | None = None    # latest info, when seen
+        self.warned: set[tuple[str, Any]] = set()    # (window, its reset) warned about
         self.started = time.monotonic()
         self.requests = 0
         self.metrics = RequestMetrics()
@@ -5096,6 +5725,20 @@ class App:
         self.connections: set[asyncio.Task] = set()
         self.shutting_down = False
         self.drained = asyncio.Event()      # the drain is over: in-flight answers fail now
+
+    def note_rate_limit(self, info: dict) -> None:
+        """Keep the latest rate-limit report; warn once a window passes `warn_at`
+        (once each time it fills: its reset time tells the fillings apart)."""
+        self.rate_limit = (info, time.time())
+        for name, used, resets_at in full_windows(info, self.config.warn_at, time.time()):
+            if (name, resets_at) not in self.warned:
+                self.warned.add((name, resets_at))
+                log.warning("%s", window_warning(name, used, resets_at))
+
+    def status(self) -> dict:
+        """What the status page shows."""
+        return status_data(self.ledger, self.engine.describe(), self.rate_limit,
+                           self.config.warn_at, time.time())
 
 
 async def serve_connection(app: App, reader: asyncio.StreamReader,
@@ -5133,10 +5776,9 @@ async def serve_connection(app: App, reader: asyncio.StreamReader,
 
 async def serve_request(app: App, conn: Connection, raw_head: bytes, out: Responder) -> None:
     """Parse, check, read the body, run the handler, log one line."""
-    started = time.monotonic()
+    out.record = RequestRecord(time.monotonic(), time.time())
     app.requests += 1
     method = path = "-"
-    route_name = "none"
     body_read = False
     try:
         head = parse_request_head(raw_head)
@@ -5150,24 +5792,25 @@ async def serve_request(app: App, conn: Connection, raw_head: bytes, out: Respon
             found = err
         out.dialect = dialect_for(head, None if isinstance(found, ProxyError) else found[0])
         authorized = True
-        if app.config.api_key is None:
+        if not app.keys.keyed:
             check_local_caller(head)
+            out.record.key = KEYLESS_NAME
         out.headers.update(cors_headers(head))
         preflight = preflight_headers(head)
         if preflight is not None:       # carries no key: a browser never sends one here
             await out.send(204, b"", "", preflight)
             return
-        if app.config.api_key is not None:
+        if app.keys.keyed:
             try:
-                check_api_key(head, app.config.api_key)     # before routing: no route
-            except AuthenticationFailed:                    # is shown to a stranger
+                out.record.key = app.keys.check(head)   # before routing: no route
+            except AuthenticationFailed:                # is shown to a stranger
                 if not is_liveness_probe(head):
                     raise
                 authorized = False
         if isinstance(found, ProxyError):
             raise found
         route, params = found
-        route_name = route.name
+        out.record.route = route.name
         length = body_length(head)
         if length is not None and length > app.config.max_body_bytes:
             raise RequestTooLarge(f"Request body of {length} bytes exceeds the "
@@ -5194,7 +5837,7 @@ async def serve_request(app: App, conn: Connection, raw_head: bytes, out: Respon
         await out.fail(ProxyError("Internal proxy error."))
     finally:
         app.reading.pop(conn, None)
-        log_request(app, out, method, path, route_name, started)
+        log_request(app, out, method, path)
 
 
 async def run_handler(app: App, conn: Connection, handler: Callable, request: Request,
@@ -5228,17 +5871,18 @@ async def run_handler(app: App, conn: Connection, handler: Callable, request: Re
                 await task
 
 
-def log_request(app: App, out: Responder, method: str, path: str, route: str,
-                started: float) -> None:
-    """One line per request (method, path, status, ms, model, tokens), and its count
-    in GET /metrics under its route's name."""
-    seconds = time.monotonic() - started
-    tokens_in = sum(out.usage.get(k) or 0 for k in (
-        "input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens"))
-    tokens_out = out.usage.get("output_tokens") or 0
-    app.metrics.observe(route, out.status, seconds, tokens_in, tokens_out)
-    log.info("%s %s %d %dms model=%s in=%d out=%d %s", method, path, out.status,
-             seconds * 1000, out.model or "-", tokens_in, tokens_out, out.request_id)
+def log_request(app: App, out: Responder, method: str, path: str) -> None:
+    """One line per request (method, path, status, ms, key name, model, tokens), its
+    count in GET /metrics, and a turn's row in the ledger."""
+    record, now = out.record, time.monotonic()
+    app.metrics.observe(record, out.status, now - record.started)
+    if record.route in TURN_ROUTES and record.key:
+        app.ledger.add(ledger_row(record, out.status, now))
+    tokens = record.tokens()
+    log.info("%s %s %d %dms key=%s model=%s in=%d out=%d %s", method, path, out.status,
+             (now - record.started) * 1000, record.key or "-", record.model or "-",
+             tokens["input"] + tokens["cache_read"] + tokens["cache_write"],
+             tokens["output"], out.request_id)
 
 
 def not_a_killed_cli(record: logging.LogRecord) -> bool:
@@ -5269,11 +5913,14 @@ async def serve(config: Config, ready: Callable[[int], None] | None = None,
             loop.add_signal_handler(signum, on_stop_signal)
     # A hang-up is no reason to stop: it comes when the terminal the proxy was
     # started from with `&` goes away (its shell passes it on to its jobs), and
-    # from `kill -HUP`, which asks a daemon to reload, and there is nothing to
-    # reload. So the proxy goes on serving, as under nohup, and says so.
+    # from `kill -HUP`, which asks a daemon to reload: the key file is re-read.
+    # So the proxy goes on serving, as under nohup, and says so.
+    def on_hang_up() -> None:
+        log.warning("SIGHUP: still serving (stop the proxy with SIGTERM or SIGINT)%s.",
+                    "; the key file is re-read" if config.keys_file else "")
+        app.keys.refresh(forced=True)
     with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-        loop.add_signal_handler(signal.SIGHUP, log.warning, "SIGHUP ignored: still "
-                                "serving (stop the proxy with SIGTERM or SIGINT).")
+        loop.add_signal_handler(signal.SIGHUP, on_hang_up)
 
     async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if len(app.connections) >= config.max_connections:
@@ -5322,13 +5969,14 @@ async def serve(config: Config, ready: Callable[[int], None] | None = None,
         if app.connections:
             await asyncio.wait(set(app.connections), timeout=5)
         await app.engine.close()
+        app.ledger.close()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(server.wait_closed(), 5)
     return 0
 
 
 # =============================================================================
-# 15. Command line -- argument parsing and main(argv) -> int
+# 16. Command line -- argument parsing and main(argv) -> int
 # =============================================================================
 
 def login(config: Config, command: list[str]) -> int:
@@ -5441,6 +6089,10 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(message)s")
     errors, warnings = startup_problems(config, dict(os.environ), agent_sandbox_problem()
                                         if config.agent_dir else None)
+    try:
+        KeyRing(config.api_key, config.keys_file)
+    except (OSError, ValueError) as err:
+        errors.append(f"The key file cannot be used: {err}")
     for warning in warnings:
         log.warning("%s", warning)
     if errors:
@@ -5471,7 +6123,8 @@ def main(argv: list[str] | None = None) -> int:
             log.info("claude-sdk-proxy %s listening on %s (%s)\n"
                      "  Anthropic clients: export ANTHROPIC_BASE_URL=%s\n"
                      "  OpenAI clients:    export OPENAI_BASE_URL=%s/v1", __version__, url,
-                     "API key required" if config.api_key else "no API key", url, url)
+                     "API key required" if config.api_key or config.keys_file
+                     else "no API key", url, url)
         return asyncio.run(serve(config, ready))
 
 

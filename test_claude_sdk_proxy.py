@@ -38,6 +38,7 @@ import io
 import math
 import struct
 import uuid
+import html.parser
 import http.server
 import json
 import os
@@ -46,10 +47,13 @@ import select
 import shutil
 import signal
 import socket
+import sqlite3
+import stat
 import sys
 import tempfile
 import threading
 import time
+import types
 import unittest
 import urllib.parse
 import zlib
@@ -670,6 +674,7 @@ class ConfigTest(unittest.TestCase):
             (("-H", "::1"), {}, ([], [])), (("-H", "localhost"), {}, ([], [])),
             (("-H", "0.0.0.0"), {}, (["Refusing to listen on 0.0.0.0 without an API key"], [])),
             (("-H", "192.168.1.5"), {"CLAUDE_PROXY_API_KEY": "k"}, ([], [])),
+            (("-H", "192.168.1.5"), {"CLAUDE_PROXY_KEYS_FILE": "/etc/proxy-keys"}, ([], [])),
             (("-H", "0.0.0.0"), {"CLAUDE_PROXY_API_KEY": " \n"},       # blank is no key
              (["Refusing to listen on 0.0.0.0 without an API key"], [])),
             ((), {"ANTHROPIC_API_KEY": "sk-ant-x"}, ([], ["ANTHROPIC_API_KEY is set"])),
@@ -715,6 +720,26 @@ class ConfigTest(unittest.TestCase):
         self.assertEqual(self.knobs(self.config()),
                          (3456, "127.0.0.1", False, None, 8, 1800.0, 32 * 1024 * 1024, 60.0,
                           "sonnet", None))
+
+    def test_the_usage_ledger_and_keys_are_where_the_operator_says(self):
+        home = {"HOME": "/home/ann"}
+        cfg = self.config(env=home)
+        self.assertEqual((cfg.ledger_path, cfg.ledger_days, cfg.warn_at, cfg.keys_file),
+                         ("/home/ann/.local/state/claude-sdk-proxy/usage.sqlite3", 90.0, 0.9,
+                          None))
+        self.assertEqual(self.config(env={**home, "XDG_STATE_HOME": "/var/state"}).ledger_path,
+                         "/var/state/claude-sdk-proxy/usage.sqlite3")
+        cfg = self.config(env={**home, "CLAUDE_PROXY_LEDGER": "off",
+                               "CLAUDE_PROXY_LEDGER_DAYS": "7", "CLAUDE_PROXY_WARN_AT": "75",
+                               "CLAUDE_PROXY_KEYS_FILE": "/etc/proxy-keys"})
+        self.assertEqual((cfg.ledger_path, cfg.ledger_days, cfg.warn_at, cfg.keys_file),
+                         (None, 7.0, 0.75, "/etc/proxy-keys"))
+        cfg = self.config(["--ledger", "/srv/u.db", "--keys-file", "/srv/keys"],
+                          {**home, "CLAUDE_PROXY_LEDGER": "off"})
+        self.assertEqual((cfg.ledger_path, cfg.keys_file), ("/srv/u.db", "/srv/keys"))
+        for name, value in (("LEDGER_DAYS", "0"), ("WARN_AT", "0"), ("WARN_AT", "high")):
+            with self.subTest(name=name, value=value), self.assertRaises(SystemExit):
+                self.config(env={"CLAUDE_PROXY_" + name: value})
 
     def test_the_session_cap_is_what_half_the_available_memory_holds(self):
         gib = 1 << 30
@@ -1048,6 +1073,20 @@ class AuthAndModelsTest(PureAssertions, unittest.TestCase):
             with self.subTest(lines=lines):
                 head = proxy.parse_request_head(raw_head(*lines))
                 self.assertEqual(proxy.request_api_key(head), expected)
+        # A browser sends the key as Basic auth's password, for GETs only.
+        basic = [("user:k3", "GET", "k3"), (":k3", "HEAD", "k3"), ("a:b:c", "GET", "b:c"),
+                 ("user:", "GET", None), ("k3", "GET", None), (":k3", "POST", None),
+                 (":k3", "DELETE", None)]
+        for credentials, method, expected in basic:
+            with self.subTest(credentials=credentials, method=method):
+                token = base64.b64encode(credentials.encode()).decode()
+                head = proxy.parse_request_head(raw_head(
+                    f"Authorization: Basic {token}".encode(),
+                    line=f"{method} /status HTTP/1.1".encode()))
+                self.assertEqual(proxy.request_api_key(head), expected)
+        head = proxy.parse_request_head(raw_head(b"Authorization: Basic %%%",
+                                                 line=b"GET / HTTP/1.1"))
+        self.assertIsNone(proxy.request_api_key(head))
 
     def test_check_api_key(self):
         missing = "Missing API key: send it as x-api-key or Authorization: Bearer."
@@ -1066,12 +1105,41 @@ class AuthAndModelsTest(PureAssertions, unittest.TestCase):
         for lines, expected_key, message in table:
             with self.subTest(lines=lines, expected=expected_key):
                 head = proxy.parse_request_head(raw_head(*lines))
+                names = {proxy.key_digest(expected_key.encode()): "app",
+                         proxy.key_digest(b"other"): "other"}
                 if message is None:
-                    self.assertIsNone(proxy.check_api_key(head, expected_key))
+                    self.assertEqual(proxy.check_api_key(head, names), "app")
                 else:
-                    self.assertProxyError(
+                    err = self.assertProxyError(
                         (proxy.AuthenticationFailed, 401, "authentication_error"),
-                        proxy.check_api_key, head, expected_key, message=message)
+                        proxy.check_api_key, head, names, message=message)
+                    self.assertEqual(err.headers, {})       # a POST: no Basic challenge
+        get = proxy.parse_request_head(raw_head(line=b"GET / HTTP/1.1"))
+        err = self.assertProxyError((proxy.AuthenticationFailed, 401, "authentication_error"),
+                                    proxy.check_api_key, get, {})
+        self.assertEqual(err.headers["www-authenticate"],
+                         'Basic realm="claude-sdk-proxy", charset="UTF-8"')
+
+    def test_a_key_file_names_its_keys(self):
+        k1, k2, k3 = "sk-aider-1111111111", "sk-ow-222222222222", "x" * 16
+        self.assertEqual(proxy.parse_keys(f"# apps\n\naider  {k1}\n open-webui {k2} \n"
+                                          f"laptop\t{k3}\n"),
+                         {"aider": k1, "open-webui": k2, "laptop": k3})
+        missing = "the key after the name is missing, shorter than 16 characters or has a space"
+        table = [(f"{k1}", f"line 1: {missing}"),           # a key alone: never shown
+                 (f"{k1} aider", f"line 1: {missing}"),     # the wrong order
+                 (f"a {k1}\nb {k2} c", f"line 2: {missing}"),
+                 ("a sk-short", f"line 1: {missing}"),
+                 (f"-x {k1}", "line 1: a name is letters"), ("n" * 65 + f" {k1}", "line 1: a name"),
+                 (f"a {k1}\nb {k2}\na {k3}", "line 3: its name is used twice"),
+                 (f"a {k1}\n#\nb {k1}", "line 3: the same key as another name"),
+                 ("", "no keys in it"), ("# all revoked\n\n", "no keys in it")]
+        for text, message in table:
+            with self.subTest(text=text), self.assertRaises(ValueError) as cm:
+                proxy.parse_keys(text)
+            self.assertTrue(str(cm.exception).startswith(message), cm.exception)
+            for key in (k1, k2, k3):
+                self.assertNotIn(key, str(cm.exception))
 
     def test_a_keyless_proxy_answers_programs_on_this_machine_not_web_pages(self):
         refused = (proxy.PermissionDenied, 403, "permission_error")
@@ -1990,7 +2058,8 @@ class MessagesEndToEndTest(ApiAssertions, unittest.TestCase):
         self.assertGreaterEqual(int(caught.exception.response.headers["retry-after"]), 1)
 
     def test_spent_subscription_window_is_a_429_naming_window_and_reset(self):
-        with self.assertRaises(anthropic.RateLimitError) as caught:
+        with self.assertLogs("claude_sdk_proxy", "WARNING") as logs, \
+                self.assertRaises(anthropic.RateLimitError) as caught:
             self.client.messages.create(
                 model="claude-sonnet-5-5", max_tokens=10,
                 messages=[{"role": "user", "content": "[[error 429 window]]"}])
@@ -2000,6 +2069,7 @@ class MessagesEndToEndTest(ApiAssertions, unittest.TestCase):
         retry_after = int(caught.exception.response.headers["retry-after"])
         self.assertAlmostEqual(retry_after, ScriptedUpstream.LIMIT_RESET - time.time(), delta=2)
         self.assertEqual(caught.exception.response.headers["x-should-retry"], "false")
+        self.assertIn("The subscription's 5-hour window is 100% used", logs.output[0])
 
     def test_login_failure_says_how_to_log_in(self):
         with self.assertRaises(anthropic.AuthenticationError) as caught:
@@ -2140,9 +2210,10 @@ class ParametersTest(SharedProxyCase):
     def test_rate_limit_state_reaches_headers_and_usage(self):
         empty = self.client.get("/usage", cast_to=object)
         self.assertEqual(empty["windows"], {})
-        raw = self.client.messages.with_raw_response.create(
-            model="sonnet", max_tokens=5, messages=[{"role": "user",
-                                                     "content": "[[limits warning]]"}])
+        with self.assertLogs("claude_sdk_proxy", "WARNING"):    # 91 % is past 90 %
+            raw = self.client.messages.with_raw_response.create(
+                model="sonnet", max_tokens=5, messages=[{"role": "user",
+                                                         "content": "[[limits warning]]"}])
         reset = str(ScriptedUpstream.LIMIT_RESET)
         headers = {k: v for k, v in raw.headers.items() if k.startswith("anthropic-ratelimit")}
         self.assertEqual(headers["anthropic-ratelimit-unified-5h-status"], "allowed_warning")
@@ -5075,7 +5146,658 @@ class WarmSessionTest(ApiAssertions, unittest.TestCase):
 
 
 # =============================================================================
-# 13. Routes and handlers
+# 13. Usage
+# =============================================================================
+
+KEYS = {"aider": "sk-aider-0123456789", "webui": "sk-webui-0123456789"}
+
+
+def write_keys(path: str, keys: dict[str, str], mode: int = 0o600) -> None:
+    """Replace the key file as an editor does: a new file moved over the old one."""
+    fd, temporary = tempfile.mkstemp(dir=os.path.dirname(path))
+    with os.fdopen(fd, "w") as file:
+        file.write("# name key\n" + "".join(f"{name} {key}\n" for name, key in keys.items()))
+    os.chmod(temporary, mode)
+    os.replace(temporary, path)
+
+
+def http_get(port: int, path: str, *headers: str) -> tuple[int, dict, bytes]:
+    """One GET on its own connection: status, headers, body."""
+    return read_response(io.BytesIO(raw_exchange(port, "\r\n".join(
+        [f"GET {path} HTTP/1.1", "host: localhost", *headers, "connection: close", "", ""]
+    ).encode())))
+
+
+def basic_auth(key: str, user: str = "me") -> str:
+    return "authorization: Basic " + base64.b64encode(f"{user}:{key}".encode()).decode()
+
+
+def ask(server, key: str, text: str = "hi", history: list | None = None):
+    return server.client(api_key=key).messages.create(
+        model="sonnet", max_tokens=5,
+        messages=[*(history or []), {"role": "user", "content": text}])
+
+
+def status_json(server, key: str = "k") -> dict:
+    status, _, body = http_get(server.port, "/status", f"x-api-key: {key}")
+    assert status == 200, body
+    return json.loads(body)
+
+
+class PageReader(html.parser.HTMLParser):
+    """The status page's tables, by the heading before each, as rows of cell
+    texts; the subscription windows by name, with their bar's width."""
+
+    def __init__(self, page: str):
+        super().__init__()
+        self.tables: dict[str, list[list[str]]] = {}
+        self.windows: dict[str, tuple[list[str], str]] = {}
+        self.warnings: list[str] = []
+        self.refresh = None
+        self._heading = self._cell = self._warning = None
+        self._row: list[str] | None = None
+        self._window = self._width = None
+        self.feed(page)
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "h2":
+            self._heading = ""
+        elif tag == "tr":
+            self._row, self._window = [], attrs.get("data-window")
+        elif tag in ("td", "th"):
+            self._cell = ""
+        elif tag == "div" and "fill" in (attrs.get("class") or ""):
+            self._width = attrs["style"]
+        elif tag == "p" and attrs.get("class") == "warn":
+            self._warning = ""
+        elif tag == "meta" and attrs.get("http-equiv") == "refresh":
+            self.refresh = attrs["content"]
+
+    def handle_endtag(self, tag):
+        if tag == "h2":
+            self.tables[self._heading] = []
+            self._current, self._heading = self._heading, None
+        elif tag in ("td", "th"):
+            self._row.append(self._cell.strip())
+            self._cell = None
+        elif tag == "tr":
+            if self._window:
+                self.windows[self._window] = (self._row, self._width)
+            else:
+                self.tables[self._current].append(self._row)
+            self._row = None
+        elif tag == "p" and self._warning is not None:
+            self.warnings.append(self._warning)
+            self._warning = None
+
+    def handle_data(self, data):
+        for name in ("_heading", "_cell", "_warning"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name) + data)
+
+
+class KeyFileCase(unittest.TestCase):
+    """A key file with KEYS in it (mode 600) at `self.path`, a clean upstream log."""
+
+    def setUp(self):
+        UPSTREAM.clear()
+        folder = tempfile.mkdtemp(prefix="proxy-keys-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        self.path = os.path.join(folder, "keys")
+        write_keys(self.path, KEYS)
+
+
+class KeysTest(KeyFileCase):
+    """Named keys from a file the operator edits, re-read while the proxy serves."""
+
+    def start(self, **config) -> ProxyThread:
+        server = ProxyThread(keys_file=self.path, **config)
+        self.addCleanup(server.stop)
+        return server
+
+    def test_each_named_key_works_and_a_wrong_one_reaches_nothing(self):
+        server = self.start(api_key="sk-env-0123456789")
+        for key in (*KEYS.values(), "sk-env-0123456789"):
+            self.assertEqual(ask(server, key).role, "assistant")
+        UPSTREAM.clear()
+        for key in ("sk-wrong", KEYS["aider"] + "x", KEYS["aider"].upper()):
+            with self.subTest(key=key), self.assertRaises(anthropic.AuthenticationError):
+                ask(server, key)
+        self.assertEqual(UPSTREAM.messages_requests(), [])
+        seen = MetricsTest.scrape(server, KEYS["webui"])
+        for name in ("aider", "webui", "default"):
+            self.assertEqual(seen["claude_proxy_requests_total", (
+                ("key", name), ("route", "messages"), ("status", "200"))], 1)
+        self.assertEqual(seen["claude_proxy_tokens_total", (("direction", "output"),
+                                                            ("key", "aider"))], 42)
+
+    def test_keys_added_or_revoked_count_from_the_next_request_and_in_flight_ones_finish(self):
+        server = self.start()
+        laptop = "sk-laptop-0123456789"
+        with self.assertRaises(anthropic.AuthenticationError):
+            ask(server, laptop)
+        UPSTREAM.release.clear()
+        self.addCleanup(UPSTREAM.release.set)
+        with self.assertLogs("claude_sdk_proxy", "INFO") as logs, \
+                server.client(api_key=KEYS["aider"]).messages.stream(
+                    model="sonnet", max_tokens=5,
+                    messages=[{"role": "user", "content": "[[hang]] a long answer"}]) as stream:
+            self.assertEqual(next(iter(stream)).type, "message_start")     # in flight now
+            write_keys(self.path, {"webui": KEYS["webui"], "laptop": laptop})
+            self.assertEqual(ask(server, laptop).role, "assistant")
+            with self.assertRaises(anthropic.AuthenticationError):
+                ask(server, KEYS["aider"])
+            UPSTREAM.release.set()
+            answer = stream.get_final_message()
+        self.assertEqual(answer.stop_reason, "end_turn")
+        self.assertTrue(answer.content[0].text)
+        said = "\n".join(logs.output)
+        self.assertIn("Key file re-read: 2 keys (added: laptop; removed: aider)", said)
+        for key in (*KEYS.values(), laptop):
+            self.assertNotIn(key, said)
+
+    def test_each_key_has_its_own_sessions(self):
+        server = self.start()
+        first = ask(server, KEYS["aider"], "a conversation both apps know")
+        history = [{"role": "user", "content": "a conversation both apps know"},
+                   {"role": "assistant", "content": first.content[0].text}]
+        ask(server, KEYS["webui"], "and then?", history)
+        ask(server, KEYS["aider"], "and then?", history)
+        self.assertTrue(wait_until(lambda: len(status_json(server, KEYS["aider"])["recent"])
+                                   == 3))
+        rows = status_json(server, KEYS["aider"])["recent"][::-1]
+        self.assertEqual([(row["key"], row["session"]) for row in rows],
+                         [("aider", "cold"), ("webui", "resumed"), ("aider", "warm")])
+
+    def test_a_key_file_others_can_read_or_a_broken_edit_keeps_the_keys_it_gave(self):
+        write_keys(self.path, KEYS, mode=0o644)
+        with self.assertRaises(ValueError) as cm:
+            proxy.KeyRing(None, self.path)
+        self.assertIn("is open to other users: chmod 600 it", str(cm.exception))
+        write_keys(self.path, KEYS)
+        server = self.start()
+        def chmod_only(keys, mode):
+            os.chmod(self.path, mode)
+        for change, keys, mode in ((write_keys, {"aider": KEYS["aider"], "webui": ""}, 0o600),
+                                   (write_keys, {}, 0o600),         # emptied by an editor
+                                   (write_keys, {"aider": KEYS["aider"]}, 0o640),
+                                   (chmod_only, None, 0o644)):
+            with self.subTest(keys=keys, mode=mode), \
+                    self.assertLogs("claude_sdk_proxy", "ERROR") as logs:
+                change(self.path, keys, mode) if change is write_keys else change(keys, mode)
+                self.assertEqual(ask(server, KEYS["webui"]).role, "assistant")
+            self.assertIn("Key file not re-read, the keys it gave before still hold",
+                          logs.output[0])
+            self.assertNotIn(KEYS["aider"], "\n".join(logs.output))
+
+    def test_a_start_with_a_key_file_others_can_read_is_refused(self):
+        import subprocess
+        write_keys(self.path, KEYS, mode=0o604)
+        done = subprocess.run([sys.executable, proxy.__file__, "-p", "0", "--keys-file",
+                               self.path], capture_output=True, text=True, timeout=60)
+        self.assertEqual(done.returncode, 2)
+        self.assertIn(f"The key file cannot be used: {self.path} is open to other users: "
+                      "chmod 600 it", done.stderr)
+
+    def test_an_edit_in_place_is_seen_and_sighup_rereads_the_file(self):
+        import subprocess
+        started = subprocess.Popen(
+            [sys.executable, proxy.__file__, "-p", "0", "--keys-file", self.path,
+             "--ledger", "off"], stderr=subprocess.PIPE, text=True,
+            env={k: v for k, v in os.environ.items() if not k.startswith("CLAUDE_PROXY_")})
+        self.addCleanup(started.wait, 30)
+        self.addCleanup(started.terminate)
+        self.addCleanup(started.stderr.close)
+
+        def said(words: str) -> str:
+            return next(line for line in started.stderr if words in line)
+        port = int(re.search(r"listening on http://127\.0\.0\.1:(\d+)",
+                             said("listening on")).group(1))
+        server = types.SimpleNamespace(client=lambda api_key: anthropic.Anthropic(
+            base_url=f"http://127.0.0.1:{port}", api_key=api_key, max_retries=0,
+            timeout=CLIENT_TIMEOUT))
+        # An edit in place that keeps the file's inode, size and modification time: its
+        # change time still shows it.
+        renewed = KEYS["aider"][::-1]
+        before = os.stat(self.path)
+        with open(self.path, "r+") as file:
+            text = file.read()
+            file.seek(0)
+            file.write(text.replace(KEYS["aider"], renewed))
+        os.utime(self.path, ns=(before.st_atime_ns, before.st_mtime_ns))
+        self.assertEqual(ask(server, renewed).role, "assistant")
+        with self.assertRaises(anthropic.AuthenticationError):
+            ask(server, KEYS["aider"])
+        self.assertIn("Key file re-read: 2 keys (added: none; removed: none)",
+                      said("Key file re-read"))
+        started.send_signal(signal.SIGHUP)      # re-reads, and the proxy goes on serving
+        self.assertIn("SIGHUP: still serving (stop the proxy with SIGTERM or SIGINT); the "
+                      "key file is re-read.", said("SIGHUP"))
+        self.assertIn("Key file re-read: 2 keys", said("Key file re-read"))
+        self.assertEqual(ask(server, renewed).role, "assistant")
+
+
+class LedgerTest(unittest.TestCase):
+    """The usage ledger: a SQLite file that outlives the proxy and never fails a request."""
+
+    def setUp(self):
+        UPSTREAM.clear()
+        self.folder = tempfile.mkdtemp(prefix="proxy-ledger-")
+        self.addCleanup(shutil.rmtree, self.folder, True)
+        self.path = os.path.join(self.folder, "state", "usage.sqlite3")
+
+    def rows(self, path: str | None = None) -> list[dict]:
+        with contextlib.closing(sqlite3.connect(path or self.path)) as db:
+            db.row_factory = sqlite3.Row
+            return [dict(row) for row in db.execute("SELECT * FROM requests ORDER BY id")]
+
+    def start(self, **config) -> ProxyThread:
+        server = ProxyThread(ledger_path=self.path, **config)
+        self.addCleanup(server.stop)
+        return server
+
+    def test_a_row_for_each_api_streamed_or_not_and_for_errors(self):
+        server = self.start()
+        client, openai_client = server.client(), server.openai_client()
+
+        def user(word):
+            return [{"role": "user", "content": word}]
+        client.messages.create(model="sonnet", max_tokens=5, messages=user("zebra-1"))
+        with client.messages.stream(model="sonnet", max_tokens=5,
+                                    messages=user("zebra-2")) as stream:
+            stream.get_final_message()
+        openai_client.chat.completions.create(model="sonnet", messages=user("zebra-3"))
+        for _ in openai_client.chat.completions.create(model="sonnet", messages=user("zebra-4"),
+                                                       stream=True):
+            pass
+        openai_client.responses.create(model="sonnet", input="zebra-5")
+        with openai_client.responses.stream(model="sonnet", input="zebra-6") as stream:
+            stream.get_final_response()
+        with self.assertRaises(anthropic.APIStatusError):
+            client.messages.create(model="sonnet", max_tokens=5, messages=user("[[error 529]]"))
+        with self.assertRaises(anthropic.BadRequestError):
+            client.messages.create(model="sonnet", max_tokens=5, messages=[])
+        client.models.list()                # not a turn: no row
+        self.assertTrue(wait_until(lambda: len(self.rows()) == 8), self.rows())
+        rows = self.rows()
+        self.assertEqual([(r["api"], r["stream"], r["status"], r["error"]) for r in rows], [
+            ("messages", 0, 200, None), ("messages", 1, 200, None),
+            ("chat_completions", 0, 200, None), ("chat_completions", 1, 200, None),
+            ("responses", 0, 200, None), ("responses", 1, 200, None),
+            ("messages", 0, 529, "overloaded_error"),
+            ("messages", 0, 400, "invalid_request_error")])
+        for row in rows[:6]:
+            self.assertEqual((row["key"], row["model"], row["stop_reason"], row["input_tokens"],
+                              row["cache_read_tokens"], row["cache_write_tokens"],
+                              row["output_tokens"]),
+                             ("local", "claude-sonnet-5-5", "end_turn", 17, 3, 2, 42))
+            self.assertIn(row["session"], ("cold", "recycled", "warm", "spare", "resumed"))
+            self.assertTrue(0 <= row["first_token_ms"] <= row["latency_ms"], row)
+            self.assertAlmostEqual(row["at"], time.time(), delta=120)
+        self.assertEqual(rows[0]["session"], "cold")
+        self.assertEqual((rows[7]["session"], rows[7]["first_token_ms"], rows[7]["model"]),
+                         (None, None, ""))
+        self.assertNotIn("zebra", json.dumps(rows))       # never content
+        self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o600)
+        with contextlib.closing(sqlite3.connect(self.path)) as db:
+            self.assertEqual(db.execute("PRAGMA journal_mode").fetchone()[0], "wal")
+
+    def test_rows_outlive_the_proxy_and_go_after_their_time(self):
+        old = proxy.Ledger(self.path, 90)
+        old.add(proxy.ledger_row(proxy.RequestRecord(0.0, time.time() - 91 * 86400, "aider",
+                                                     "messages"), 200, 0.0))
+        old.close()
+        self.assertEqual(len(self.rows()), 1)
+        first = ProxyThread(ledger_path=self.path)
+        ask(first, "k", "before the restart")
+        first.stop()
+        self.assertEqual([row["key"] for row in self.rows()], ["local"])     # the old one went
+        second = self.start()
+        ask(second, "k", "after the restart")
+        self.assertTrue(wait_until(lambda: len(self.rows()) == 2))
+        status, _, body = http_get(second.port, "/usage")
+        self.assertEqual(status, 200)
+        self.assertEqual([(r["key"], r["requests"], r["output_tokens"])
+                          for r in json.loads(body)["summary"]["rows"]], [("local", 2, 84)])
+
+    def test_a_ledger_that_cannot_be_written_never_fails_a_request(self):
+        not_a_folder = os.path.join(self.folder, "a-file")
+        open(not_a_folder, "w").close()
+        with self.assertLogs("claude_sdk_proxy", "ERROR") as logs:
+            server = ProxyThread(ledger_path=os.path.join(not_a_folder, "usage.sqlite3"))
+            self.addCleanup(server.stop)
+        self.assertIn("cannot be used", logs.output[0])
+        self.assertEqual(ask(server, "k").role, "assistant")
+        self.assertTrue(wait_until(lambda: len(status_json(server)["recent"]) == 1))
+        self.assertIsNone(status_json(server)["ledger"])      # kept in memory
+
+        server = self.start()
+        ask(server, "k", "written")
+        self.assertTrue(wait_until(lambda: len(self.rows()) == 1))
+        holder = sqlite3.connect(self.path, isolation_level=None)   # another program's lock
+        holder.execute("BEGIN EXCLUSIVE")
+        with self.assertLogs("claude_sdk_proxy", "INFO") as logs:
+            self.assertEqual(ask(server, "k", "while it is locked").role, "assistant")
+            self.assertTrue(wait_until(lambda: any("cannot write a row" in line
+                                                   for line in logs.output)))
+            holder.execute("COMMIT")
+            holder.close()
+            self.assertEqual(ask(server, "k", "after").role, "assistant")
+            self.assertTrue(wait_until(lambda: any("writes rows again" in line
+                                                   for line in logs.output)))
+        self.assertEqual(len(self.rows()), 2)      # the row of the locked time is lost
+
+
+class LedgerSummaryTest(PureAssertions, unittest.TestCase):
+    """Summaries by key, model and time range, as the ledger's SQL gives them."""
+
+    BASE = 1_800_000_000.0
+
+    def ledger(self) -> proxy.Ledger:
+        ledger = proxy.Ledger(None, 90)
+        self.addCleanup(ledger.close)
+        for offset, key, model, status, tokens in (
+                (0, "aider", "claude-sonnet-5-5", 200, (10, 1, 2, 5)),
+                (10, "aider", "claude-sonnet-5-5", 200, (10, 1, 2, 5)),
+                (20, "aider", "claude-opus-5-5", 200, (100, 0, 0, 50)),
+                (30, "webui", "claude-sonnet-5-5", 429, (0, 0, 0, 0)),
+                (3600, "webui", "claude-sonnet-5-5", 200, (1, 0, 0, 1)),
+                (-6 * 3600, "webui", "claude-haiku-4-5", 200, (7, 0, 0, 7))):
+            record = proxy.RequestRecord(0.0, self.BASE + offset, key, "messages", model,
+                                         usage=dict(zip(("input_tokens",
+                                                         "cache_read_input_tokens",
+                                                         "cache_creation_input_tokens",
+                                                         "output_tokens"), tokens)))
+            ledger.add(proxy.ledger_row(record, status, 0.25))
+        return ledger
+
+    @staticmethod
+    def short(rows, *columns):
+        return [tuple(row[c] for c in columns) for row in rows]
+
+    def test_summaries_by_key_model_and_time(self):
+        ledger, base = self.ledger(), self.BASE
+        counts = ("requests", "errors", "input_tokens", "cache_read_tokens",
+                  "cache_write_tokens", "output_tokens")
+        self.assertEqual(self.short(ledger.summary(base, base + 3600, ["key"]), "key", *counts),
+                         [("aider", 3, 0, 120, 2, 4, 60), ("webui", 1, 1, 0, 0, 0, 0)])
+        self.assertEqual(self.short(ledger.summary(base, base + 3601, ["model"]), "model",
+                                    "requests", "output_tokens"),
+                         [("claude-opus-5-5", 1, 50), ("claude-sonnet-5-5", 4, 11)])
+        self.assertEqual(self.short(ledger.summary(base - 86400, base + 86400,
+                                                   ["key", "model"]), "key", "model",
+                                    "requests"),
+                         [("aider", "claude-opus-5-5", 1), ("aider", "claude-sonnet-5-5", 2),
+                          ("webui", "claude-haiku-4-5", 1), ("webui", "claude-sonnet-5-5", 2)])
+        self.assertEqual(self.short(ledger.summary(base - 86400, base + 86400, ["model"]),
+                                    "model", "requests"),               # most tokens first
+                         [("claude-opus-5-5", 1), ("claude-sonnet-5-5", 4),
+                          ("claude-haiku-4-5", 1)])
+        # Ordered by each group's sum, not by one of its rows: c's first row is small.
+        ordered = proxy.Ledger(None, 90)
+        self.addCleanup(ordered.close)
+        for key, tokens in (("c", 1), ("c", 900), ("d", 800)):
+            ordered.add(proxy.ledger_row(proxy.RequestRecord(
+                0.0, base, key, "messages", usage={"input_tokens": tokens}), 200, 0.0))
+        self.assertEqual(self.short(ordered.summary(base, base + 1, ["key"]), "key",
+                                    "input_tokens"), [("c", 901), ("d", 800)])
+        self.assertEqual(self.short(ledger.summary(base + 1, base + 30), *counts),
+                         [(2, 0, 110, 1, 2, 55)])
+        self.assertEqual(self.short(ledger.summary(base + 5000, base + 6000), *counts),
+                         [(0, 0, 0, 0, 0, 0)])
+        self.assertEqual(ledger.summary(base + 5000, base + 6000, ["key"]), [])
+        self.assertEqual(ledger.summary(base, base + 100, ["key; DROP TABLE requests"]),
+                         ledger.summary(base, base + 100))      # only known columns
+        self.assertEqual(ledger.series(base - 3600, base + 7200, 3600), [
+            {"slot": 1, "key": "aider", "requests": 3, "tokens": 186},
+            {"slot": 1, "key": "webui", "requests": 1, "tokens": 0},
+            {"slot": 2, "key": "webui", "requests": 1, "tokens": 2}])
+        self.assertEqual(self.short(ledger.recent(2), "at", "key"),       # newest first
+                         [(base - 6 * 3600, "webui"), (base + 3600, "webui")])
+        self.assertEqual(self.short(ledger.recent(5, errors_since=base), "status", "error"),
+                         [(429, None)])
+        self.assertEqual(ledger.recent(5, errors_since=base + 31), [])
+
+    def test_the_usage_query(self):
+        now = self.BASE
+        self.assertEqual(proxy.usage_query({}, now), (now - 7 * 86400, now, ["key"]))
+        midnight = dt.datetime(2027, 1, 15, tzinfo=dt.timezone.utc).timestamp()
+        self.assertEqual(proxy.usage_query({"since": "2027-01-15T00:00:00Z",
+                                            "until": "1800000000", "by": "model,key,model"},
+                                           now), (midnight, 1800000000.0, ["model", "key"]))
+        self.assertEqual(proxy.usage_query({"since": "2027-01-15T00:00:00"}, now)[0], midnight)
+        for offset in ("+01:00", " 01:00"):        # "+" in a URL's query is a space
+            self.assertEqual(proxy.usage_query({"since": "2027-01-15T01:00:00" + offset},
+                                               now)[0], midnight)
+        for query, param in (({"since": "yesterday"}, "since"), ({"until": "nan"}, "until"),
+                             ({"by": "key,prompt"}, "by")):
+            with self.subTest(query=query):
+                err = self.assertProxyError(INV, proxy.usage_query, query, now)
+                self.assertEqual(err.param, param)
+
+
+class WindowWarningTest(unittest.TestCase):
+    def test_a_full_window_is_warned_about_until_it_resets(self):
+        now = 1_800_000_000.0
+        info = {"unifiedWindows": {
+            "five_hour": {"utilization": 0.95, "resetsAt": now + 600, "status": "allowed"},
+            "seven_day": {"utilization": 0.9, "resetsAt": now - 1},       # reset since
+            "seven_day_opus": {"utilization": 1.0},
+            "seven_day_sonnet": {"utilization": 0.89, "resetsAt": now + 600},
+            "overage": {"utilization": 0.99, "resetsAt": 1e20}, "odd": "not a window"}}
+        full = proxy.full_windows(info, 0.9, now)
+        self.assertEqual([name for name, _, _ in full],
+                         ["five_hour", "overage", "seven_day_opus"])
+        self.assertEqual([proxy.window_warning(*window) for window in full], [
+            "The subscription's 5-hour window is 95% used (it resets at 2027-01-15 08:10 "
+            "UTC): every app behind the proxy shares it.",
+            "The subscription's extra-usage window is 99% used: every app behind the proxy "
+            "shares it.",
+            "The subscription's weekly Opus window is 100% used: every app behind the proxy "
+            "shares it."])
+        ledger = proxy.Ledger(None, 90)
+        self.addCleanup(ledger.close)
+        data = proxy.status_data(ledger, [], (info, now - 5), 0.9, now)
+        page = PageReader(proxy.status_page(data, "0.1.0"))
+        self.assertEqual(page.warnings, data["warnings"])
+        self.assertEqual(page.windows["five_hour"][0][2:], ["95%", "allowed",
+                                                            "resets in 10 min 0 s (01-15 "
+                                                            "08:10:00 UTC)"])
+        self.assertEqual(page.windows["seven_day"][0][2:], ["90%", "-", "has reset since "
+                                                            "(01-15 07:59:59 UTC)"])
+        self.assertEqual(page.windows["seven_day_opus"][0][2:],
+                         ["100%", "-", "reset time not reported"])
+        self.assertRegex(page.windows["overage"][0][4], r"^resets in \d+ d \d+ h \(- UTC\)$")
+
+
+class StatusPageTest(KeyFileCase):
+    """The page a browser gets at /, its data at /status, and who may see them."""
+
+    def test_the_page_and_its_data_show_windows_keys_sessions_and_requests(self):
+        server = ProxyThread(keys_file=self.path)
+        self.addCleanup(server.stop)
+        aider, webui = KEYS["aider"], KEYS["webui"]
+        with self.assertLogs("claude_sdk_proxy", "INFO") as logs:
+            ask(server, aider, "zebra")
+            with self.assertRaises(anthropic.APIStatusError):
+                ask(server, webui, "[[error 529]]")
+            ask(server, webui, "hello")
+            for _ in range(2):          # the window past 90 %: warned about once
+                ask(server, aider, "[[limits warning]] last")
+            self.assertTrue(wait_until(lambda: len(status_json(server, aider)["recent"]) == 5))
+        warned = [line for line in logs.output if "window is" in line]
+        self.assertEqual(warned, [
+            "WARNING:claude_sdk_proxy:The subscription's 5-hour window is 91% used (it resets "
+            + time.strftime("at %Y-%m-%d %H:%M UTC): every app behind the proxy shares it.",
+                            time.gmtime(ScriptedUpstream.LIMIT_RESET))])
+
+        data = status_json(server, webui)
+        windows = {w["name"]: w for w in data["windows"]}
+        self.assertEqual((windows["five_hour"]["utilization"], windows["five_hour"]["status"],
+                          windows["five_hour"]["resets_at"], windows["seven_day"]["utilization"]),
+                         (0.91, "allowed_warning", ScriptedUpstream.LIMIT_RESET, 0.25))
+        self.assertEqual(data["warnings"], [warned[0].split(":", 2)[2]])
+        spans = {span: {row["key"]: row for row in rows} for span, rows in data["keys"].items()}
+        for span in ("5h", "7d"):
+            self.assertEqual([(k, r["requests"], r["errors"], r["input_tokens"],
+                               r["output_tokens"])
+                              for k, r in sorted(spans[span].items())],
+                             [("aider", 3, 0, 3 * 17, 3 * 42), ("webui", 2, 1, 17, 42)])
+        self.assertEqual(sum(slot["requests"] for slot in data["chart"]["slots"]), 5)
+        self.assertEqual([(r["key"], r["status"]) for r in data["recent"]],
+                         [("aider", 200), ("aider", 200), ("webui", 200), ("webui", 529),
+                          ("aider", 200)])
+        self.assertEqual([(r["key"], r["error"]) for r in data["errors"]],
+                         [("webui", "overloaded_error")])
+        live = server.client(api_key=aider).get("/sessions", cast_to=object)["data"]
+        self.assertTrue(live)
+        self.assertEqual(len(data["sessions"]), len(live))
+
+        status, headers, body = http_get(server.port, "/", "accept: text/html,*/*;q=0.8",
+                                         basic_auth(aider))
+        self.assertEqual((status, headers["content-type"]), (200, "text/html; charset=utf-8"))
+        self.assertEqual(headers["content-security-policy"],
+                         "default-src 'none'; style-src 'unsafe-inline'")
+        page = body.decode()
+        seen = PageReader(page)
+        cells, width = seen.windows["five_hour"]
+        self.assertEqual(cells[0], "5-hour")
+        self.assertEqual(cells[2:4], ["91%", "allowed_warning"])
+        self.assertRegex(cells[4], r"^resets in (1 h 0 min|[1-5]?\d min \d+ s) \(" + re.escape(
+            time.strftime("%m-%d %H:%M:%S", time.gmtime(ScriptedUpstream.LIMIT_RESET)))
+            + r" UTC\)$")
+        self.assertEqual(width, "width:91.0%")
+        self.assertEqual(seen.windows["seven_day"][0][2], "25%")
+        self.assertEqual(seen.warnings, data["warnings"])
+        self.assertEqual(seen.tables["Keys"][1:], [
+            ["aider", "3 / 0", str(3 * 22), str(3 * 42), "3 / 0", str(3 * 22), str(3 * 42)],
+            ["webui", "2 / 1", "22", "42", "2 / 1", "22", "42"]])
+        self.assertEqual(len(seen.tables["Live sessions"]) - 1, len(data["sessions"]))
+        self.assertEqual([(row[1], row[4]) for row in seen.tables["Last requests"][1:]],
+                         [("aider", "200"), ("aider", "200"), ("webui", "200"),
+                          ("webui", "529"), ("aider", "200")])
+        self.assertEqual(seen.tables["Last errors"][1:][0][1:],
+                         ["webui", "messages", "sonnet", "529", "overloaded_error"])
+        self.assertEqual(seen.refresh, str(proxy.STATUS_REFRESH_S))
+        self.assertIn("<svg", page)
+        for absent in ("<script", "src=", "http://", "https://", "@import", "zebra", aider,
+                       webui):
+            self.assertNotIn(absent, page)
+        self.assertNotIn(aider, json.dumps(data))
+
+    def test_page_data_and_metrics_need_a_key_a_browser_gives_as_basic_auth(self):
+        server = ProxyThread(keys_file=self.path)
+        self.addCleanup(server.stop)
+        browser = "accept: text/html,application/xhtml+xml,*/*;q=0.8"
+        challenge = 'Basic realm="claude-sdk-proxy", charset="UTF-8"'
+        for path in ("/", "/status", "/metrics", "/usage", "/sessions"):
+            for headers in ((browser,), (browser, basic_auth("wrong")),
+                            (browser, basic_auth(KEYS["aider"], "") + "x")):
+                with self.subTest(path=path, headers=headers):
+                    status, answer, _ = http_get(server.port, path, *headers)
+                    self.assertEqual((status, answer["www-authenticate"]), (401, challenge))
+            for headers in ((browser, basic_auth(KEYS["aider"])),
+                            (basic_auth(KEYS["webui"], ""),), (f"x-api-key: {KEYS['aider']}",)):
+                with self.subTest(path=path, headers=headers):
+                    self.assertEqual(http_get(server.port, path, *headers)[0], 200)
+        self.assertEqual(http_get(server.port, "/")[:3:2], (200, b'{"status":"ok"}'))
+        self.assertEqual(raw_exchange(server.port, b"HEAD / HTTP/1.1\r\nhost: localhost\r\n"
+                                      b"accept: text/html\r\nconnection: close\r\n\r\n")
+                         .split(b"\r\n")[0], b"HTTP/1.1 200 OK")       # a monitor's probe
+        # Basic auth is for reading pages: a browser's remembered password never posts.
+        raw = raw_exchange(server.port, b"POST /v1/messages HTTP/1.1\r\nhost: localhost\r\n"
+                           + basic_auth(KEYS["aider"]).encode() + b"\r\ncontent-type: "
+                           b"application/json\r\ncontent-length: 2\r\nconnection: close"
+                           b"\r\n\r\n{}")
+        self.assertTrue(raw.startswith(b"HTTP/1.1 401 "), raw)
+        self.assertNotIn(b"www-authenticate", raw.lower())
+        self.assertEqual(UPSTREAM.messages_requests(), [])
+
+    def test_keyless_the_page_is_for_this_machine_only(self):
+        server = ProxyThread()
+        self.addCleanup(server.stop)
+        browser = "accept: text/html"
+        status, headers, body = http_get(server.port, "/", browser)
+        self.assertEqual(status, 200)
+        self.assertIn(b"No window seen yet", body)
+        self.assertIn(b"No requests yet.", body)
+        for headers in ((browser, "origin: https://evil.example"),
+                        ("origin: https://evil.example",)):
+            for path in ("/", "/status", "/metrics"):
+                with self.subTest(path=path, headers=headers):
+                    self.assertEqual(http_get(server.port, path, *headers)[0], 403)
+        raw = raw_exchange(server.port, b"GET /status HTTP/1.1\r\nhost: rebound.example"
+                                        b"\r\nconnection: close\r\n\r\n")
+        self.assertTrue(raw.startswith(b"HTTP/1.1 403 "), raw)
+
+
+class MetricsTest(unittest.TestCase):
+    """GET /metrics, read by Prometheus's own text parser."""
+
+    def setUp(self):
+        UPSTREAM.clear()
+
+    @staticmethod
+    def scrape(server, key: str = "test-key") -> dict:
+        """(metric sample name, its labels as a sorted tuple) -> value."""
+        raw = raw_exchange(server.port, b"GET /metrics HTTP/1.1\r\nhost: localhost\r\n"
+                           b"x-api-key: " + key.encode() + b"\r\nconnection: close\r\n\r\n")
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 "), head
+        assert b"content-type: text/plain; version=0.0.4" in head.lower(), head
+        return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+                for family in text_string_to_metric_families(body.decode("utf-8"))
+                for sample in family.samples}
+
+    def test_requests_latency_tokens_sessions_and_windows(self):
+        server = ProxyThread()
+        self.addCleanup(server.stop)
+        client = server.client()
+        with client.messages.stream(model="sonnet", max_tokens=5, messages=[
+                {"role": "user", "content": "streamed"}]) as stream:
+            stream.get_final_message()
+        server.openai_client().chat.completions.create(
+            model="sonnet", messages=[{"role": "user", "content": "hi"}])
+        with self.assertRaises(anthropic.NotFoundError):
+            client.get("/nowhere", cast_to=object)
+        with self.assertLogs("claude_sdk_proxy", "WARNING"):    # 91 % is past 90 %
+            client.messages.create(model="sonnet", max_tokens=5, messages=[   # windows last
+                {"role": "user", "content": "[[limits warning]] hello"}])
+        self.assertTrue(wait_until(lambda: self.scrape(server).get(
+            ("claude_proxy_requests_total", (("key", "local"), ("route", "messages"),
+                                              ("status", "200"))))
+            == 2), self.scrape(server))
+        seen = self.scrape(server)
+
+        def value(name, **labels):
+            return seen[name, tuple(sorted(labels.items()))]
+        self.assertEqual(value("claude_proxy_requests_total", route="messages", status="200",
+                               key="local"), 2)
+        self.assertEqual(value("claude_proxy_requests_total", route="none", status="404",
+                               key="local"), 1)
+        self.assertEqual(value("claude_proxy_request_seconds_count", route="messages"), 2)
+        self.assertEqual(value("claude_proxy_request_seconds_bucket", route="messages",
+                               le="+Inf"), 2)
+        self.assertGreater(value("claude_proxy_request_seconds_sum", route="messages"), 0)
+        self.assertEqual(value("claude_proxy_tokens_total", direction="output", key="local"),
+                         3 * 42)
+        self.assertEqual(value("claude_proxy_tokens_total", direction="input", key="local"),
+                         3 * (17 + 3 + 2))
+        sessions = client.get("/sessions", cast_to=object)["data"]
+        self.assertEqual(value("claude_proxy_sessions", state="idle"),
+                         sum(s["state"] == "idle" for s in sessions))
+        self.assertEqual(value("claude_proxy_sessions", state="idle"), 3)
+        self.assertGreater(value("claude_proxy_cli_memory_bytes", kind="pss"), 0)
+        self.assertEqual(value("claude_proxy_queue_depth"), 0)
+        self.assertEqual(value("claude_proxy_window_utilization", window="five_hour"), 0.91)
+        self.assertEqual(value("claude_proxy_window_resets_at_seconds", window="five_hour"),
+                         ScriptedUpstream.LIMIT_RESET)
+        self.assertEqual(value("claude_proxy_window_utilization", window="seven_day"), 0.25)
+
+
+# =============================================================================
+# 14. Routes and handlers
 # =============================================================================
 
 class MatchRouteTest(unittest.TestCase):
@@ -5109,6 +5831,7 @@ class MatchRouteTest(unittest.TestCase):
             ("POST", "/v1/chat/responses", responses, {}),
             ("POST", "/v1/responses/", responses, {}),
             ("GET", "/usage", "/usage", {}),
+            ("GET", "/status", "/status", {}),
             ("GET", "/metrics", "/metrics", {}),
             ("GET", "/metrics/", "/metrics", {}),
             ("GET", "/sessions", sessions, {}),
@@ -5269,66 +5992,8 @@ class StreamPacingTest(unittest.TestCase):
         self.assertEqual(error["message"], failed["response"]["error"]["message"])
 
 
-class MetricsTest(unittest.TestCase):
-    """GET /metrics, read by Prometheus's own text parser."""
-
-    def setUp(self):
-        UPSTREAM.clear()
-
-    @staticmethod
-    def scrape(server) -> dict:
-        """(metric sample name, its labels as a sorted tuple) -> value."""
-        raw = raw_exchange(server.port, b"GET /metrics HTTP/1.1\r\nhost: localhost\r\n"
-                                        b"x-api-key: test-key\r\nconnection: close\r\n\r\n")
-        head, _, body = raw.partition(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 200 "), head
-        assert b"content-type: text/plain; version=0.0.4" in head.lower(), head
-        return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-                for family in text_string_to_metric_families(body.decode("utf-8"))
-                for sample in family.samples}
-
-    def test_requests_latency_tokens_sessions_and_windows(self):
-        server = ProxyThread()
-        self.addCleanup(server.stop)
-        client = server.client()
-        with client.messages.stream(model="sonnet", max_tokens=5, messages=[
-                {"role": "user", "content": "streamed"}]) as stream:
-            stream.get_final_message()
-        server.openai_client().chat.completions.create(
-            model="sonnet", messages=[{"role": "user", "content": "hi"}])
-        with self.assertRaises(anthropic.NotFoundError):
-            client.get("/nowhere", cast_to=object)
-        client.messages.create(model="sonnet", max_tokens=5, messages=[   # windows last
-            {"role": "user", "content": "[[limits warning]] hello"}])
-        self.assertTrue(wait_until(lambda: self.scrape(server).get(
-            ("claude_proxy_requests_total", (("route", "messages"), ("status", "200"))))
-            == 2), self.scrape(server))
-        seen = self.scrape(server)
-
-        def value(name, **labels):
-            return seen[name, tuple(sorted(labels.items()))]
-        self.assertEqual(value("claude_proxy_requests_total", route="messages", status="200"), 2)
-        self.assertEqual(value("claude_proxy_requests_total", route="none", status="404"), 1)
-        self.assertEqual(value("claude_proxy_request_seconds_count", route="messages"), 2)
-        self.assertEqual(value("claude_proxy_request_seconds_bucket", route="messages",
-                               le="+Inf"), 2)
-        self.assertGreater(value("claude_proxy_request_seconds_sum", route="messages"), 0)
-        self.assertEqual(value("claude_proxy_tokens_total", direction="output"), 3 * 42)
-        self.assertEqual(value("claude_proxy_tokens_total", direction="input"), 3 * (17 + 3 + 2))
-        sessions = client.get("/sessions", cast_to=object)["data"]
-        self.assertEqual(value("claude_proxy_sessions", state="idle"),
-                         sum(s["state"] == "idle" for s in sessions))
-        self.assertEqual(value("claude_proxy_sessions", state="idle"), 3)
-        self.assertGreater(value("claude_proxy_cli_memory_bytes", kind="pss"), 0)
-        self.assertEqual(value("claude_proxy_queue_depth"), 0)
-        self.assertEqual(value("claude_proxy_window_utilization", window="five_hour"), 0.91)
-        self.assertEqual(value("claude_proxy_window_resets_at_seconds", window="five_hour"),
-                         ScriptedUpstream.LIMIT_RESET)
-        self.assertEqual(value("claude_proxy_window_utilization", window="seven_day"), 0.25)
-
-
 # =============================================================================
-# 14. Server
+# 15. Server
 # =============================================================================
 
 class HttpProtocolTest(unittest.TestCase):
@@ -5495,7 +6160,7 @@ class HttpProtocolTest(unittest.TestCase):
 
 
 # =============================================================================
-# 15. Command line
+# 16. Command line
 # =============================================================================
 
 class CommandLineTest(unittest.TestCase):
