@@ -4777,7 +4777,8 @@ color:#1d1d1f;background:#fafafa}
 h1{font-size:1.3em}h2{font-size:1.05em;margin:1.6em 0 .5em}
 table{border-collapse:collapse;width:100%}td,th{padding:.2em .6em;text-align:right;
 border-bottom:1px solid #e4e4e4;white-space:nowrap}td:first-child,th:first-child{text-align:left}
-.bar{background:#e6e6e6;border-radius:4px;height:1.1em;width:100%}
+.scroll{overflow-x:auto}.bar{background:#e6e6e6;border-radius:4px;height:1.1em;width:100%;
+min-width:5em}
 .fill{background:#3a7bd5;border-radius:4px;height:100%}.hot{background:#d9822b}
 .spent{background:#c0392b}.warn{background:#fff3cd;border:1px solid #e0b252;padding:.6em;
 border-radius:4px}.dim{color:#777}.err{color:#b00020}
@@ -4798,7 +4799,7 @@ def _table(headers: list[str], rows: list[list[Any]], empty: str) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(cell))}</td>" for cell in row)
                    + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f'<div class="scroll"><table><tr>{head}</tr>{body}</table></div>'
 
 
 def _clock(stamp: Any) -> str:
@@ -4853,7 +4854,8 @@ def status_page(data: dict, version: str) -> str:
             f'<div class="fill {level}" style="width:{min(used, 1) * 100:.1f}%"></div></div>'
             f'</td><td class="used">{used:.0%}</td><td>{html.escape(str(window["status"] or "-"))}'
             f'</td><td>{html.escape(when)}</td></tr>')
-    windows = (f"<table>{''.join(bars)}</table><p class=\"dim\">As the upstream reported "
+    windows = (f"<div class=\"scroll\"><table>{''.join(bars)}</table></div>"
+               f"<p class=\"dim\">As the upstream reported "
                f"them {_duration(now - data['observed_at'])} ago.</p>" if bars else
                '<p class="dim">No window seen yet: the upstream reports them with each '
                "answer.</p>")
