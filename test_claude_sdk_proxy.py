@@ -5461,16 +5461,36 @@ class LedgerTest(unittest.TestCase):
         self.assertEqual([(r["key"], r["requests"], r["output_tokens"])
                           for r in json.loads(body)["summary"]["rows"]], [("local", 2, 84)])
 
+    def read_only_folder(self) -> str:
+        """A folder no one may write in: a read-only file system for root (whom file
+        modes do not stop), mode 500 for anyone else."""
+        import subprocess
+        folder = os.path.join(self.folder, "read-only")
+        os.mkdir(folder)
+        if os.geteuid() == 0:
+            subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", folder],
+                           check=True)
+            self.addCleanup(subprocess.run, ["umount", folder], check=True)
+        else:
+            os.chmod(folder, 0o500)
+        return folder
+
     def test_a_ledger_that_cannot_be_written_never_fails_a_request(self):
+        read_only = self.read_only_folder()
         not_a_folder = os.path.join(self.folder, "a-file")
         open(not_a_folder, "w").close()
-        with self.assertLogs("claude_sdk_proxy", "ERROR") as logs:
-            server = ProxyThread(ledger_path=os.path.join(not_a_folder, "usage.sqlite3"))
-            self.addCleanup(server.stop)
-        self.assertIn("cannot be used", logs.output[0])
-        self.assertEqual(ask(server, "k").role, "assistant")
-        self.assertTrue(wait_until(lambda: len(status_json(server)["recent"]) == 1))
-        self.assertIsNone(status_json(server)["ledger"])      # kept in memory
+        for path in (os.path.join(read_only, "usage.sqlite3"),
+                     os.path.join(read_only, "state", "usage.sqlite3"),
+                     os.path.join(not_a_folder, "usage.sqlite3")):
+            with self.subTest(path=path):
+                with self.assertLogs("claude_sdk_proxy", "ERROR") as logs:
+                    server = ProxyThread(ledger_path=path)
+                    self.addCleanup(server.stop)
+                self.assertIn(f"The usage ledger {path} cannot be used", logs.output[0])
+                self.assertEqual(ask(server, "k").role, "assistant")
+                self.assertTrue(wait_until(lambda: len(status_json(server)["recent"]) == 1))
+                self.assertIsNone(status_json(server)["ledger"])      # kept in memory
+        self.assertEqual(os.listdir(read_only), [])
 
         server = self.start()
         ask(server, "k", "written")
