@@ -5954,6 +5954,13 @@ async def serve(config: Config, ready: Callable[[int], None] | None = None,
         await stop.wait()
     finally:
         app.shutting_down = True
+        # Stop accepting, then give an accept already under way the one loop turn in
+        # which it builds its connection: `server.close()` first would make that
+        # build fail, and its socket would stay open until garbage collection.
+        for sock in server.sockets:
+            with contextlib.suppress(NotImplementedError):
+                loop.remove_reader(sock.fileno())
+        await asyncio.sleep(0)
         server.close()
         for conn in list(app.idle):        # EOF ends their wait for a next request
             conn.writer.close()

@@ -5173,9 +5173,10 @@ def basic_auth(key: str, user: str = "me") -> str:
 
 
 def ask(server, key: str, text: str = "hi", history: list | None = None):
-    return server.client(api_key=key).messages.create(
-        model="sonnet", max_tokens=5,
-        messages=[*(history or []), {"role": "user", "content": text}])
+    with server.client(api_key=key) as client:      # its sockets closed with it
+        return client.messages.create(
+            model="sonnet", max_tokens=5,
+            messages=[*(history or []), {"role": "user", "content": text}])
 
 
 def status_json(server, key: str = "k") -> dict:
