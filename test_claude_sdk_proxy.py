@@ -5272,6 +5272,8 @@ class KeysTest(KeyFileCase):
                 ("key", name), ("route", "messages"), ("status", "200"))], 1)
         self.assertEqual(seen["claude_proxy_tokens_total", (("direction", "output"),
                                                             ("key", "aider"))], 42)
+        for key in (*KEYS.values(), "sk-env-0123456789"):
+            self.assertNotIn(key, repr(seen))           # names label metrics, keys never
 
     def test_keys_added_or_revoked_count_from_the_next_request_and_in_flight_ones_finish(self):
         server = self.start()
