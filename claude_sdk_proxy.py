@@ -4429,11 +4429,18 @@ class RequestRecord:
     error: str | None = None            # the error type it ended with
 
     def tokens(self) -> dict[str, int]:
-        """Its tokens: uncached input, cache reads and writes, output."""
-        return {"input": self.usage.get("input_tokens") or 0,
-                "cache_read": self.usage.get("cache_read_input_tokens") or 0,
-                "cache_write": self.usage.get("cache_creation_input_tokens") or 0,
-                "output": self.usage.get("output_tokens") or 0}
+        """Its tokens under the ledger's names: uncached input, cache reads and
+        writes, output."""
+        return {"input_tokens": self.usage.get("input_tokens") or 0,
+                "cache_read_tokens": self.usage.get("cache_read_input_tokens") or 0,
+                "cache_write_tokens": self.usage.get("cache_creation_input_tokens") or 0,
+                "output_tokens": self.usage.get("output_tokens") or 0}
+
+
+def tokens_in(counts: Mapping[str, int]) -> int:
+    """All input tokens of a record's `tokens()` or a ledger row: cache reads and
+    writes included."""
+    return counts["input_tokens"] + counts["cache_read_tokens"] + counts["cache_write_tokens"]
 
 
 # -- the ledger ----------------------------------------------------------------
@@ -4463,6 +4470,8 @@ CREATE INDEX IF NOT EXISTS requests_at ON requests (at);
 LEDGER_COLUMNS = ("at", "key", "api", "model", "stream", "status", "stop_reason", "error",
                   "input_tokens", "cache_read_tokens", "cache_write_tokens", "output_tokens",
                   "latency_ms", "first_token_ms", "session")
+LEDGER_INSERT = (f"INSERT INTO requests ({', '.join(LEDGER_COLUMNS)}) "
+                 f"VALUES ({', '.join(':' + column for column in LEDGER_COLUMNS)})")
 LEDGER_PRUNE_EVERY_S = 3600.0
 LEDGER_MEMORY_KEEP_S = 8 * 86400.0      # a ledger in memory: the weekly window and a day
 SUMMARY_GROUPS = ("key", "model", "api")
@@ -4499,12 +4508,9 @@ def usage_query(query: dict[str, str], now: float) -> tuple[float, float, list[s
 
 def ledger_row(record: RequestRecord, status: int, now: float) -> dict:
     """A request's ledger row."""
-    tokens = record.tokens()
     return {"at": record.at, "key": record.key, "api": record.route,
             "model": record.model, "stream": int(record.stream), "status": status,
-            "stop_reason": record.stop_reason, "error": record.error,
-            **{f"{kind}_tokens": tokens[kind]
-               for kind in ("input", "cache_read", "cache_write", "output")},
+            "stop_reason": record.stop_reason, "error": record.error, **record.tokens(),
             "latency_ms": round((now - record.started) * 1000),
             "first_token_ms": None if record.first_token is None
             else round((record.first_token - record.started) * 1000),
@@ -4554,8 +4560,7 @@ class Ledger:
     def add(self, row: dict) -> None:
         """Write one row (and drop those past their time, hourly); never raises."""
         try:
-            self.db.execute(f"INSERT INTO requests ({', '.join(LEDGER_COLUMNS)}) VALUES "
-                            f"({', '.join(':' + c for c in LEDGER_COLUMNS)})", row)
+            self.db.execute(LEDGER_INSERT, row)
             if row["at"] - self._pruned > LEDGER_PRUNE_EVERY_S:
                 self.db.execute("DELETE FROM requests WHERE at < ?", (row["at"] - self.keep_s,))
                 self._pruned = row["at"]
@@ -4635,8 +4640,8 @@ class RequestMetrics:
                     len(LATENCY_BUCKETS_S))] += 1
         self.latency_sum[route] = self.latency_sum.get(route, 0.0) + seconds
         tokens = record.tokens()
-        for direction, count in (("input", tokens["input"] + tokens["cache_read"]
-                                  + tokens["cache_write"]), ("output", tokens["output"])):
+        for direction, count in (("input", tokens_in(tokens)),
+                                 ("output", tokens["output_tokens"])):
             if count or (direction, record.key) in self.tokens:
                 self.tokens[direction, record.key] = \
                     self.tokens.get((direction, record.key), 0) + count
@@ -4865,8 +4870,7 @@ def status_page(data: dict, version: str) -> str:
         row = spans[span].get(name)
         if row is None:
             return ["0 / 0", 0, 0]
-        return [f"{row['requests']} / {row['errors']}", row["input_tokens"]
-                + row["cache_read_tokens"] + row["cache_write_tokens"], row["output_tokens"]]
+        return [f"{row['requests']} / {row['errors']}", tokens_in(row), row["output_tokens"]]
     key_rows = [[name, *key_cells("5h", name), *key_cells("7d", name)]
                 for name in sorted(spans["7d"])]
     session_rows = [[s["state"], s["shape"]["model"], s["turns"], _duration(s["idle_s"]),
@@ -4874,8 +4878,7 @@ def status_page(data: dict, version: str) -> str:
                     for s in data["sessions"]]
     request_rows = [[_clock(r["at"]), r["key"], r["api"], r["model"], r["status"],
                      "stream" if r["stream"] else "-", r["session"] or "-",
-                     r["input_tokens"] + r["cache_read_tokens"] + r["cache_write_tokens"],
-                     r["output_tokens"], f"{r['latency_ms']} ms",
+                     tokens_in(r), r["output_tokens"], f"{r['latency_ms']} ms",
                      "-" if r["first_token_ms"] is None else f"{r['first_token_ms']} ms"]
                     for r in data["recent"]]
     error_rows = [[_clock(r["at"]), r["key"], r["api"], r["model"], r["status"],
@@ -5883,8 +5886,7 @@ def log_request(app: App, out: Responder, method: str, path: str) -> None:
     tokens = record.tokens()
     log.info("%s %s %d %dms key=%s model=%s in=%d out=%d %s", method, path, out.status,
              (now - record.started) * 1000, record.key or "-", record.model or "-",
-             tokens["input"] + tokens["cache_read"] + tokens["cache_write"],
-             tokens["output"], out.request_id)
+             tokens_in(tokens), tokens["output_tokens"], out.request_id)
 
 
 def not_a_killed_cli(record: logging.LogRecord) -> bool:
